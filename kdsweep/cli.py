@@ -1,0 +1,575 @@
+"""The kdsweep command line: thin click commands over the library.
+
+Every option can also come from the environment as KDSWEEP_<OPTION> (e.g. KDSWEEP_STORAGE,
+KDSWEEP_WORKERS), which is how docker-compose and Slurm scripts configure workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+import kdsweep
+from kdsweep.config import ConfigError
+from kdsweep.devices import DeviceError
+from kdsweep.space import SpaceError
+from kdsweep.storage import DEFAULT_URL, StorageError, redact, redact_text
+from kdsweep.studies import StudyError
+
+CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
+USAGE_ERRORS = (StudyError, SpaceError, ConfigError, DeviceError)
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    from kdsweep.budget import BudgetError
+    from kdsweep.data import DataError
+    from kdsweep.resnets import ModelError
+    from kdsweep.train import TrainingError
+
+    return (StorageError, BudgetError, DataError, ModelError, TrainingError)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        url = click.get_current_context().params.get("storage")
+        try:
+            return fn(*args, **kwargs)
+        except USAGE_ERRORS as exc:
+            raise click.UsageError(redact_text(str(exc), url)) from None
+        except _runtime_errors() as exc:
+            raise click.ClickException(redact_text(str(exc), url)) from None
+
+    return wrapper
+
+
+def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--storage", default=DEFAULT_URL, show_default=True, metavar="URL",
+        help="Optuna storage: sqlite:///FILE.db or postgresql+psycopg://USER:PASS@HOST/DB (env KDSWEEP_STORAGE).",
+    )(fn)
+
+
+def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    prefix = f"[w{worker}] " if worker is not None else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    logging.getLogger("kdsweep").setLevel(level)
+    optuna_level = logging.WARNING if verbose < 2 else logging.INFO
+    import optuna
+
+    optuna.logging.set_verbosity(optuna_level)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(kdsweep.__version__, prog_name="kdsweep")
+@click.option("-v", "--verbose", count=True, help="More log lines (-vv: also Optuna's).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Hyperparameter sweeps for matched-budget MLP/CNN (q1) and knowledge distillation (q2).
+
+    \b
+    kdsweep launch q2 --preset smoke --n-trials 50 --workers 4
+    kdsweep status q2
+    kdsweep best q2 -o best.yaml
+    """
+    ctx.obj = {"verbose": verbose, "quiet": quiet}
+    _setup_logging(verbose, quiet)
+
+
+def _open(storage: str, heartbeat: bool = True):
+    from kdsweep.storage import open_storage
+
+    return open_storage(storage, heartbeat=heartbeat)
+
+
+def _load_existing(storage: str, study_name: str):
+    import optuna
+
+    from kdsweep.storage import study_names
+
+    st = _open(storage, heartbeat=False)
+    try:
+        return optuna.load_study(study_name=study_name, storage=st)
+    except KeyError:
+        names = ", ".join(study_names(st)) or "none"
+        raise click.UsageError(
+            f"no study named {study_name!r} in {redact(storage)}; studies there: {names}."
+        ) from None
+
+
+def _runtime(device: str, data: str | None, download: bool = False) -> dict[str, Any]:
+    from kdsweep.launch import cpu_cores
+
+    runtime: dict[str, Any] = {"device": device}
+    if data:
+        runtime["data.root"] = data
+    if download:
+        runtime["data.download"] = True
+    import os
+
+    if os.environ.get("KDSWEEP_THREADS"):
+        runtime["threads"] = int(os.environ["KDSWEEP_THREADS"])
+    else:
+        runtime.setdefault("threads", cpu_cores())
+    return runtime
+
+
+def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
+    import torch
+
+    from kdsweep.devices import resolve_device
+
+    resolve_device(device)  # DeviceError for cuda without CUDA
+    if needs_gpu and not torch.cuda.is_available() and not force:
+        raise click.UsageError(
+            f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
+            "use --preset smoke, or add --force to run it on the CPU anyway."
+        )
+
+
+def _artifacts(storage: str, study_name: str, artifacts: str | None) -> Path:
+    if artifacts:
+        base = Path(artifacts)
+    elif storage.startswith("sqlite:///"):
+        base = Path(storage[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts"
+    else:
+        base = Path("kdsweep-artifacts")
+    return base / study_name
+
+
+# ---------------------------------------------------------------- launch / create / worker
+
+
+def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("study"),
+        storage_option,
+        click.option("--preset", default="paper", show_default=True, help="Preset of the study file."),
+        click.option("--study-name", default=None, help="Name in the storage (default: STUDY)."),
+        click.option("--data", default=None, metavar="DIR", help="Data directory (env KDSWEEP_DATA)."),
+        click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler."),
+        click.option("--artifacts", default=None, metavar="DIR",
+                     help="Checkpoints and kept weights (default: beside the SQLite file). Share it between hosts."),
+        click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
+                     help="Write runs/<study>/trial-N event files."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@sweep_options
+@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
+              help="COMPLETE + PRUNED trials the study ends with, across all workers.")
+@click.option("-w", "--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU).")
+@click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trials run at once on each GPU (small models cannot fill one).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config of a few sampled points and exit.")
+@click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
+@friendly
+def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
+           download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
+           n_trials: int, workers: int | None, trials_per_device: int, timeout: float | None,
+           dry_run: bool, force: bool) -> None:
+    """Create or resume STUDY and run it with parallel workers until N trials finish.
+
+    \b
+    kdsweep launch q2 --preset smoke --n-trials 50 --workers 4
+    kdsweep launch q1 --storage postgresql+psycopg://kd@db/kd --workers 8
+    """
+    from kdsweep import launch as launcher
+    from kdsweep import studies
+
+    study_def = studies.load(study)
+    p = study_def.preset(preset)
+    study_def.space_for(preset)
+    study_name = study_name or study_def.name
+    if dry_run:
+        _dry_run(study_def, preset, _runtime("cpu", data, download))
+        return
+    _check_device(device, p.needs_gpu, preset, force)
+    if workers is None:
+        gpus = launcher.visible_gpus() if device != "cpu" else []
+        workers = len(gpus) * trials_per_device if gpus else 1
+    from kdsweep.worker import create_or_resume
+
+    st = _open(storage)
+    sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed)
+    click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
+               f"{n_trials} trials, {workers} worker(s)")
+    plans = launcher.plan_workers(workers, device, storage)
+    args = [study_def.source, "--study-name", study_name, "--seed", str(seed)]
+    if data:
+        args += ["--data", data]
+    if download:
+        args.append("--download")
+    if artifacts:
+        args += ["--artifacts", artifacts]
+    if not tensorboard:
+        args.append("--no-tensorboard")
+    final, how = launcher.run(sweep, args, plans, n_trials, click.echo, timeout=timeout)
+    click.echo(launcher.summary_table(sweep))
+    if how == "interrupted":
+        click.echo("interrupted: run the same command again to finish the study.")
+        sys.exit(130)
+    if how == "timeout":
+        click.echo("timeout: run the same command again to finish the study.")
+        return
+    if final.finished < n_trials:
+        raise click.ClickException(
+            f"the study has {final.finished} of {n_trials} finished trials after {final.failed} "
+            "failures; see `kdsweep status` for their reasons."
+        )
+
+
+def _dry_run(study_def: Any, preset: str, runtime: dict[str, Any], points: int = 4) -> None:
+    import optuna
+
+    from kdsweep import space as sp
+    from kdsweep.budget import BudgetError
+    from kdsweep.config import to_dict
+    from kdsweep.train import resolve
+
+    space = study_def.space_for(preset)
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(points):
+        trial = probe.ask()
+        params = sp.sample(trial, space)
+        config = study_def.config_for(preset, params, **runtime)
+        click.echo(f"--- point {i}: {json.dumps(params)}")
+        try:
+            config = resolve(config)
+        except BudgetError as exc:
+            click.echo(f"infeasible: {exc}")
+            continue
+        from kdsweep import models
+        from kdsweep.data import load_splits
+        from kdsweep.train import input_shape
+
+        splits = load_splits(config.data)
+        if config.model.arch in ("mlp", "cnn"):
+            model = models.build_model(config.model, input_shape(config, splits), splits.num_classes)
+            click.echo(f"parameters: {models.param_split(model)}")
+        click.echo(json.dumps(to_dict(config), indent=1))
+
+
+@main.command()
+@sweep_options
+@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True)
+@friendly
+def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
+           download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
+           n_trials: int) -> None:
+    """Create (or top up) STUDY with N trial slots, without running workers.
+
+    For many hosts: create once, then run `kdsweep worker` on each GPU host.
+
+    \b
+    kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
+    """
+    from kdsweep import studies
+    from kdsweep.worker import counts, create_or_resume
+
+    study_def = studies.load(study)
+    sweep = create_or_resume(study_def, preset, _open(storage), study_name or study_def.name, n_trials, seed=seed)
+    c = counts(sweep)
+    click.echo(f"study {sweep.study_name!r}: {c.waiting} waiting, {c.running} running, {c.finished} finished")
+
+
+@main.command()
+@sweep_options
+@click.option("--worker-index", type=int, default=0, help="Offsets the sampler seed per worker.")
+@friendly
+def worker(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
+           download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
+           worker_index: int) -> None:
+    """Join an existing study and run its waiting trials until none are left.
+
+    The preset is read from the study itself; the local study file must match it.
+
+    \b
+    KDSWEEP_STORAGE=postgresql+psycopg://kd@db/kd kdsweep worker q2
+    """
+    import optuna
+
+    from kdsweep import studies
+    from kdsweep.objective import Objective
+    from kdsweep.worker import DEFINITION, run_worker
+
+    ctx = click.get_current_context()
+    _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
+    study_def = studies.load(study)
+    study_name = study_name or study_def.name
+    st = _open(storage)
+    try:
+        stored = optuna.load_study(study_name=study_name, storage=st).user_attrs.get(DEFINITION) or {}
+    except KeyError:
+        raise click.UsageError(
+            f"no study named {study_name!r} in {redact(storage)}; create it with `kdsweep create` or `kdsweep launch`."
+        ) from None
+    preset = stored.get("preset", preset)
+    runtime = _runtime(device, data, download)
+    from kdsweep.devices import resolve_device
+
+    resolve_device(device)
+    objective = Objective(
+        study_def, preset, runtime, _artifacts(storage, study_name, artifacts),
+        tensorboard=Path("runs") / study_name if tensorboard else None,
+    )
+    summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
+    logging.getLogger("kdsweep").info(
+        "worker %d done: %d trials (%d complete, %d pruned, %d failed)%s", worker_index, summary.ran,
+        summary.complete, summary.pruned, summary.failed, " - interrupted" if summary.interrupted else "")
+    if summary.interrupted:
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- inspect / export
+
+
+@main.command()
+@click.argument("study_name")
+@storage_option
+@friendly
+def status(study_name: str, storage: str) -> None:
+    """Counts by state, the best trial, and the trials running now.
+
+    \b
+    kdsweep status q2
+    """
+    from kdsweep.launch import best_line
+    from kdsweep.worker import counts
+
+    sweep = _load_existing(storage, study_name)
+    c = counts(sweep)
+    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed, "
+               f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting")
+    click.echo(best_line(sweep))
+    import optuna
+
+    for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        last = max(t.intermediate_values) if t.intermediate_values else 0
+        click.echo(f"  running trial {t.number}: epoch {last}, {json.dumps(t.params)}")
+    for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-5:]:
+        click.echo(f"  failed trial {t.number}: {t.user_attrs.get('fail_reason', 'worker died (heartbeat)')}")
+
+
+def export_best(sweep: Any) -> dict[str, Any]:
+    """The winning trial as a runnable document: value, trial number, params and full config."""
+    try:
+        best = sweep.best_trial  # COMPLETE trials only: a failed or pruned one never wins
+    except ValueError:
+        raise click.ClickException(
+            f"study {sweep.study_name!r} has no complete trial yet; run `kdsweep launch` first."
+        ) from None
+    return {
+        "study": sweep.study_name,
+        "trial": best.number,
+        "value": best.value,
+        "metric": (sweep.user_attrs.get("kdsweep.definition") or {}).get("metric", "val_acc"),
+        "params": best.params,
+        "kdsweep_version": best.user_attrs.get("kdsweep_version", kdsweep.__version__),
+        "config": best.user_attrs["config"],
+    }
+
+
+def _dump(doc: Any, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(doc, indent=2) + "\n"
+    import yaml
+
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+@main.command()
+@click.argument("study_name")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write here instead of standard output.")
+@click.option("--weights", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also copy the winning trial's kept weights to this file.")
+@friendly
+def best(study_name: str, storage: str, fmt: str, output: str | None, weights: str | None) -> None:
+    """Export the winning trial as a complete, runnable config.
+
+    \b
+    kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
+    """
+    sweep = _load_existing(storage, study_name)
+    doc = export_best(sweep)
+    if weights:
+        import shutil
+
+        src = sweep.best_trial.user_attrs.get("weights")
+        if not src or not Path(src).exists():
+            raise click.ClickException(
+                f"no kept weights for trial {doc['trial']} (only the best few complete trials keep theirs)."
+            )
+        shutil.copyfile(src, weights)
+    text = _dump(doc, fmt)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"trial {doc['trial']} ({doc['metric']} {doc['value']:.4f}) written to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command("train")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="YAML or JSON: an export of `kdsweep best`, or a bare config.")
+@click.option("--device", default=None, help="Override the config's device.")
+@click.option("--data", default=None, metavar="DIR", help="Data directory (env KDSWEEP_DATA).")
+@click.option("--seed", type=int, default=None, help="Override the config's seed.")
+@friendly
+def train_cmd(config_file: str, device: str | None, data: str | None, seed: int | None) -> None:
+    """Train one config and report validation and test accuracy.
+
+    \b
+    kdsweep train --config best.yaml --device cuda
+    """
+    from kdsweep.config import TrainConfig, from_dict, replace
+    from kdsweep.train import train
+
+    config = from_dict(TrainConfig, _read_doc(config_file).get("config", None) or _read_doc(config_file))
+    changes: dict[str, Any] = {"evaluate_test": True}
+    if device:
+        changes["device"] = device
+    if data:
+        changes["data.root"] = data
+    if seed is not None:
+        changes["seed"] = seed
+    result = train(replace(config, **changes))
+    click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
+               f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
+
+
+def _read_doc(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise click.UsageError(f"{path} is not valid YAML or JSON: {str(exc).splitlines()[0]}.") from None
+    if not isinstance(doc, dict):
+        raise click.UsageError(f"{path} must hold a mapping (a config or an export of `kdsweep best`).")
+    return doc
+
+
+@main.command()
+@click.argument("study_name")
+@click.argument("values", nargs=-1)
+@storage_option
+@click.option("--baselines", is_flag=True, help="Enqueue the study file's known points (e.g. Hinton's).")
+@click.option("--study", "study_file", default=None, help="Study file or name (default: from the study).")
+@friendly
+def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: bool, study_file: str | None) -> None:
+    """Add known points to a study, checked against its search space.
+
+    Enqueued points count toward the study's N like its other waiting trials.
+
+    \b
+    kdsweep enqueue q2 kd.alpha=0.9 kd.temperature=10
+    kdsweep enqueue q2 --baselines
+    """
+    from kdsweep import space as sp
+    from kdsweep import studies
+    from kdsweep.worker import DEFINITION
+
+    sweep = _load_existing(storage, study_name)
+    definition = sweep.user_attrs.get(DEFINITION) or {}
+    study_def = studies.load(study_file or definition.get("study", study_name))
+    space = study_def.space_for(definition.get("preset", "paper"))
+    points: list[dict[str, Any]] = [dict(p) for p in study_def.baselines] if baselines else []
+    if values:
+        point = {}
+        for item in values:
+            key, eq, raw = item.partition("=")
+            if not eq:
+                raise click.UsageError(f"{item!r} is not key=value.")
+            point[key] = sp.parse_value(raw)
+        points.append(point)
+    if not points:
+        raise click.UsageError("give key=value pairs or --baselines.")
+    checked = [sp.validate_point(space, p) for p in points]  # all checked before any is stored
+    for p in checked:
+        sweep.enqueue_trial(p, skip_if_exists=True)
+        click.echo(f"enqueued {json.dumps(p)}")
+
+
+@main.command()
+@storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@friendly
+def dashboard(storage: str, host: str, port: int) -> None:
+    """Serve optuna-dashboard on the storage.
+
+    \b
+    kdsweep dashboard --port 8080   # then open http://127.0.0.1:8080
+    """
+    from optuna_dashboard import run_server
+
+    st = _open(storage, heartbeat=False)
+    click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
+    run_server(st, host=host, port=port)
+
+
+@main.command()
+@click.argument("study_name")
+@click.option("--logdir", default="runs", show_default=True, help="Root of the event files.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
+@friendly
+def tensorboard(study_name: str, logdir: str, host: str, port: int) -> None:
+    """Start TensorBoard on runs/STUDY_NAME (curves and the HParams tab).
+
+    \b
+    kdsweep tensorboard q2
+    """
+    import subprocess
+
+    folder = Path(logdir) / study_name
+    if not folder.is_dir():
+        raise click.UsageError(f"no TensorBoard runs in {folder}; launch the study from this folder first.")
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host, "--port", str(port)]
+    click.echo(f"TensorBoard on http://{host}:{port} for {folder}")
+    sys.exit(subprocess.call(cmd))
+
+
+@main.command("studies")
+def list_studies() -> None:
+    """List the study files kdsweep can find, with their presets.
+
+    \b
+    kdsweep studies
+    """
+    from kdsweep import studies
+
+    for name, path in studies.available().items():
+        try:
+            s = studies.load(str(path))
+            click.echo(f"{name:10s} {', '.join(s.presets):24s} {s.description}  ({path})")
+        except StudyError as exc:
+            click.echo(f"{name:10s} (broken: {exc})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The objective: the only place where Optuna meets the training core.
+
+sample -> resolve config -> train, reporting validation accuracy each epoch -> the pruner
+decides -> return the last epoch's validation accuracy (the value that was reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+import kdsweep
+from kdsweep import space as sp
+from kdsweep.budget import BudgetError
+from kdsweep.config import TrainConfig, to_dict
+from kdsweep.studies import Study
+from kdsweep.train import resolve, train
+
+log = logging.getLogger("kdsweep.objective")
+
+INFEASIBLE = "infeasible"  # user attr of trials whose choices cannot meet the budget
+
+
+def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The number of the first attempt of this trial (retries of a dead worker's trial share it)."""
+    return int(trial.system_attrs.get("failed_trial", trial.number))
+
+
+@dataclass
+class Objective:
+    study: Study
+    preset: str
+    runtime: Mapping[str, Any]  # device, threads, data root, ... (not part of the definition)
+    artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
+    tensorboard: Path | None = None  # runs/<study>/<trial>/ event files when set
+    keep_weights: int = 3  # weights of the best few complete trials are kept
+
+    def config(self, params: Mapping[str, Any]) -> TrainConfig:
+        return self.study.config_for(self.preset, params, **self.runtime)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        space = self.study.space_for(self.preset)
+        params = sp.sample(trial, space)
+        try:
+            config = resolve(self.config(params))
+        except BudgetError as exc:
+            # Kept out of the space by the study files; a custom space may still hit it.
+            trial.set_user_attr(INFEASIBLE, str(exc))
+            raise optuna.TrialPruned(f"infeasible: {exc}") from None
+        trial.set_user_attr("config", to_dict(config))
+        trial.set_user_attr("seed", config.seed)
+        trial.set_user_attr("dataset", config.data.dataset)
+        trial.set_user_attr("kdsweep_version", kdsweep.__version__)
+
+        checkpoint = self.artifacts / "checkpoints" / f"trial-{origin(trial)}.pt"
+        writer = None
+        if self.tensorboard is not None:
+            from kdsweep.tboard import TrialWriter
+
+            writer = TrialWriter(self.tensorboard / f"trial-{trial.number:04d}")
+        start = time.perf_counter()
+
+        def report(epoch: int, metrics: Mapping[str, float]) -> None:
+            trial.report(metrics[self.study.metric], epoch)
+            trial.set_user_attr("epochs_run", epoch)
+            if writer is not None:
+                writer.epoch(epoch, metrics)
+            log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
+                     metrics[self.study.metric])
+            if trial.should_prune():
+                trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+        try:
+            result = train(config, report=report, checkpoint=checkpoint)
+        finally:
+            trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
+            if writer is not None:
+                writer.close(params, trial)
+        trial.set_user_attr("params", result.params)
+        trial.set_user_attr("param_split", result.param_split)
+        trial.set_user_attr("device", result.device)
+        trial.set_user_attr("epochs_run", result.epochs_run)
+        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        trial.set_user_attr("best_val_acc", result.best_val_acc)
+        if result.teacher:
+            trial.set_user_attr("teacher_key", result.teacher["key"])
+            trial.set_user_attr("teacher_val_acc", result.teacher["val_acc"])
+        if result.model is not None and self.keep_weights > 0:
+            self._keep_weights(trial, result.model, result.final_val_acc)
+        checkpoint.unlink(missing_ok=True)
+        return result.final_val_acc
+
+    def _keep_weights(self, trial: optuna.Trial, model: torch.nn.Module, value: float) -> None:
+        """Store this trial's weights if it is among the best few; drop those pushed out."""
+        study = trial.study
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None]
+        better = sum((t.value > value) if maximize else (t.value < value) for t in done)
+        if better >= self.keep_weights:
+            return
+        folder = self.artifacts / "weights"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"trial-{trial.number}.pt"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        trial.set_user_attr("weights", str(path))
+        ranked = sorted(done, key=lambda t: t.value, reverse=maximize)
+        for t in ranked[self.keep_weights - 1:]:  # this trial takes one of the places
+            old = t.user_attrs.get("weights")
+            if old and Path(old).exists():
+                Path(old).unlink(missing_ok=True)

@@ -1,0 +1,166 @@
+"""Optuna storage for kdsweep: plain Optuna RDB schema, made robust for long parallel sweeps.
+
+* SQLite (default, one host): WAL journal and a long busy timeout, so parallel workers wait for
+  the write lock instead of failing with "database is locked".
+* PostgreSQL (many hosts): `postgresql+psycopg://user:pass@host/db`, with pre-ping so a
+  restarted server is reconnected to transparently.
+* Heartbeats: a worker killed mid-trial leaves its trial RUNNING; once its heartbeat is older
+  than the grace period the next worker to look fails it and re-queues it (with its
+  intermediate values) through Optuna's RetryHeartbeatStaleTrialCallback. Optuna's journal
+  storage has no heartbeats, which is why kdsweep uses RDB storage only.
+* Every storage call is retried with bounded back-off on connection errors, so a database
+  restart or a busy SQLite file pauses workers rather than killing them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+
+log = logging.getLogger("kdsweep.storage")
+
+DEFAULT_URL = "sqlite:///kdsweep.db"
+HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
+GRACE_S = 30  # a RUNNING trial silent this long belongs to a dead worker
+RETRIES = 12  # connection retries per call; back-off doubles up to 10 s: about 90 s in all
+
+
+class StorageError(RuntimeError):
+    """The storage cannot be used; the message names it (password hidden) and what to do."""
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for every message, log and export."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def redact_text(text: str, url: str | None) -> str:
+    """Remove a URL's password wherever it appears in `text` (e.g. a driver's error message)."""
+    text = re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
+    m = re.search(r"://[^:/@]+:([^@]*)@", url or "")
+    if m and m.group(1):
+        text = text.replace(m.group(1), "***")
+    return text
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return True
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
+
+
+def _retrying(method: Any, name: str) -> Any:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        delay = 0.25
+        for attempt in range(RETRIES + 1):
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if not _transient(exc) or attempt == RETRIES:
+                    raise
+                log.warning("storage call %s failed (%s); retry %d/%d in %.1fs", name,
+                            type(exc.orig if hasattr(exc, "orig") else exc).__name__,
+                            attempt + 1, RETRIES, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    return call
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """Delegates to an RDBStorage, retrying every call on connection errors.
+
+    Safe to retry: PostgreSQL and SQLite commit atomically, so a call that failed on a lost
+    connection either did not happen or (in the rare case the commit landed and only the
+    reply was lost) is an idempotent state update.
+    """
+
+    def __init__(self, inner: BaseStorage) -> None:
+        self._inner = inner
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") and name not in _DELEGATED_PRIVATE:
+            return object.__getattribute__(self, name)
+        inner = object.__getattribute__(self, "_inner")
+        attr = getattr(inner, name)
+        return _retrying(attr, name) if callable(attr) else attr
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_inner": self._inner}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._inner = state["_inner"]
+
+
+# Private RDBStorage methods Optuna itself calls on a storage (heartbeat bookkeeping).
+_DELEGATED_PRIVATE = {"_get_stale_trial_ids"}
+
+# Satisfy the abstract base classes: every abstract method is served by __getattribute__.
+RetryingStorage.__abstractmethods__ = frozenset()
+
+
+def _prepare_sqlite(url: str) -> None:
+    path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise StorageError(f"the folder of the SQLite file {path} does not exist; create it first.")
+    try:
+        con = sqlite3.connect(path, timeout=60)
+        # WAL lets readers (the dashboard, status) run while a worker writes.
+        con.execute("PRAGMA journal_mode=WAL")
+        con.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open the SQLite file {path}: {exc} (is the folder writable?).") from None
+
+
+def open_storage(url: str | None = None, heartbeat: bool = True) -> RetryingStorage:
+    """Open (creating the schema if needed) the storage at `url`; StorageError if impossible."""
+    url = url or DEFAULT_URL
+    if not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://", url):
+        raise StorageError(
+            f"storage URL {redact(url)!r} is not understood; use sqlite:///FILE.db or "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB."
+        )
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3, not psycopg2
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        _prepare_sqlite(url)
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = {
+            "heartbeat_interval": HEARTBEAT_S,
+            "grace_period": GRACE_S,
+            "failed_trial_callback": RetryHeartbeatStaleTrialCallback(
+                max_retry=3, inherit_intermediate_values=True
+            ),
+        }
+    try:
+        rdb = RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StorageError(
+            f"cannot open storage {redact(url)}: {redact_text(reason, url)}."
+        ) from None
+    # get_storage adds Optuna's own cache of finished trials in front of the RDB storage.
+    return RetryingStorage(optuna.storages.get_storage(rdb))
+
+
+def study_names(storage: BaseStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]

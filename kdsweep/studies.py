@@ -1,0 +1,182 @@
+"""Study definitions: the files in `studies/`, each a plain Python module defining `STUDY`.
+
+A study file declares what a sweep is — search space, direction, sampler, pruner and presets
+(a preset is a complete base `TrainConfig` plus per-parameter overrides of the space). Adding a
+study means adding a file (or passing its path); nothing in `kdsweep/` changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+import kdsweep
+from kdsweep import space as sp
+from kdsweep.config import ConfigError, TrainConfig, replace, to_dict
+
+# Settings that say where or how fast a run happens, not what it is: they may differ between
+# the hosts of one study and are left out of its recorded definition.
+RUNTIME_KEYS = ("device", "threads", "cache_dir", "compile", "eval_batch_size", "evaluate_test")
+RUNTIME_DATA_KEYS = ("root", "download")
+
+
+class StudyError(ValueError):
+    """A study name, file, preset or definition problem; one sentence saying what to do."""
+
+
+def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    # Optuna 5 defaults TPE to multivariate + constant liar, so parallel workers don't collide.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: TrainConfig  # every setting that is not sampled
+    description: str = ""
+    space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {"cnn.width": {"choices": [8, 16]}}
+    needs_gpu: bool = False  # refuse to launch on a machine without CUDA unless forced
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    space: Sequence[sp.Param]
+    presets: Mapping[str, Preset]
+    pruner: Callable[[TrainConfig], optuna.pruners.BasePruner]
+    direction: str = "maximize"
+    metric: str = "val_acc"  # what each epoch reports and the trial returns (last epoch's)
+    sampler: Callable[[int | None], optuna.samplers.BaseSampler] = default_sampler
+    description: str = ""
+    baselines: Sequence[Mapping[str, Any]] = ()  # known points `kdsweep enqueue --baselines` adds
+    source: str = ""  # the file it was loaded from
+
+    def preset(self, name: str) -> Preset:
+        if name not in self.presets:
+            raise StudyError(
+                f"study {self.name!r} has no preset {name!r}; choose one of: {', '.join(self.presets)}."
+            )
+        return self.presets[name]
+
+    def space_for(self, preset: str) -> list[sp.Param]:
+        """The search space with the preset's overrides applied, checked."""
+        overrides = dict(self.preset(preset).space)
+        names = {p.name for p in self.space}
+        for key in overrides:
+            if key not in names:
+                raise StudyError(
+                    f"preset {preset!r} of study {self.name!r} overrides unknown parameter {key!r}; "
+                    f"the space has: {', '.join(sorted(names))}."
+                )
+        out = []
+        for p in self.space:
+            try:
+                out.append(dataclasses.replace(p, **overrides.get(p.name, {})))
+            except TypeError as exc:
+                raise StudyError(f"preset {preset!r} overrides {p.name!r} with a bad field: {exc}.") from None
+        try:
+            sp.check_space(out)
+        except sp.SpaceError as exc:
+            raise StudyError(f"study {self.name!r}, preset {preset!r}: {exc}") from None
+        return out
+
+    def config_for(self, preset: str, params: Mapping[str, Any], **runtime: Any) -> TrainConfig:
+        """The full config of one trial: the preset's base, the sampled values, runtime settings."""
+        by_name = {p.name: p for p in self.space}
+        changes = {by_name[k].path: v for k, v in params.items()}
+        changes.update({k: v for k, v in runtime.items() if v is not None})
+        try:
+            return replace(self.preset(preset).config, **changes)
+        except ConfigError as exc:
+            raise StudyError(f"study {self.name!r}: {exc}") from None
+
+    def definition(self, preset: str) -> dict[str, Any]:
+        """What defines this study in storage; workers that disagree with it refuse to join."""
+        config = to_dict(self.preset(preset).config)
+        for key in RUNTIME_KEYS:
+            config.pop(key, None)
+        for key in RUNTIME_DATA_KEYS:
+            config["data"].pop(key, None)
+        return {
+            "study": self.name,
+            "preset": preset,
+            "direction": self.direction,
+            "metric": self.metric,
+            "space": sp.describe(self.space_for(preset)),
+            "config": config,
+            "kdsweep_version": kdsweep.__version__,
+        }
+
+
+def search_path() -> list[Path]:
+    """Folders searched for study files: $KDSWEEP_STUDIES, ./studies, the bundled studies/."""
+    dirs = [Path(p) for p in os.environ.get("KDSWEEP_STUDIES", "").split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "studies")
+    dirs.append(Path(kdsweep.__file__).resolve().parent.parent / "studies")
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [s.resolve() for s in seen]:
+            seen.append(d)
+    return seen
+
+
+def available() -> dict[str, Path]:
+    """Study name -> file, first match along the search path winning."""
+    found: dict[str, Path] = {}
+    for d in search_path():
+        for f in sorted(d.glob("*.py")):
+            if not f.name.startswith("_"):
+                found.setdefault(f.stem, f)
+    return found
+
+
+def load(name_or_path: str) -> Study:
+    """Load a study by name (along `search_path()`) or by the path of its file."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".py" and path.exists()):
+        studies = available()
+        if name_or_path not in studies:
+            names = ", ".join(studies) or "none"
+            raise StudyError(
+                f"unknown study {name_or_path!r}; available: {names} "
+                "(add a file to studies/ or pass the path of a study file)."
+            )
+        path = studies[name_or_path]
+    module_name = f"kdsweep_study_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise StudyError(f"cannot load study file {path}.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise StudyError(f"study file {path} failed to load: {type(exc).__name__}: {exc}") from None
+    study = getattr(module, "STUDY", None)
+    if not isinstance(study, Study):
+        raise StudyError(f"study file {path} must define STUDY = kdsweep.studies.Study(...).")
+    try:
+        sp.check_space(study.space)
+    except sp.SpaceError as exc:
+        raise StudyError(f"study file {path}: {exc}") from None
+    return dataclasses.replace(study, source=str(path))
+
+
+def diff_definitions(stored: Mapping[str, Any], local: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The first path where two definitions differ, as 'key: stored X, local Y', or None."""
+    for key in sorted(set(stored) | set(local)):
+        a, b = stored.get(key, "<missing>"), local.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = diff_definitions(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: study has {a!r}, this worker has {b!r}"
+    return None

@@ -1,0 +1,174 @@
+"""The Q2 teacher: trained once per content key, cached on disk, and its logits cached per view.
+
+The teacher is a `TrainConfig` of its own, trained by the same `train()` as every student:
+with pretrained weights it is a linear probe (frozen backbone, only the classifier trained);
+with `weights="none"` there is nothing worth probing, so the whole network is fine-tuned
+instead (so offline runs still distil from a teacher that knows the task). It trains on the
+training split only — never the validation split that selects students — and is keyed by
+everything that defines it, so every trial and every worker on a host reuses one file, built
+under a file lock so concurrent workers do not race to train it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from kdsweep import data, models
+from kdsweep.config import OptimConfig, TrainConfig, to_dict
+from kdsweep.devices import autocast
+from kdsweep.logit_cache import LogitCache
+
+log = logging.getLogger("kdsweep.teacher")
+
+# Teachers already loaded in this process, by content key: trials in one worker share them.
+_LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+
+
+def teacher_config(config: TrainConfig) -> TrainConfig:
+    """The teacher's own training config, derived from a student config with `kd` set."""
+    kd = config.kd
+    if kd is None:
+        raise ValueError("teacher_config needs a config with kd settings.")
+    probe = kd.teacher.weights != "none"
+    return TrainConfig(
+        data=dataclasses.replace(config.data, image_size=kd.teacher_image_size or config.data.image_size),
+        model=dataclasses.replace(kd.teacher, trainable="head" if probe else "all"),
+        optim=OptimConfig(lr=kd.teacher_lr, weight_decay=0.0 if probe else 5e-4),
+        epochs=kd.teacher_epochs,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        seed=config.data.split_seed,  # one teacher per split, whatever the student's seed
+        device=config.device,
+        threads=config.threads,
+        cache_dir=config.cache_dir,
+    )
+
+
+def teacher_key(tconfig: TrainConfig, splits: data.Splits) -> str:
+    """Content key: the teacher's settings (not where or how fast it runs) and the data's key."""
+    spec = to_dict(tconfig)
+    for volatile in ("device", "threads", "compile", "eval_batch_size", "cache_dir", "evaluate_test"):
+        spec.pop(volatile)
+    weights = tconfig.model.weights
+    if weights not in ("none", "imagenet"):
+        stat = Path(weights).stat()
+        spec["weights_file"] = [stat.st_size, stat.st_mtime_ns]
+    blob = json.dumps([spec, splits.key], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_teacher(
+    config: TrainConfig, splits: data.Splits, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
+    from kdsweep.train import cache_root, input_shape, train
+
+    tconfig = teacher_config(config)
+    key = teacher_key(tconfig, splits)
+    if (key, str(device)) in _LOADED:
+        return _LOADED[(key, str(device))]
+    folder = cache_root(config) / "teachers"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.pt"
+    mode = "linear probe" if tconfig.model.trainable == "head" else "full fine-tune (no pretrained weights)"
+    with FileLock(str(folder / f"{key}.lock")):
+        stored = _read(path)
+        if stored is None:
+            log.info("training teacher %s (%s, %s, %d epochs)", key, tconfig.model.arch, mode, tconfig.epochs)
+            t0 = time.perf_counter()
+            result = train(tconfig)
+            stored = {
+                "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
+                "val_acc": result.final_val_acc,  # the weights stored are the final ones
+                "seconds": time.perf_counter() - t0,
+            }
+            torch.save(stored, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            # One line per training run, so benchmarks and users can see it ran once.
+            with open(folder / f"{key}.runs", "a") as f:
+                f.write(f"{time.time():.0f} {stored['seconds']:.1f}s val_acc={stored['val_acc']:.4f}\n")
+    shape = input_shape(tconfig, splits)
+    model = models.build_model(_no_download(tconfig.model), shape, splits.num_classes)
+    model.load_state_dict(stored["state_dict"])
+    model = model.to(device).eval().requires_grad_(False)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    info = {"key": key, "val_acc": float(stored["val_acc"]), "mode": mode, "arch": tconfig.model.arch}
+    _LOADED[(key, str(device))] = (model, info)
+    return model, info
+
+
+def _no_download(model_cfg):
+    # The cached state_dict already holds every weight; don't fetch ImageNet weights again.
+    return dataclasses.replace(model_cfg, weights="none")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(stored, dict) or "state_dict" not in stored or "val_acc" not in stored:
+            raise ValueError("missing fields")
+        return stored
+    except Exception as exc:  # never trust a torn or foreign cache file: rebuild it
+        log.warning("teacher cache %s is unreadable (%s); rebuilding it", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def logits_source(
+    config: TrainConfig, splits: data.Splits, device: torch.device
+) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], dict[str, Any]]:
+    """`fn(indices, views, augmented_uint8) -> teacher logits (B, C) float32` and teacher info.
+
+    The teacher sees exactly the augmented view the student sees (Beyer et al. 2022), resized
+    to its own input size. With `kd.cache_logits`, logits are cached per (image, view) on disk
+    and computed lazily, so no (image, view) pair is ever run through the teacher twice.
+    """
+    from kdsweep.train import cache_root
+
+    kd = config.kd
+    model, info = load_teacher(config, splits, device)
+    image_size = kd.teacher_image_size or config.data.image_size
+
+    @torch.no_grad()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        inp = data.to_input(x, splits.mean, splits.std, image_size=image_size,
+                            channels=config.data.channels, channels_last=device.type == "cuda")
+        with autocast(device):
+            return model(inp).float()
+
+    if not kd.cache_logits:
+        return (lambda idx, views, x: forward(x)), {**info, "logit_cache": None}
+
+    d = config.data
+    views_n = data.num_views(d.pad, d.flip)
+    cache_key = hashlib.sha256(f"{info['key']}|{d.pad}|{d.flip}|{image_size}".encode()).hexdigest()[:16]
+    path = cache_root(config) / "logits" / cache_key
+    cache = LogitCache(path, len(splits.train_x), views_n, splits.num_classes)
+    train_x = splits.train_x  # CPU; only missing pairs are ever sent to the teacher
+
+    def compute(idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, len(idx), config.eval_batch_size):
+            i = idx[start:start + config.eval_batch_size].cpu()
+            v = views[start:start + config.eval_batch_size].to(device)
+            out.append(forward(data.apply_views(train_x[i].to(device), v, d.pad)))
+        return torch.cat(out)
+
+    def fn(idx: torch.Tensor, views: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return cache.get(idx, views, compute)
+
+    return fn, {**info, "logit_cache": str(path)}

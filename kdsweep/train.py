@@ -1,0 +1,300 @@
+"""The training core: one function, `train(config, report)`, shared by every study and worker.
+
+It knows nothing of Optuna. A caller that wants pruning passes `report`, which is called after
+every epoch and may raise to stop training at once (the exception propagates unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdsweep import budget, data, models
+from kdsweep.config import TrainConfig, validate
+from kdsweep.devices import autocast, resolve_device, set_threads
+from kdsweep.distill import kd_loss
+
+log = logging.getLogger("kdsweep.train")
+
+Report = Callable[[int, dict[str, float]], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN); the trial should be failed."""
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig  # the fully resolved config (budget solved, block sizes adapted)
+    final_val_acc: float  # validation accuracy after the last epoch run, in [0, 1]
+    best_val_acc: float
+    best_epoch: int
+    epochs_run: int
+    params: int  # trainable parameters of the student
+    param_split: dict[str, int]
+    wall_time: float  # seconds, whole call including data and teacher preparation
+    images_per_s: float  # training images per second over the epochs run (excludes evaluation)
+    device: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_acc: float | None = None
+    teacher: dict[str, Any] | None = None  # content key, validation accuracy, mode
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready fields (no model, no config)."""
+        return {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("model", "config", "history")
+        }
+
+
+def cache_root(config: TrainConfig) -> Path:
+    """Where teacher probes and logit caches live: config, then $KDSWEEP_CACHE, then ~/.cache."""
+    root = config.cache_dir or os.environ.get("KDSWEEP_CACHE") or "~/.cache/kdsweep"
+    return Path(root).expanduser()
+
+
+def input_shape(config: TrainConfig, splits: data.Splits) -> tuple[int, int, int]:
+    """(C, H, W) of what the network sees after channel conversion and per-batch resizing."""
+    c, h, w = splits.in_shape
+    size = config.data.image_size
+    return (config.data.channels or c, size or h, size or w)
+
+
+def resolve(config: TrainConfig, splits: data.Splits | None = None) -> TrainConfig:
+    """Fill in what is computed rather than chosen: the matched-budget widths, DropBlock sizes."""
+    config = validate(config)
+    if config.model.arch in ("mlp", "cnn") and config.model.budget:
+        splits = splits or data.load_splits(config.data)
+        model_cfg = budget.resolve(config.model, input_shape(config, splits), splits.num_classes)
+        config = dataclasses.replace(config, model=model_cfg)
+    return config
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on weights only: decaying BatchNorm scales and biases only hurts.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    o = config.optim
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.momentum > 0,
+    )
+
+
+def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` of `total` (linear warm-up, then decay)."""
+    warm = max(1, int(total * warmup)) if warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    splits: data.Splits,
+    device: torch.device,
+) -> float:
+    """Top-1 accuracy in [0, 1] over uint8 images `x`, in large batches without autograd."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
+        idx = idx.to(x.device)
+        inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device)
+        with autocast(device):
+            logits = model(inp)
+        correct += (logits.argmax(1) == y[idx].to(device)).sum()
+    return correct.item() / max(1, len(x))
+
+
+def _to_input(x: torch.Tensor, config: TrainConfig, splits: data.Splits, device: torch.device,
+              image_size: int | None = None) -> torch.Tensor:
+    return data.to_input(
+        x,
+        splits.mean,
+        splits.std,
+        image_size=image_size or config.data.image_size,
+        channels=config.data.channels,
+        channels_last=device.type == "cuda",
+    )
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # Write then rename, so a worker killed mid-write never leaves a torn checkpoint behind.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start over rather than trust it
+        log.warning("ignoring unreadable checkpoint %s (%s); starting from epoch 0", path, exc)
+        return None
+
+
+def train(
+    config: TrainConfig,
+    report: Report | None = None,
+    checkpoint: str | Path | None = None,
+) -> TrainResult:
+    """Train `config.model` on `config.data`, distilling from a teacher when `config.kd` is set.
+
+    After each epoch `report(epoch, metrics)` is called (epochs count from 1) with at least
+    `val_acc` (validation accuracy in [0, 1]), `train_loss`, `lr`, `images_per_s`, `seconds`.
+    If `report` raises, training stops and the exception propagates.
+
+    With `checkpoint`, the state after every epoch is written there, and a call that finds a
+    checkpoint resumes after its last epoch (used to resume trials of dead workers); epochs
+    already run are not reported again.
+
+    Raises TrainingError when the loss stops being finite. The same config and seed give the
+    same result twice on CPU.
+    """
+    start = time.perf_counter()
+    set_threads(config.threads)
+    device = resolve_device(config.device)
+    splits = data.load_splits(config.data)
+    config = resolve(config, splits)
+    in_shape = input_shape(config, splits)
+
+    torch.manual_seed(config.seed)
+    model = models.build_model(config.model, in_shape, splits.num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if config.compile and device.type == "cuda" else model
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    teacher_fn = None
+    teacher_info = None
+    if config.kd is not None and config.kd.alpha > 0:
+        from kdsweep import teacher as teacher_mod
+
+        teacher_fn, teacher_info = teacher_mod.logits_source(config, splits, device)
+
+    train_x = splits.train_x.to(device)
+    train_y = splits.train_y.to(device)
+    n = len(train_x)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = _optimizer(model, config)
+    o = config.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, o.warmup, o.schedule)
+    )
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    index_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    history: list[dict[str, float]] = []
+    first_epoch = 1
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    state = _load_checkpoint(ckpt_path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["gen"].to(gen.device) if device.type == "cpu" else state["gen"])
+        index_gen.set_state(state["index_gen"])
+        history = list(state["history"])
+        first_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s after epoch %d", ckpt_path, first_epoch - 1)
+
+    d = config.data
+    train_images = 0
+    train_seconds = 0.0
+    for epoch in range(first_epoch, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        for i, idx in enumerate(data.batch_indices(n, config.batch_size, index_gen)):
+            models.set_progress(model, ((epoch - 1) * steps_per_epoch + i) / total_steps, config.model)
+            idx = idx.to(device)
+            views = data.sample_views(len(idx), d.pad, d.flip, gen)
+            x = data.apply_views(train_x[idx], views, d.pad)
+            with autocast(device):
+                logits = step_model(_to_input(x, config, splits, device))
+            if teacher_fn is not None:
+                t_logits = teacher_fn(idx, views, x)
+                loss = kd_loss(logits, t_logits, train_y[idx], config.kd.alpha, config.kd.temperature)
+            else:
+                loss = F.cross_entropy(logits.float(), train_y[idx], label_smoothing=o.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / steps_per_epoch  # one sync per epoch, not per step
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"the training loss became {train_loss} in epoch {epoch}.")
+        seconds = time.perf_counter() - epoch_start
+        train_images += n
+        train_seconds += seconds
+        val_acc = evaluate(model, splits.val_x, splits.val_y, config, splits, device)
+        metrics = {
+            "epoch": epoch,
+            "val_acc": val_acc,
+            "train_loss": train_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": n / seconds,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        history.append(metrics)
+        log.info("epoch %d/%d val_acc %.4f loss %.4f (%.0f img/s)",
+                 epoch, config.epochs, val_acc, train_loss, n / seconds)
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "gen": gen.get_state().cpu(),
+                "index_gen": index_gen.get_state(), "history": history, "epoch": epoch,
+            })
+        if report is not None:
+            report(epoch, metrics)
+
+    best = max(history, key=lambda h: h["val_acc"])
+    test_acc = None
+    if config.evaluate_test:
+        test_acc = evaluate(model, splits.test_x, splits.test_y, config, splits, device)
+    return TrainResult(
+        config=config,
+        final_val_acc=history[-1]["val_acc"],
+        best_val_acc=best["val_acc"],
+        best_epoch=int(best["epoch"]),
+        epochs_run=len(history),
+        params=params,
+        param_split=models.param_split(model),
+        wall_time=time.perf_counter() - start,
+        images_per_s=train_images / train_seconds if train_seconds else 0.0,
+        device=str(device),
+        history=history,
+        test_acc=test_acc,
+        teacher=teacher_info,
+        model=model,
+    )

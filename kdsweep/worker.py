@@ -1,0 +1,284 @@
+"""Workers: create a study with exactly N trial slots, and run them from any number of processes.
+
+Exact trial counts come from Optuna's own queue: `create` enqueues one WAITING trial per slot
+(empty params, so the sampler still chooses every value when it runs), and workers only ever
+run WAITING trials — popping one is atomic in Optuna's RDB storage, so two workers never run the
+same slot and no worker creates a trial of its own. A trial that fails (an exception, NaN loss,
+out of memory) or turns out infeasible is replaced by a fresh slot, so the study still ends
+with exactly N COMPLETE + PRUNED trials. A dead worker's trial is failed by the heartbeat
+mechanism and re-queued with its parameters and intermediate values; the retry resumes from
+the trial's last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import TrialState
+
+from kdsweep.objective import INFEASIBLE, Objective
+from kdsweep.storage import HEARTBEAT_S
+from kdsweep.studies import Study, StudyError, diff_definitions
+
+log = logging.getLogger("kdsweep.worker")
+
+DEFINITION = "kdsweep.definition"  # study user attr: what defines the study (JSON)
+MAX_FAILURES = "kdsweep.max_failures"
+POLL_S = 2.0
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward N: COMPLETE, or PRUNED by the pruner (not infeasible)."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return trial.state == TrialState.PRUNED and INFEASIBLE not in trial.user_attrs
+
+
+@dataclass
+class Counts:
+    complete: int = 0
+    pruned: int = 0
+    infeasible: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+def counts(study: optuna.Study) -> Counts:
+    c = Counts()
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            c.complete += 1
+        elif t.state == TrialState.PRUNED:
+            if INFEASIBLE in t.user_attrs:
+                c.infeasible += 1
+            else:
+                c.pruned += 1
+        elif t.state == TrialState.FAIL:
+            c.failed += 1
+        elif t.state == TrialState.RUNNING:
+            c.running += 1
+        elif t.state == TrialState.WAITING:
+            c.waiting += 1
+    return c
+
+
+def add_slots(study: optuna.Study, n: int) -> None:
+    """Enqueue `n` empty WAITING trials; user-enqueued points are WAITING too and count alike."""
+    for _ in range(n):
+        study.enqueue_trial({}, skip_if_exists=False)
+
+
+def create_or_resume(
+    study_def: Study, preset: str, storage: BaseStorage, study_name: str, n_trials: int,
+    seed: int | None = None, max_failures: int | None = None,
+) -> optuna.Study:
+    """Create the study (or check an existing one matches) and top it up to `n_trials` slots.
+
+    Running this again with the same N resumes: only missing slots are added. Nothing is
+    changed when the stored definition disagrees with the local study file.
+    """
+    definition = study_def.definition(preset)
+    existing = _find(storage, study_name)
+    if existing is not None:
+        check_definition(existing, definition, study_name)
+        study = existing
+    else:
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, direction=study_def.direction,
+            load_if_exists=True,
+        )
+        study.set_user_attr(DEFINITION, definition)
+        study.set_user_attr("kdsweep.seed", seed)
+        study.set_user_attr("description", study_def.description)
+    c = counts(study)
+    study.set_user_attr(MAX_FAILURES, max_failures if max_failures is not None else max(3, n_trials // 5))
+    missing = n_trials - (c.finished + c.running + c.waiting)
+    if missing > 0:
+        add_slots(study, missing)
+    return study
+
+
+def _find(storage: BaseStorage, study_name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def check_definition(study: optuna.Study, definition: dict[str, Any], study_name: str) -> None:
+    stored = study.user_attrs.get(DEFINITION)
+    if stored is None:
+        raise StudyError(f"study {study_name!r} exists but was not created by kdsweep; use another --study-name.")
+    if study.direction.name.lower() != definition["direction"]:
+        raise StudyError(
+            f"study {study_name!r} was created to {study.direction.name.lower()}, "
+            f"but this study file wants to {definition['direction']}; use another --study-name."
+        )
+    diff = diff_definitions(stored, definition)
+    if diff:
+        raise StudyError(
+            f"study {study_name!r} was created with a different definition ({diff}); "
+            "run with the same study file, preset and kdsweep version, or use another --study-name."
+        )
+
+
+@contextmanager
+def heartbeat(storage: BaseStorage, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every few seconds while it runs (Optuna's RDB heartbeat)."""
+    if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # a database restart; the next beat tries again
+                log.warning("heartbeat for trial id %d failed: %s", trial_id, type(exc).__name__)
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def pop_slot(study: optuna.Study) -> int | None:
+    """Atomically take one WAITING trial (RUNNING now) or None; never creates a trial."""
+    storage = study._storage
+    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return t._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """Put an interrupted trial back in the queue with its parameters and intermediate values."""
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING,
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k != "fail_reason"},
+        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                      "requeued_because": reason},
+        intermediate_values=trial.intermediate_values,
+    ))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, delivered as an exception so the running trial can be re-queued cleanly."""
+
+
+@dataclass
+class WorkerSummary:
+    ran: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    trials: list[int] = field(default_factory=list)
+
+
+def run_worker(
+    objective: Objective, storage: BaseStorage, study_name: str, seed: int | None = None,
+    worker_index: int = 0,
+) -> WorkerSummary:
+    """Run slots of `study_name` until none are waiting or running anywhere; SIGTERM-safe."""
+    study_def, preset = objective.study, objective.preset
+    study = optuna.load_study(
+        study_name=study_name, storage=storage,
+        sampler=study_def.sampler(None if seed is None else seed + 1000 * worker_index),
+        pruner=study_def.pruner(study_def.preset(preset).config),
+    )
+    check_definition(study, study_def.definition(preset), study_name)
+    summary = WorkerSummary()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        while True:
+            fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
+            trial_id = pop_slot(study)
+            if trial_id is None:
+                c = counts(study)
+                if c.running == 0 and c.waiting == 0:
+                    break
+                time.sleep(POLL_S)  # others still run; their trials may yet be re-queued
+                continue
+            summary.ran += 1
+            state = _run_one(study, trial_id, objective, storage)
+            summary.trials.append(study._storage.get_trial(trial_id).number)
+            if state == TrialState.COMPLETE:
+                summary.complete += 1
+            elif state == TrialState.PRUNED:
+                summary.pruned += 1
+            else:
+                summary.failed += 1
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    return summary
+
+
+def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage) -> TrialState:
+    trial = optuna.trial.Trial(study, trial_id)
+    try:
+        with heartbeat(storage, trial_id):
+            value = objective(trial)
+    except optuna.TrialPruned as exc:
+        study.tell(trial, state=TrialState.PRUNED)
+        if INFEASIBLE in study._storage.get_trial(trial_id).user_attrs:
+            log.warning("trial %d is infeasible (%s); a fresh slot replaces it", trial.number, exc)
+            add_slots(study, 1)
+        return TrialState.PRUNED
+    except KeyboardInterrupt:
+        # Re-queued rather than failed for good: its checkpoint lets the next run resume it.
+        trial.set_user_attr("fail_reason", "interrupted (SIGTERM/Ctrl-C); re-queued")
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, study._storage.get_trial(trial_id), "interrupted")
+        log.warning("trial %d interrupted and re-queued", trial.number)
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        failures = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                       if not t.user_attrs.get("fail_reason", "interrupted").startswith("interrupted"))
+        limit = study.user_attrs.get(MAX_FAILURES, 10)
+        if failures <= limit:
+            add_slots(study, 1)
+            log.warning("trial %d failed (%s); a fresh slot replaces it", trial.number, reason)
+        else:
+            log.error("trial %d failed (%s); %d failures exceed the limit of %d, not replaced",
+                      trial.number, reason, failures, limit)
+        return TrialState.FAIL
+    study.tell(trial, value)
+    return TrialState.COMPLETE
