@@ -30,6 +30,8 @@ INFEASIBLE = "infeasible"  # user attr of trials whose choices cannot meet the b
 
 def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
     """The number of the first attempt of this trial (retries of a dead worker's trial share it)."""
+    if isinstance(trial, optuna.Trial):  # Optuna 5's Trial no longer exposes system_attrs
+        trial = trial.study._storage.get_trial(trial._trial_id)
     return int(trial.system_attrs.get("failed_trial", trial.number))
 
 

@@ -19,6 +19,7 @@ import logging
 import re
 import sqlite3
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,16 @@ def open_storage(url: str | None = None, heartbeat: bool = True) -> RetryingStor
         kwargs = {
             "heartbeat_interval": HEARTBEAT_S,
             "grace_period": GRACE_S,
-            "failed_trial_callback": RetryHeartbeatStaleTrialCallback(
-                max_retry=3, inherit_intermediate_values=True
-            ),
         }
     try:
-        rdb = RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental; kdsweep relies on them knowingly (dead workers).
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                kwargs["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
+                    max_retry=3, inherit_intermediate_values=True
+                )
+            rdb = RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StorageError(

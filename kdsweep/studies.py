@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -104,7 +105,8 @@ class Study:
             config.pop(key, None)
         for key in RUNTIME_DATA_KEYS:
             config["data"].pop(key, None)
-        return {
+        # Through JSON, so tuples compare equal to the lists a stored definition holds.
+        return json.loads(json.dumps({
             "study": self.name,
             "preset": preset,
             "direction": self.direction,
@@ -112,7 +114,7 @@ class Study:
             "space": sp.describe(self.space_for(preset)),
             "config": config,
             "kdsweep_version": kdsweep.__version__,
-        }
+        }))
 
 
 def search_path() -> list[Path]:

@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -223,7 +224,9 @@ def run_worker(
         signal.signal(signal.SIGTERM, on_term)
     try:
         while True:
-            fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
+            with warnings.catch_warnings():  # experimental in Optuna; relied on knowingly
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
             trial_id = pop_slot(study)
             if trial_id is None:
                 c = counts(study)
