@@ -311,6 +311,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
 
     from kdsweep import studies
     from kdsweep.objective import Objective
+    from kdsweep.tboard import runs_root
     from kdsweep.worker import DEFINITION, run_worker
 
     ctx = click.get_current_context()
@@ -331,7 +332,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     resolve_device(device)
     objective = Objective(
         study_def, preset, runtime, _artifacts(storage, study_name, artifacts),
-        tensorboard=Path("runs") / study_name if tensorboard else None,
+        tensorboard=runs_root(storage) / study_name if tensorboard else None,
     )
     summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
     logging.getLogger("kdsweep").info(
@@ -534,21 +535,25 @@ def dashboard(storage: str, host: str, port: int) -> None:
 
 @main.command()
 @click.argument("study_name")
-@click.option("--logdir", default="runs", show_default=True, help="Root of the event files.")
+@storage_option
+@click.option("--logdir", default=None, metavar="DIR",
+              help="Root of the event files (default: runs/ beside the SQLite file, else ./runs; env KDSWEEP_RUNS).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
 @friendly
-def tensorboard(study_name: str, logdir: str, host: str, port: int) -> None:
-    """Start TensorBoard on runs/STUDY_NAME (curves and the HParams tab).
+def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, port: int) -> None:
+    """Start TensorBoard on the study's runs (curves per epoch and the HParams tab).
 
     \b
-    kdsweep tensorboard q2
+    kdsweep tensorboard q2 --storage sqlite:///sweeps/kd.db
     """
     import subprocess
 
-    folder = Path(logdir) / study_name
+    from kdsweep.tboard import runs_root
+
+    folder = runs_root(storage, logdir) / study_name
     if not folder.is_dir():
-        raise click.UsageError(f"no TensorBoard runs in {folder}; launch the study from this folder first.")
+        raise click.UsageError(f"no TensorBoard runs in {folder}; give --logdir or the --storage the study ran on.")
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host, "--port", str(port)]
     click.echo(f"TensorBoard on http://{host}:{port} for {folder}")
     sys.exit(subprocess.call(cmd))

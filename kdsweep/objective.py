@@ -85,7 +85,7 @@ class Objective:
         finally:
             trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
             if writer is not None:
-                writer.close(params, trial)
+                writer.close(params, {"trial": trial.number, "seed": config.seed})
         trial.set_user_attr("params", result.params)
         trial.set_user_attr("param_split", result.param_split)
         trial.set_user_attr("device", result.device)
