@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -31,9 +32,41 @@ from optuna.storages._heartbeat import BaseHeartbeat
 log = logging.getLogger("kdsweep.storage")
 
 DEFAULT_URL = "sqlite:///kdsweep.db"
-HEARTBEAT_S = 10  # seconds between a running trial's heartbeats
-GRACE_S = 30  # a RUNNING trial silent this long belongs to a dead worker
+HEARTBEAT_S = 10  # seconds between a running trial's heartbeats (env KDSWEEP_HEARTBEAT)
+GRACE_S = 30  # a RUNNING trial silent this long belongs to a dead worker (env KDSWEEP_GRACE)
 RETRIES = 12  # connection retries per call; back-off doubles up to 10 s: about 90 s in all
+
+
+def _seconds(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise StorageError(f"{env} must be a whole number of seconds, at least 1; got {raw!r}.")
+    return value
+
+
+def heartbeat_interval() -> int:
+    """Seconds between heartbeats: $KDSWEEP_HEARTBEAT, else HEARTBEAT_S (Optuna wants an int)."""
+    return _seconds("KDSWEEP_HEARTBEAT", HEARTBEAT_S)
+
+
+def grace_period() -> int:
+    """Seconds of silence after which a RUNNING trial is declared dead: $KDSWEEP_GRACE, else GRACE_S.
+
+    Every worker of a study must use the same value; it must exceed the heartbeat interval by
+    enough to ride out a database restart (a worker retries its heartbeat meanwhile).
+    """
+    grace = _seconds("KDSWEEP_GRACE", GRACE_S)
+    if grace <= heartbeat_interval():
+        raise StorageError(
+            f"KDSWEEP_GRACE ({grace} s) must be longer than KDSWEEP_HEARTBEAT ({heartbeat_interval()} s)."
+        )
+    return grace
 
 
 class StorageError(RuntimeError):
@@ -146,8 +179,8 @@ def open_storage(url: str | None = None, heartbeat: bool = True) -> RetryingStor
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = {
-            "heartbeat_interval": HEARTBEAT_S,
-            "grace_period": GRACE_S,
+            "heartbeat_interval": heartbeat_interval(),
+            "grace_period": grace_period(),
         }
     try:
         with warnings.catch_warnings():

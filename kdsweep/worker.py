@@ -28,7 +28,6 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from kdsweep.objective import INFEASIBLE, Objective
-from kdsweep.storage import HEARTBEAT_S
 from kdsweep.studies import Study, StudyError, diff_definitions
 
 log = logging.getLogger("kdsweep.worker")
@@ -138,18 +137,33 @@ def check_definition(study: optuna.Study, definition: dict[str, Any], study_name
         )
 
 
+def reap_stale(study: optuna.Study) -> None:
+    """Fail the trials of dead workers (heartbeat older than the grace period) and re-queue them."""
+    with warnings.catch_warnings():  # experimental in Optuna; relied on knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)
+
+
 @contextmanager
-def heartbeat(storage: BaseStorage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat every few seconds while it runs (Optuna's RDB heartbeat)."""
-    if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
+def heartbeat(storage: BaseStorage, trial_id: int, study: optuna.Study | None = None) -> Iterator[None]:
+    """Record the trial's heartbeat every few seconds while it runs (Optuna's RDB heartbeat).
+
+    With `study`, each beat also reaps dead workers' trials, so a dead worker's trial is
+    re-queued within about one grace period even while every live worker is busy with a long
+    trial (otherwise that would wait until some worker finishes its trial).
+    """
+    interval = storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) else None
+    if not interval:
         yield
         return
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
+        while not stop.wait(interval):
             try:
                 storage.record_heartbeat(trial_id)
+                if study is not None:
+                    reap_stale(study)
             except Exception as exc:  # a database restart; the next beat tries again
                 log.warning("heartbeat for trial id %d failed: %s", trial_id, type(exc).__name__)
 
@@ -224,9 +238,7 @@ def run_worker(
         signal.signal(signal.SIGTERM, on_term)
     try:
         while True:
-            with warnings.catch_warnings():  # experimental in Optuna; relied on knowingly
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                fail_stale_trials(study)  # a dead worker's trial is failed and re-queued here
+            reap_stale(study)  # a dead worker's trial is failed and re-queued here
             trial_id = pop_slot(study)
             if trial_id is None:
                 c = counts(study)
@@ -252,9 +264,20 @@ def run_worker(
 
 
 def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage) -> TrialState:
+    try:
+        return _run_trial(study, trial_id, objective, storage)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Its heartbeat was missed for a whole grace period (e.g. a long database outage), so
+        # another worker declared it dead and re-queued it; that retry owns it now.
+        log.warning("trial id %d was declared dead while running (heartbeat missed) and "
+                    "re-queued; this worker drops its copy", trial_id)
+        return TrialState.FAIL
+
+
+def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage) -> TrialState:
     trial = optuna.trial.Trial(study, trial_id)
     try:
-        with heartbeat(storage, trial_id):
+        with heartbeat(storage, trial_id, study):
             value = objective(trial)
     except optuna.TrialPruned as exc:
         study.tell(trial, state=TrialState.PRUNED)
@@ -269,7 +292,13 @@ def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: 
         requeue(study, study._storage.get_trial(trial_id), "interrupted")
         log.warning("trial %d interrupted and re-queued", trial.number)
         raise
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise
     except Exception as exc:
+        if _is_oom(exc):
+            import torch
+
+            torch.cuda.empty_cache()  # let the next trial start from a clean allocator
         reason = f"{type(exc).__name__}: {exc}"[:500]
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
@@ -285,3 +314,7 @@ def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: 
         return TrialState.FAIL
     study.tell(trial, value)
     return TrialState.COMPLETE
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
