@@ -54,7 +54,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--storage", default=DEFAULT_URL, show_default=True, metavar="URL",
+        # An explicit envvar: auto_envvar_prefix would read KDSWEEP_<COMMAND>_STORAGE instead,
+        # and launch hands the URL (with its password) to workers through KDSWEEP_STORAGE.
+        "--storage", default=DEFAULT_URL, show_default=True, metavar="URL", envvar="KDSWEEP_STORAGE",
         help="Optuna storage: sqlite:///FILE.db or postgresql+psycopg://USER:PASS@HOST/DB (env KDSWEEP_STORAGE).",
     )(fn)
 
