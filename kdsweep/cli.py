@@ -408,25 +408,49 @@ def _dump(doc: Any, fmt: str) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write here instead of standard output.")
 @click.option("--weights", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also copy the winning trial's kept weights to this file.")
+              help="Also write the winning trial's kept weights, with its config, to this file.")
+@click.option("--verify", "verify_", is_flag=True,
+              help="Re-train the top configs over seeds (in STUDY_NAME.verify) and compare them paired.")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds per config (--verify).")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Configs to verify (--verify).")
+@click.option("-w", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes that run the --verify trials here.")
+@click.option("--device", default="auto", show_default=True, help="Device of the --verify workers.")
+@click.option("--data", default=None, metavar="DIR", help="Data directory of the --verify workers.")
+@click.option("--no-run", is_flag=True,
+              help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
 @friendly
-def best(study_name: str, storage: str, fmt: str, output: str | None, weights: str | None) -> None:
-    """Export the winning trial as a complete, runnable config.
+def best(study_name: str, storage: str, fmt: str, output: str | None, weights: str | None,
+         verify_: bool, seeds: int, top: int, workers: int, device: str, data: str | None,
+         no_run: bool) -> None:
+    """Export the winning trial as a complete, runnable config, or verify it over seeds.
 
     \b
     kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
+    kdsweep best q2 --verify --seeds 5 --top 3
     """
+    from kdsweep import verify
+
     sweep = _load_existing(storage, study_name)
+    if verify_:
+        try:
+            text = verify.run(sweep, _open(storage), storage, top, seeds, workers, device, data,
+                              click.echo, start_workers=not no_run)
+        except verify.VerifyError as exc:
+            raise click.UsageError(str(exc)) from None
+        click.echo(text)
+        return
+    checked = verify.summary_text(sweep)
+    if checked:
+        click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
     doc = export_best(sweep)
     if weights:
-        import shutil
+        from kdsweep.weights import WeightsError, export_weights
 
-        src = sweep.best_trial.user_attrs.get("weights")
-        if not src or not Path(src).exists():
-            raise click.ClickException(
-                f"no kept weights for trial {doc['trial']} (only the best few complete trials keep theirs)."
-            )
-        shutil.copyfile(src, weights)
+        try:
+            export_weights(sweep.best_trial, doc, Path(weights))
+        except WeightsError as exc:
+            raise click.ClickException(str(exc)) from None
     text = _dump(doc, fmt)
     if output:
         Path(output).write_text(text)
@@ -515,6 +539,32 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     for p in checked:
         sweep.enqueue_trial(p, skip_if_exists=True)
         click.echo(f"enqueued {json.dumps(p)}")
+
+
+@main.command()
+@click.argument("study_name")
+@storage_option
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,
+              help="Folder to write (default: reports/STUDY_NAME).")
+@friendly
+def report(study_name: str, storage: str, out: str | None) -> None:
+    """Write HTML and PNG figures and a markdown summary of a study.
+
+    \b
+    kdsweep report q2 -o reports/q2   # then open reports/q2/summary.md
+    """
+    from kdsweep import report as rep
+    from kdsweep import verify
+
+    sweep = _load_existing(storage, study_name)
+    folder = Path(out) if out else Path("reports") / study_name
+    try:
+        files = rep.write_report(sweep, folder, verify.summary_text(sweep))
+    except rep.ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, names in files.items():
+        click.echo(f"{name:12s} {', '.join(names)}")
+    click.echo(f"report written to {folder}/summary.md")
 
 
 @main.command()

@@ -19,7 +19,7 @@ import torch
 import kdsweep
 from kdsweep import space as sp
 from kdsweep.budget import BudgetError
-from kdsweep.config import TrainConfig, to_dict
+from kdsweep.config import TrainConfig, replace, to_dict
 from kdsweep.studies import Study
 from kdsweep.train import resolve, train
 
@@ -50,8 +50,11 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         space = self.study.space_for(self.preset)
         params = sp.sample(trial, space)
+        # A seed-verification run (kdsweep/verify.py) re-trains fixed params with its own seed.
+        fixed_seed = trial.user_attrs.get("verify.seed")
         try:
-            config = resolve(self.config(params))
+            config = self.config(params)
+            config = resolve(config if fixed_seed is None else replace(config, seed=int(fixed_seed)))
         except BudgetError as exc:
             # Kept out of the space by the study files; a custom space may still hit it.
             trial.set_user_attr(INFEASIBLE, str(exc))
@@ -76,7 +79,7 @@ class Objective:
                 writer.epoch(epoch, metrics)
             log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
                      metrics[self.study.metric])
-            if trial.should_prune():
+            if fixed_seed is None and trial.should_prune():  # verification runs always finish
                 trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 

@@ -1,0 +1,387 @@
+"""`kdsweep report`: interactive HTML, PNG figures and a markdown summary of one study.
+
+Every figure is computed once as plain data (`figure_data`), then drawn twice: as a plotly
+figure (HTML, interactive; Optuna's own plots where Optuna has one) and with matplotlib (PNG,
+no kaleido or browser needed). Which study-specific figures apply is read from the parameters
+the trials hold, so any study file gets the generic ones and q1/q2 get theirs:
+
+* every study: optimisation history, intermediate values (pruned trials marked), importances;
+* `kd.alpha` and `kd.temperature` (q2): the alpha x T contour of validation accuracy;
+* `model.family` (q1): validation accuracy of MLP vs CNN (by regulariser) at the matched budget;
+* `dropblock.size` (q1): validation accuracy by DropBlock block size.
+
+A sibling `<study>.verify` study (see kdsweep/verify.py) adds its seed statistics to the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger("kdsweep.report")
+
+PNG_SIZE = (8.0, 5.0)  # inches; at PNG_DPI the images are 800 x 500 pixels
+PNG_DPI = 100
+KD_PARAMS = ("kd.alpha", "kd.temperature")
+
+
+class ReportError(RuntimeError):
+    """The study cannot be reported on (e.g. nothing finished); one sentence saying why."""
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None]
+
+
+def _maximize(study: optuna.Study) -> bool:
+    return study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def _param_names(study: optuna.Study) -> set[str]:
+    return {k for t in study.get_trials(deepcopy=False) for k in t.params}
+
+
+def applicable(study: optuna.Study) -> list[str]:
+    """Names of the figures that apply to `study`, in report order."""
+    names = ["history", "intermediate", "importance"]
+    params = _param_names(study)
+    if all(p in params for p in KD_PARAMS):
+        names.append("kd_contour")
+    if "model.family" in params:
+        names.append("family")
+    if "dropblock.size" in params:
+        names.append("dropblock")
+    return names
+
+
+# ---------------------------------------------------------------- the data behind each figure
+
+
+def history_data(study: optuna.Study) -> dict[str, Any]:
+    """Complete trials in order: numbers, values, and the best value so far after each."""
+    done = sorted(_complete(study), key=lambda t: t.number)
+    pick = max if _maximize(study) else min
+    best: list[float] = []
+    for t in done:
+        best.append(t.value if not best else pick(best[-1], t.value))
+    return {"trial": [t.number for t in done], "value": [t.value for t in done], "best": best}
+
+
+def intermediate_data(study: optuna.Study) -> dict[str, Any]:
+    """Per trial with reported epochs: its curve and whether it was pruned (stopped early)."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if not t.intermediate_values:
+            continue  # infeasible trials are PRUNED before any epoch
+        steps = sorted(t.intermediate_values)
+        out.append({"trial": t.number, "pruned": t.state == TrialState.PRUNED,
+                    "step": steps, "value": [t.intermediate_values[s] for s in steps]})
+    return {"trials": out}
+
+
+def importance_data(study: optuna.Study) -> dict[str, float]:
+    """Optuna's parameter importances (normalised to sum 1); empty when they cannot be had."""
+    done = _complete(study)
+    if len(done) < 3 or not _param_names(study):
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+        log.warning("parameter importances unavailable: %s", exc)
+        return {}
+
+
+def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
+    """alpha, T and validation accuracy of every complete trial."""
+    done = [t for t in _complete(study) if all(p in t.params for p in KD_PARAMS)]
+    return {"alpha": [t.params["kd.alpha"] for t in done],
+            "temperature": [t.params["kd.temperature"] for t in done],
+            "value": [t.value for t in done], "trial": [t.number for t in done]}
+
+
+def family_group(params: Mapping[str, Any]) -> str:
+    """'mlp', or 'cnn' with its regulariser (and '+factorized' when set): 'cnn/dropblock'."""
+    family = params.get("model.family", "?")
+    if family != "cnn":
+        return str(family)
+    group = f"cnn/{params.get('reg.kind', 'none')}"
+    return group + ("+factorized" if params.get("cnn.factorized") else "")
+
+
+def _budget(study: optuna.Study) -> int | None:
+    definition = study.user_attrs.get("kdsweep.definition") or {}
+    return (definition.get("config") or {}).get("model", {}).get("budget")
+
+
+def family_data(study: optuna.Study) -> dict[str, Any]:
+    """Validation accuracy of complete trials grouped by family and CNN regulariser.
+
+    Factorized and plain CNNs are grouped together here (the regulariser is the question);
+    `factorized` lists which values came from factorized kernels.
+    """
+    groups: dict[str, list[float]] = {}
+    factorized: dict[str, list[bool]] = {}
+    for t in _complete(study):
+        if "model.family" not in t.params:
+            continue
+        key = "mlp" if t.params["model.family"] != "cnn" else f"cnn/{t.params.get('reg.kind', 'none')}"
+        groups.setdefault(key, []).append(t.value)
+        factorized.setdefault(key, []).append(bool(t.params.get("cnn.factorized", False)))
+    order = sorted(groups, key=lambda k: (k != "mlp", k))
+    return {"groups": {k: groups[k] for k in order}, "factorized": {k: factorized[k] for k in order},
+            "budget": _budget(study)}
+
+
+def dropblock_data(study: optuna.Study) -> dict[str, Any]:
+    """Validation accuracy (and rate) of complete DropBlock trials by block size."""
+    by: dict[int, list[float]] = {}
+    rates: dict[int, list[float]] = {}
+    for t in _complete(study):
+        if "dropblock.size" in t.params:
+            size = int(t.params["dropblock.size"])
+            by.setdefault(size, []).append(t.value)
+            rates.setdefault(size, []).append(float(t.params.get("reg.rate", float("nan"))))
+    return {"sizes": {s: by[s] for s in sorted(by)}, "rates": {s: rates[s] for s in sorted(rates)}}
+
+
+DATA = {
+    "history": history_data,
+    "intermediate": intermediate_data,
+    "importance": importance_data,
+    "kd_contour": kd_contour_data,
+    "family": family_data,
+    "dropblock": dropblock_data,
+}
+
+
+def figure_data(study: optuna.Study) -> dict[str, Any]:
+    """The data behind every applicable figure, by figure name (see `applicable`)."""
+    return {name: DATA[name](study) for name in applicable(study)}
+
+
+# ---------------------------------------------------------------- plotly (HTML)
+
+
+def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
+    """The interactive figure `name`; Optuna's own plot where one exists."""
+    import plotly.graph_objects as go
+
+    metric = _metric(study)
+    if name == "history":
+        return optuna.visualization.plot_optimization_history(study, target_name=metric)
+    if name == "importance":
+        return optuna.visualization.plot_param_importances(study, target_name=metric)
+    if name == "kd_contour":
+        return optuna.visualization.plot_contour(study, params=list(KD_PARAMS), target_name=metric)
+    fig = go.Figure()
+    if name == "intermediate":
+        for tr in data["trials"]:
+            fig.add_trace(go.Scatter(
+                x=tr["step"], y=tr["value"], name=f"trial {tr['trial']}" + (" (pruned)" if tr["pruned"] else ""),
+                mode="lines+markers",
+                line={"dash": "dot" if tr["pruned"] else "solid", "color": "#d62728" if tr["pruned"] else None},
+                marker={"symbol": ["circle"] * (len(tr["step"]) - 1) + ["x" if tr["pruned"] else "circle"],
+                        "size": [5] * (len(tr["step"]) - 1) + [11 if tr["pruned"] else 5]},
+            ))
+        fig.update_layout(title="Intermediate values (pruned trials dotted, x where stopped)",
+                          xaxis_title="epoch", yaxis_title=metric)
+    elif name == "family":
+        for group, values in data["groups"].items():
+            fig.add_trace(go.Box(y=values, name=group, boxpoints="all", jitter=0.3))
+        budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
+        fig.update_layout(title=f"MLP vs CNN by regulariser{budget}", yaxis_title=metric)
+    elif name == "dropblock":
+        for size, values in data["sizes"].items():
+            fig.add_trace(go.Box(y=values, name=f"block {size}", boxpoints="all", jitter=0.3))
+        fig.update_layout(title="DropBlock: validation accuracy by block size", yaxis_title=metric)
+    return fig
+
+
+# ---------------------------------------------------------------- matplotlib (PNG)
+
+
+def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
+    """The static matplotlib figure `name` (PNG_SIZE at PNG_DPI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metric = _metric(study)
+    fig, ax = plt.subplots(figsize=PNG_SIZE, dpi=PNG_DPI)
+    if name == "history":
+        ax.scatter(data["trial"], data["value"], s=18, label="complete trial")
+        ax.step(data["trial"], data["best"], where="post", color="#d62728", label="best so far")
+        ax.set(xlabel="trial", ylabel=metric, title=f"{study.study_name}: optimisation history")
+        ax.legend()
+    elif name == "intermediate":
+        for tr in data["trials"]:
+            if tr["pruned"]:
+                ax.plot(tr["step"], tr["value"], ":", color="#d62728", alpha=0.7)
+                ax.plot(tr["step"][-1], tr["value"][-1], "x", color="#d62728", markersize=8)
+            else:
+                ax.plot(tr["step"], tr["value"], "-o", color="#1f77b4", markersize=3, alpha=0.8)
+        ax.plot([], [], "-o", color="#1f77b4", label="complete")
+        ax.plot([], [], ":x", color="#d62728", label="pruned (x: stopped)")
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{study.study_name}: intermediate values")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    elif name == "importance":
+        if data:
+            keys = list(data)[::-1]
+            ax.barh(keys, [data[k] for k in keys])
+            ax.set(xlabel="importance (sums to 1)", title=f"{study.study_name}: parameter importances")
+        else:
+            ax.text(0.5, 0.5, "not enough complete trials for importances", ha="center", va="center")
+            ax.set_axis_off()
+    elif name == "kd_contour":
+        a, t, v = data["alpha"], data["temperature"], data["value"]
+        if len(v) >= 4 and len(set(a)) > 1 and len(set(t)) > 1:
+            try:
+                cs = ax.tricontourf(a, t, v, levels=12, cmap="viridis", alpha=0.8)
+                fig.colorbar(cs, ax=ax, label=metric)
+            except (ValueError, RuntimeError):  # collinear points: no triangulation
+                pass
+        sc = ax.scatter(a, t, c=v, cmap="viridis", edgecolors="black", s=30)
+        if len(v) < 4:
+            fig.colorbar(sc, ax=ax, label=metric)
+        ax.set(xlabel="alpha (weight of the teacher's soft term)", ylabel="temperature T",
+               title=f"{study.study_name}: {metric} over alpha x T")
+    elif name in ("family", "dropblock"):
+        if name == "family":
+            groups = data["groups"]
+            budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
+            title = f"{study.study_name}: MLP vs CNN by regulariser{budget}"
+        else:
+            groups = {f"block {s}": v for s, v in data["sizes"].items()}
+            title = f"{study.study_name}: DropBlock block size"
+        labels = list(groups)
+        for i, label in enumerate(labels):
+            values = groups[label]
+            xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(values))]
+            ax.scatter(xs, values, s=18, alpha=0.7)
+            ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
+        ax.set_xticks(range(len(labels)), [f"{k}\n(n={len(groups[k])})" for k in labels])
+        ax.set(ylabel=metric, title=title + " (bar: mean)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _metric(study: optuna.Study) -> str:
+    return (study.user_attrs.get("kdsweep.definition") or {}).get("metric", "value")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def top_table(study: optuna.Study, top: int = 10) -> str:
+    """The best `top` complete trials as a markdown table."""
+    done = sorted(_complete(study), key=lambda t: t.value, reverse=_maximize(study))[:top]
+    if not done:
+        return "No complete trials.\n"
+    keys = sorted({k for t in done for k in t.params})
+    lines = ["| rank | trial | " + _metric(study) + " | epochs | " + " | ".join(keys) + " |",
+             "|---" * (4 + len(keys)) + "|"]
+    for i, t in enumerate(done, 1):
+        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", ""))]
+        cells += [_fmt(t.params[k]) if k in t.params else "–" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: Mapping[str, Any],
+                     verify_text: str | None = None) -> str:
+    states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    lines = [f"# Study `{study.study_name}`", ""]
+    desc = study.user_attrs.get("description")
+    if desc:
+        lines += [desc, ""]
+    definition = study.user_attrs.get("kdsweep.definition") or {}
+    if definition:
+        lines += [f"Study file `{definition.get('study')}`, preset `{definition.get('preset')}`, "
+                  f"{study.direction.name.lower()} {_metric(study)}.", ""]
+    lines += [", ".join(f"{n.lower()} {c}" for n, c in states.items() if c) + ".", ""]
+    lines += ["## Top trials", "", top_table(study)]
+    lines += ["A single best trial out of many is partly luck; check it over seeds with "
+              f"`kdsweep best {study.study_name} --verify --seeds 5`.", ""]
+    if verify_text:
+        lines += ["## Seed verification", "", "```", verify_text.rstrip(), "```", ""]
+    if "family" in data:
+        lines += ["## MLP vs CNN by regulariser", "", "| group | n | mean | best |", "|---|---|---|---|"]
+        for g, v in data["family"]["groups"].items():
+            lines.append(f"| {g} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} |")
+        lines.append("")
+    if "dropblock" in data:
+        lines += ["## DropBlock block size", ""]
+        if data["dropblock"]["sizes"]:
+            lines += ["| block | n | mean | best |", "|---|---|---|---|"]
+            for s, v in data["dropblock"]["sizes"].items():
+                lines.append(f"| {s} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} |")
+        else:
+            lines.append("No complete DropBlock trial yet (all were pruned or none was sampled).")
+        lines.append("")
+    if data.get("importance"):
+        lines += ["## Parameter importances", ""]
+        lines += [f"- `{k}`: {v:.3f}" for k, v in data["importance"].items()] + [""]
+    lines += ["## Figures", ""]
+    for name, names in files.items():
+        lines.append(f"- {name}: " + ", ".join(f"[{f}]({f})" for f in names))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: optuna.Study, out: Path, verify_text: str | None = None) -> dict[str, list[str]]:
+    """Write `<name>.html`, `<name>.png`, `data.json` and `summary.md` into `out`.
+
+    Returns {figure name: [file names]}. Raises ReportError when no trial has finished.
+    """
+    import matplotlib.pyplot as plt
+
+    if not _complete(study) and not intermediate_data(study)["trials"]:
+        raise ReportError(f"study {study.study_name!r} has no finished trial to report on yet.")
+    out.mkdir(parents=True, exist_ok=True)
+    data = figure_data(study)
+    files: dict[str, list[str]] = {}
+    for name, d in data.items():
+        written = []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's experimental-plot warnings
+                fig = plotly_figure(study, name, d)
+            # One plotly.min.js beside the pages, not 4 MB inside each: works offline.
+            fig.write_html(out / f"{name}.html", include_plotlyjs="directory")
+            written.append(f"{name}.html")
+        except (ValueError, RuntimeError) as exc:  # e.g. too few trials for Optuna's plot
+            log.warning("no interactive %s figure: %s", name, exc)
+        pfig = png_figure(study, name, d)
+        pfig.savefig(out / f"{name}.png", dpi=PNG_DPI)
+        plt.close(pfig)
+        written.append(f"{name}.png")
+        files[name] = written
+    (out / "data.json").write_text(json.dumps(data, indent=1, default=_json_default))
+    (out / "summary.md").write_text(summary_markdown(study, files, data, verify_text))
+    return files
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return str(v)

@@ -1,0 +1,244 @@
+"""Seed verification of a sweep's winner: is it really better than the runner-up, or luck?
+
+The best of many trials is biased upwards (the winner's curse): its one seed may simply have
+been lucky. `kdsweep best STUDY --verify --seeds S --top K` re-trains the top K configs with
+the same S fresh seeds each and compares them *paired*: config A and config B on seed s share
+their initialisation seed, batch order and augmentation stream, so the per-seed difference
+cancels much of the seed-to-seed noise.
+
+The runs live in a sibling study, `<study>.verify`, in the same storage: never in the sweep
+itself, where they would change its trial count, feed its sampler and could become `best`.
+The sibling copies the sweep's definition, so ordinary `kdsweep worker` processes run its
+trials (fixed params, a fixed seed each, never pruned) through the same objective.
+
+Statistics: per config the mean and sample standard deviation over seeds; per runner-up the
+mean paired difference d = winner - runner-up with its two-sided 95% t-interval over the
+seed pairs, mean(d) ± t(0.975, n-1) · sd(d) / sqrt(n). The difference "exceeds seed noise"
+when that interval excludes zero.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+SUFFIX = ".verify"
+OF = "kdsweep.verify_of"  # study user attr of a sibling: the sweep it verifies
+SOURCE = "verify.source_trial"  # trial user attrs of a verification run
+SEED = "verify.seed"  # read by the objective: the run's seed replaces the config's
+RANK = "verify.rank"
+SEED_OFFSET = 1000  # verification seeds are fresh: the sweep trained every trial with its own seed
+
+
+class VerifyError(ValueError):
+    """A verification cannot be prepared; one sentence saying why and what to do."""
+
+
+def sibling_name(study_name: str) -> str:
+    return study_name + SUFFIX
+
+
+def seeds_for(n: int, base: int = 0) -> list[int]:
+    """`n` fresh seeds, distinct from the seed the sweep trained with (`base`)."""
+    return [base + SEED_OFFSET + i for i in range(n)]
+
+
+def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """The best `k` complete trials, best first."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    return sorted(done, key=lambda t: t.value, reverse=maximize)[:k]
+
+
+def prepare(sweep: optuna.Study, storage: BaseStorage, top: int, seeds: int) -> tuple[optuna.Study, int]:
+    """Create (or top up) `<sweep>.verify` with one waiting trial per (top config, seed).
+
+    Runs already complete, running or waiting are not added again; failed ones are. Returns
+    the sibling study and the number of runs it holds for this request.
+    """
+    from kdsweep.worker import DEFINITION, MAX_FAILURES
+
+    if OF in sweep.user_attrs:
+        raise VerifyError(f"study {sweep.study_name!r} is itself a verification; verify {sweep.user_attrs[OF]!r}.")
+    definition = sweep.user_attrs.get(DEFINITION)
+    if definition is None:
+        raise VerifyError(f"study {sweep.study_name!r} was not created by kdsweep, so its workers cannot re-train it.")
+    best = top_trials(sweep, top)
+    if len(best) < 1:
+        raise VerifyError(f"study {sweep.study_name!r} has no complete trial to verify yet.")
+    base = int(best[0].user_attrs.get("seed", 0))
+    chosen = seeds_for(seeds, base)
+    sibling = optuna.create_study(study_name=sibling_name(sweep.study_name), storage=storage,
+                                  direction=sweep.direction, load_if_exists=True)
+    if sibling.user_attrs.get(OF) not in (None, sweep.study_name):
+        raise VerifyError(f"study {sibling.study_name!r} exists and verifies another study; delete it first.")
+    for key, value in sweep.user_attrs.items():  # definition, overrides, ...: workers must agree
+        if key.startswith("kdsweep."):
+            sibling.set_user_attr(key, value)
+    sibling.set_user_attr(OF, sweep.study_name)
+    sibling.set_user_attr("description", f"seed verification of {sweep.study_name!r}")
+    sibling.set_user_attr(MAX_FAILURES, 0)  # a failed run is re-queued by the next --verify, not replaced by a random one
+    present = {(t.user_attrs.get(SOURCE), t.user_attrs.get(SEED))
+               for t in sibling.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
+    for rank, t in enumerate(best, 1):
+        for seed in chosen:
+            if (t.number, seed) not in present:
+                sibling.enqueue_trial(t.params, user_attrs={SOURCE: t.number, SEED: seed, RANK: rank},
+                                      skip_if_exists=False)
+    return sibling, len(best) * len(chosen)
+
+
+@dataclass
+class ConfigRuns:
+    """One verified config: the sweep trial it came from and its value per seed."""
+
+    trial: int
+    rank: int
+    params: dict[str, Any]
+    sweep_value: float | None
+    values: dict[int, float] = field(default_factory=dict)  # seed -> final metric
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values.values())
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values.values()) if len(self.values) > 1 else float("nan")
+
+
+@dataclass
+class Paired:
+    """winner - other over the seeds both ran: the mean difference and its 95% t-interval."""
+
+    other: int  # trial number of the runner-up
+    n: int
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def exceeds_noise(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+
+def t_quantile(df: int, q: float = 0.975) -> float:
+    """Student's t quantile (SciPy ships with scikit-learn, a kdsweep dependency)."""
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
+
+
+def paired(a: dict[int, float], b: dict[int, float], other: int) -> Paired | None:
+    """The paired comparison of `a` against `b` on their common seeds; None without any."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return Paired(other, 1, mean, float("-inf"), float("inf"))
+    half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return Paired(other, len(d), mean, mean - half, mean + half)
+
+
+def collect(sweep: optuna.Study, sibling: optuna.Study) -> list[ConfigRuns]:
+    """Complete verification runs grouped by the sweep trial they re-train, by rank."""
+    by: dict[int, ConfigRuns] = {}
+    for t in sibling.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        src = t.user_attrs.get(SOURCE)
+        if src is None or t.value is None:
+            continue
+        if src not in by:
+            original = sweep.trials[src] if src < len(sweep.trials) else None
+            by[src] = ConfigRuns(src, int(t.user_attrs.get(RANK, 0)), dict(t.params),
+                                 original.value if original is not None else None)
+        by[src].values[int(t.user_attrs[SEED])] = t.value
+    return sorted(by.values(), key=lambda c: c.rank)
+
+
+def compare(runs: Sequence[ConfigRuns]) -> list[Paired]:
+    """The sweep's winner (rank 1) against each runner-up, paired by seed."""
+    if not runs or runs[0].rank != 1:
+        return []
+    out = []
+    for other in runs[1:]:
+        p = paired(runs[0].values, other.values, other.trial)
+        if p is not None:
+            out.append(p)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: int = 0) -> str:
+    """The verification as lines of text: one per config, one per paired comparison."""
+    if not runs:
+        return "no verification run has finished yet." + (f" ({pending} pending)" if pending else "")
+    lines = []
+    for c in runs:
+        sweep = f"sweep {c.sweep_value:.4f}" if c.sweep_value is not None else "sweep -"
+        std = f"{c.std:.4f}" if not math.isnan(c.std) else "n/a"
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in c.params.items())
+        lines.append(f"#{c.rank} trial {c.trial}: {c.mean:.4f} ± {std} over {len(c.values)} seeds "
+                     f"({sweep})  {params}")
+    for p in pairs:
+        if p.n < 2:
+            verdict = "one seed pair: no interval, run more seeds"
+        elif p.exceeds_noise:
+            verdict = "exceeds seed noise"
+        else:
+            verdict = "within seed noise"
+        ci = f"95% CI {p.low:+.4f} .. {p.high:+.4f}, " if p.n > 1 else ""
+        lines.append(f"winner trial {runs[0].trial} vs trial {p.other}: {p.mean:+.4f} "
+                     f"({ci}{p.n} paired seeds): {verdict}")
+    if pending:
+        lines.append(f"{pending} verification run(s) not finished yet.")
+    return "\n".join(lines)
+
+
+def find_sibling(sweep: optuna.Study) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=sibling_name(sweep.study_name), storage=sweep._storage)
+    except KeyError:
+        return None
+
+
+def summary_text(sweep: optuna.Study) -> str | None:
+    """The verification of `sweep` as text, or None when it was never verified."""
+    sibling = find_sibling(sweep)
+    if sibling is None:
+        return None
+    runs = collect(sweep, sibling)
+    pending = sum(1 for t in sibling.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+    return format_text(runs, compare(runs), pending)
+
+
+def run(sweep: optuna.Study, storage: BaseStorage, storage_url: str, top: int, seeds: int,
+        workers: int, device: str, data: str | None, echo: Any, start_workers: bool = True) -> str:
+    """Prepare the sibling study, run its trials with `workers` ordinary `kdsweep worker`
+    processes (unless `start_workers` is False: then other hosts' workers run them), and
+    return the verification text."""
+    from kdsweep import launch as launcher
+    from kdsweep import studies
+    from kdsweep.worker import DEFINITION
+
+    sibling, n = prepare(sweep, storage, top, seeds)
+    echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.study_name!r} with "
+         f"{seeds} seeds each in study {sibling.study_name!r} ({n} runs)")
+    if start_workers:
+        study_def = studies.load(sweep.user_attrs[DEFINITION]["study"])
+        args = [study_def.source, "--study-name", sibling.study_name]
+        if data:
+            args += ["--data", data]
+        launcher.run(sibling, args, launcher.plan_workers(workers, device, storage_url), n, echo)
+    return summary_text(sweep) or ""

@@ -1,0 +1,140 @@
+"""`kdsweep report`: figures chosen from the params present, each holding the study's data.
+
+Studies are built with Optuna's ask/tell and known values (no training), so every number a
+figure should hold is known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from kdsweep import cli, report
+from kdsweep.storage import open_storage
+
+Q1_TRIALS = [  # params, curve (val_acc per epoch), pruned
+    ({"model.family": "mlp", "optim.lr": 0.05}, [0.50, 0.60, 0.62], False),
+    ({"model.family": "mlp", "optim.lr": 0.20}, [0.40, 0.45, 0.50], False),
+    ({"model.family": "cnn", "optim.lr": 0.10, "reg.kind": "none"}, [0.55, 0.66, 0.70], False),
+    ({"model.family": "cnn", "optim.lr": 0.08, "reg.kind": "dropblock", "dropblock.size": 3}, [0.52, 0.68, 0.74], False),
+    ({"model.family": "cnn", "optim.lr": 0.03, "reg.kind": "dropblock", "dropblock.size": 5}, [0.50, 0.64, 0.72], False),
+    ({"model.family": "cnn", "optim.lr": 0.30, "reg.kind": "dropblock", "dropblock.size": 5}, [0.20], True),
+    ({"model.family": "cnn", "optim.lr": 0.02, "reg.kind": "dropout"}, [0.45, 0.61, 0.69], False),
+]
+Q1_DIST = {
+    "model.family": optuna.distributions.CategoricalDistribution(["mlp", "cnn"]),
+    "optim.lr": optuna.distributions.FloatDistribution(0.01, 0.4, log=True),
+    "reg.kind": optuna.distributions.CategoricalDistribution(["none", "dropout", "spatial_dropout", "dropblock"]),
+    "dropblock.size": optuna.distributions.CategoricalDistribution([3, 5, 7]),
+}
+
+
+def _study(name: str, rows: list, dists: dict, storage: object = None) -> optuna.Study:
+    study = optuna.create_study(study_name=name, direction="maximize", storage=storage)
+    study.set_user_attr("kdsweep.definition", {"study": name, "preset": "smoke", "metric": "val_acc",
+                                                "config": {"model": {"budget": 30000}}})
+    for params, curve, pruned in rows:
+        study.add_trial(optuna.create_trial(
+            params=params, distributions={k: dists[k] for k in params},
+            intermediate_values=dict(enumerate(curve, 1)),
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            value=None if pruned else curve[-1], user_attrs={"epochs_run": len(curve)},
+        ))
+    return study
+
+
+@pytest.fixture
+def q1() -> optuna.Study:
+    return _study("q1", Q1_TRIALS, Q1_DIST)
+
+
+@pytest.fixture
+def q2() -> optuna.Study:
+    dists = {"kd.alpha": optuna.distributions.FloatDistribution(0, 1),
+             "kd.temperature": optuna.distributions.FloatDistribution(1, 20)}
+    rows = [({"kd.alpha": a, "kd.temperature": t}, [0.5, 0.6 + a / 10 - abs(t - 6) / 100], False)
+            for a, t in [(0.1, 2), (0.5, 4), (0.9, 8), (0.3, 15), (0.7, 12), (0.2, 6)]]
+    rows.append(({"kd.alpha": 0.95, "kd.temperature": 19}, [0.1], True))
+    return _study("q2", rows, dists)
+
+
+def test_figures_follow_the_params_present(q1: optuna.Study, q2: optuna.Study) -> None:
+    assert report.applicable(q1) == ["history", "intermediate", "importance", "family", "dropblock"]
+    assert report.applicable(q2) == ["history", "intermediate", "importance", "kd_contour"]
+
+
+def test_q1_figure_data(q1: optuna.Study) -> None:
+    data = report.figure_data(q1)
+    assert data["history"]["value"] == [0.62, 0.50, 0.70, 0.74, 0.72, 0.69]
+    assert data["history"]["best"] == [0.62, 0.62, 0.70, 0.74, 0.74, 0.74]
+    pruned = [t for t in data["intermediate"]["trials"] if t["pruned"]]
+    assert [(t["trial"], t["step"], t["value"]) for t in pruned] == [(5, [1], [0.20])]
+    assert len(data["intermediate"]["trials"]) == 7
+    groups = data["family"]["groups"]
+    assert list(groups) == ["mlp", "cnn/dropblock", "cnn/dropout", "cnn/none"]
+    assert groups["mlp"] == [0.62, 0.50] and groups["cnn/dropblock"] == [0.74, 0.72]
+    assert data["family"]["budget"] == 30000
+    assert data["dropblock"]["sizes"] == {3: [0.74], 5: [0.72]}  # the pruned block-5 trial is left out
+    assert set(data["importance"]) == {"model.family", "optim.lr", "reg.kind", "dropblock.size"}
+    assert sum(data["importance"].values()) == pytest.approx(1.0)
+
+
+def test_q2_contour_holds_every_complete_trial(q2: optuna.Study) -> None:
+    d = report.figure_data(q2)["kd_contour"]
+    assert d["alpha"] == [0.1, 0.5, 0.9, 0.3, 0.7, 0.2]
+    assert d["temperature"] == [2, 4, 8, 15, 12, 6]
+    fig = report.plotly_figure(q2, "kd_contour", d)
+    xs = sorted(x for tr in fig.data if tr.type == "scatter" and tr.x is not None for x in tr.x)
+    assert xs == sorted(d["alpha"])  # Optuna's contour plots every complete trial
+
+
+def test_plotly_figures_mark_pruned_trials_and_groups(q1: optuna.Study) -> None:
+    data = report.figure_data(q1)
+    inter = report.plotly_figure(q1, "intermediate", data["intermediate"])
+    pruned = [tr for tr in inter.data if "pruned" in tr.name]
+    assert [tr.name for tr in pruned] == ["trial 5 (pruned)"] and pruned[0].marker.symbol[-1] == "x"
+    fam = report.plotly_figure(q1, "family", data["family"])
+    assert {tr.name: list(tr.y) for tr in fam.data} == data["family"]["groups"]
+    assert "30,000 parameters" in fam.layout.title.text
+    hist = report.plotly_figure(q1, "history", data["history"])
+    assert sorted(hist.data[0].y) == sorted(data["history"]["value"])
+
+
+def test_write_report_files(q2: optuna.Study, tmp_path: Path) -> None:
+    files = report.write_report(q2, tmp_path / "r")
+    out = tmp_path / "r"
+    for name in ("history", "intermediate", "importance", "kd_contour"):
+        assert files[name] == [f"{name}.html", f"{name}.png"]
+        assert "plotly" in (out / f"{name}.html").read_text()[:2000].lower()
+        with Image.open(out / f"{name}.png") as im:
+            im.verify()
+        with Image.open(out / f"{name}.png") as im:
+            assert im.size == (800, 500)
+    assert (out / "plotly.min.js").stat().st_size > 100_000  # offline: no CDN
+    summary = (out / "summary.md").read_text()
+    best = max(q2.trials, key=lambda t: t.value or 0)
+    assert f"| 1 | {best.number} | {best.value:.4f} |" in summary
+    assert json.loads((out / "data.json").read_text())["kd_contour"]["trial"] == [0, 1, 2, 3, 4, 5]
+
+
+def test_report_command(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/r.db"
+    _study("q1", Q1_TRIALS, Q1_DIST, storage=open_storage(url, heartbeat=False))
+    result = CliRunner().invoke(cli.main, ["report", "q1", "--storage", url, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "family.png" in result.output and (tmp_path / "out" / "family.png").exists()
+    missing = CliRunner().invoke(cli.main, ["report", "nope", "--storage", url, "-o", str(tmp_path / "o2")])
+    assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
+
+
+def test_report_of_an_empty_study_is_one_clear_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/e.db"
+    optuna.create_study(study_name="empty", storage=open_storage(url, heartbeat=False))
+    result = CliRunner().invoke(cli.main, ["report", "empty", "--storage", url, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "no finished trial" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
