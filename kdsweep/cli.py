@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ from kdsweep.space import SpaceError
 from kdsweep.storage import DEFAULT_URL, StorageError, redact, redact_text
 from kdsweep.studies import StudyError
 
+# The schemes kdsweep.storage.open_storage accepts; anything else is a usage error.
+URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 USAGE_ERRORS = (StudyError, SpaceError, ConfigError, DeviceError)
 
@@ -52,11 +55,21 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _check_url(ctx: click.Context, param: click.Parameter, url: str) -> str:
+    """A malformed storage URL is a usage error (exit 2), caught before anything is opened."""
+    if not URL_PATTERN.match(url or ""):
+        raise click.BadParameter(
+            f"{redact(url)!r} is not a storage URL; use sqlite:///FILE.db or "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB.", ctx, param)
+    return url
+
+
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         # An explicit envvar: auto_envvar_prefix would read KDSWEEP_<COMMAND>_STORAGE instead,
         # and launch hands the URL (with its password) to workers through KDSWEEP_STORAGE.
         "--storage", default=DEFAULT_URL, show_default=True, metavar="URL", envvar="KDSWEEP_STORAGE",
+        callback=_check_url,
         help="Optuna storage: sqlite:///FILE.db or postgresql+psycopg://USER:PASS@HOST/DB (env KDSWEEP_STORAGE).",
     )(fn)
 
@@ -96,11 +109,24 @@ def _open(storage: str, heartbeat: bool = True):
     return open_storage(storage, heartbeat=heartbeat)
 
 
+def _sqlite_path(storage: str) -> Path | None:
+    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
+        return Path(storage[len("sqlite:///"):]).expanduser()
+    return None
+
+
 def _load_existing(storage: str, study_name: str):
+    """Load a study to read it; a missing SQLite file is reported, not created."""
     import optuna
 
     from kdsweep.storage import study_names
 
+    path = _sqlite_path(storage)
+    if path is not None and not path.exists():
+        raise click.UsageError(
+            f"no study named {study_name!r}: the SQLite file {path} does not exist; "
+            "pass the --storage the study was launched with."
+        )
     st = _open(storage, heartbeat=False)
     try:
         return optuna.load_study(study_name=study_name, storage=st)
@@ -111,21 +137,28 @@ def _load_existing(storage: str, study_name: str):
         ) from None
 
 
-def _runtime(device: str, data: str | None, download: bool = False) -> dict[str, Any]:
+def _runtime(device: str, data: str | None, download: bool = False,
+             threads: int | None = None) -> dict[str, Any]:
+    """Per-host settings of a trial's config: device, data folder, CPU threads.
+
+    `threads` is this process's share of the cores (launch gives each of W workers
+    cores // W through KDSWEEP_THREADS); a worker started by hand takes every core.
+    """
     from kdsweep.launch import cpu_cores
 
-    runtime: dict[str, Any] = {"device": device}
+    runtime: dict[str, Any] = {"device": device, "threads": threads or cpu_cores()}
     if data:
         runtime["data.root"] = data
     if download:
         runtime["data.download"] = True
-    import os
-
-    if os.environ.get("KDSWEEP_THREADS"):
-        runtime["threads"] = int(os.environ["KDSWEEP_THREADS"])
-    else:
-        runtime.setdefault("threads", cpu_cores())
     return runtime
+
+
+def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any]) -> None:
+    """Load the preset's data once, so missing data is one sentence before anything is stored."""
+    from kdsweep.data import load_splits
+
+    load_splits(study_def.config_for(preset, {}, overrides, **runtime).data)
 
 
 def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
@@ -158,13 +191,18 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("study"),
         storage_option,
-        click.option("--preset", default="paper", show_default=True, help="Preset of the study file."),
-        click.option("--study-name", default=None, help="Name in the storage (default: STUDY)."),
-        click.option("--data", default=None, metavar="DIR", help="Data directory (env KDSWEEP_DATA)."),
+        click.option("--preset", default="paper", show_default=True, envvar="KDSWEEP_PRESET",
+                     help="Preset of the study file (env KDSWEEP_PRESET)."),
+        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME",
+                     help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
+        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
+                     help="Data directory (env KDSWEEP_DATA)."),
         click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler."),
-        click.option("--artifacts", default=None, metavar="DIR",
+        click.option("--device", default="auto", show_default=True, envvar="KDSWEEP_DEVICE",
+                     help="auto, cpu, cuda or cuda:N (env KDSWEEP_DEVICE)."),
+        click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",
+                     help="Seed of the sampler (env KDSWEEP_SEED)."),
+        click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
                      help="Checkpoints and kept weights (default: beside the SQLite file). Share it between hosts."),
         click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
                      help="Write runs/<study>/trial-N event files."),
@@ -174,12 +212,24 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def set_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
+        help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
+             "recorded in the study, so its workers use it too.",
+    )(fn)
+
+
+N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all workers (env KDSWEEP_N_TRIALS)."
+
+
 @main.command()
 @sweep_options
+@set_option
 @click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
-              help="COMPLETE + PRUNED trials the study ends with, across all workers.")
-@click.option("-w", "--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU).")
+              envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
+@click.option("-w", "--workers", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_WORKERS",
+              help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
 @click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials run at once on each GPU (small models cannot fill one).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
@@ -188,12 +238,17 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           n_trials: int, workers: int | None, trials_per_device: int, timeout: float | None,
-           dry_run: bool, force: bool) -> None:
+           overrides: tuple[str, ...], n_trials: int, workers: int | None, trials_per_device: int,
+           timeout: float | None, dry_run: bool, force: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
+
+    N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
+    again resumes the study. Workers are pinned round-robin to the visible GPUs and share
+    the CPU cores.
 
     \b
     kdsweep launch q2 --preset smoke --n-trials 50 --workers 4
+    kdsweep launch q1 --preset smoke --dry-run
     kdsweep launch q1 --storage postgresql+psycopg://kd@db/kd --workers 8
     """
     from kdsweep import launch as launcher
@@ -201,19 +256,22 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
 
     study_def = studies.load(study)
     p = study_def.preset(preset)
-    study_def.space_for(preset)
+    changes = studies.parse_overrides(overrides)
+    study_def.check_overrides(preset, changes)
+    study_def.space_for(preset, changes)
     study_name = study_name or study_def.name
     if dry_run:
-        _dry_run(study_def, preset, _runtime("cpu", data, download))
+        _dry_run(study_def, preset, changes, _runtime("cpu", data, download))
         return
     _check_device(device, p.needs_gpu, preset, force)
     if workers is None:
         gpus = launcher.visible_gpus() if device != "cpu" else []
         workers = len(gpus) * trials_per_device if gpus else 1
+    _preflight(study_def, preset, changes, _runtime(device, data, download))
     from kdsweep.worker import create_or_resume
 
     st = _open(storage)
-    sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed)
+    sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
     click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
                f"{n_trials} trials, {workers} worker(s)")
     plans = launcher.plan_workers(workers, device, storage)
@@ -241,44 +299,42 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         )
 
 
-def _dry_run(study_def: Any, preset: str, runtime: dict[str, Any], points: int = 4) -> None:
+def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any],
+             points: int = 4) -> None:
+    """Print the resolved config and parameter count of a few randomly sampled points."""
     import optuna
 
     from kdsweep import space as sp
     from kdsweep.budget import BudgetError
     from kdsweep.config import to_dict
+    from kdsweep.objective import count_params
     from kdsweep.train import resolve
 
-    space = study_def.space_for(preset)
+    space = study_def.space_for(preset, overrides)
+    click.echo(f"study {study_def.name}, preset {preset}, overrides {json.dumps(overrides)}: "
+               f"{len(space)} parameters: {', '.join(p.name for p in space)}")
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for i in range(points):
-        trial = probe.ask()
-        params = sp.sample(trial, space)
-        config = study_def.config_for(preset, params, **runtime)
+        params = sp.sample(probe.ask(), space)
         click.echo(f"--- point {i}: {json.dumps(params)}")
         try:
-            config = resolve(config)
+            config = resolve(study_def.config_for(preset, params, overrides, **runtime))
         except BudgetError as exc:
             click.echo(f"infeasible: {exc}")
             continue
-        from kdsweep import models
-        from kdsweep.data import load_splits
-        from kdsweep.train import input_shape
-
-        splits = load_splits(config.data)
-        if config.model.arch in ("mlp", "cnn"):
-            model = models.build_model(config.model, input_shape(config, splits), splits.num_classes)
-            click.echo(f"parameters: {models.param_split(model)}")
-        click.echo(json.dumps(to_dict(config), indent=1))
+        click.echo(f"parameters: {count_params(config):,}")
+        click.echo(f"config: {json.dumps(to_dict(config))}")
 
 
 @main.command()
 @sweep_options
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True)
+@set_option
+@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
+              envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
 @friendly
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           n_trials: int) -> None:
+           overrides: tuple[str, ...], n_trials: int) -> None:
     """Create (or top up) STUDY with N trial slots, without running workers.
 
     For many hosts: create once, then run `kdsweep worker` on each GPU host.
@@ -290,7 +346,10 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.worker import counts, create_or_resume
 
     study_def = studies.load(study)
-    sweep = create_or_resume(study_def, preset, _open(storage), study_name or study_def.name, n_trials, seed=seed)
+    changes = studies.parse_overrides(overrides)
+    study_def.check_overrides(preset, changes)
+    sweep = create_or_resume(study_def, preset, _open(storage), study_name or study_def.name, n_trials,
+                             seed=seed, overrides=changes)
     c = counts(sweep)
     click.echo(f"study {sweep.study_name!r}: {c.waiting} waiting, {c.running} running, {c.finished} finished")
 
@@ -298,13 +357,16 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
 @main.command()
 @sweep_options
 @click.option("--worker-index", type=int, default=0, help="Offsets the sampler seed per worker.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
+              help="CPU threads of this worker (default: all cores; launch sets its share; env KDSWEEP_THREADS).")
 @friendly
 def worker(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           worker_index: int) -> None:
+           worker_index: int, threads: int | None) -> None:
     """Join an existing study and run its waiting trials until none are left.
 
-    The preset is read from the study itself; the local study file must match it.
+    The preset and --set overrides are read from the study itself; a worker whose study
+    file or kdsweep version gives another definition refuses to join.
 
     \b
     KDSWEEP_STORAGE=postgresql+psycopg://kd@db/kd kdsweep worker q2
@@ -327,14 +389,26 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
         raise click.UsageError(
             f"no study named {study_name!r} in {redact(storage)}; create it with `kdsweep create` or `kdsweep launch`."
         ) from None
+    given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
+    if given and stored.get("preset") not in (None, preset):
+        raise click.UsageError(
+            f"study {study_name!r} was created with preset {stored['preset']!r}, not {preset!r}; "
+            "drop --preset (workers read it from the study) or use another --study-name."
+        )
     preset = stored.get("preset", preset)
-    runtime = _runtime(device, data, download)
+    overrides = stored.get("overrides") or {}
+    runtime = _runtime(device, data, download, threads)
     from kdsweep.devices import resolve_device
 
     resolve_device(device)
+    from kdsweep.worker import check_definition
+
+    check_definition(optuna.load_study(study_name=study_name, storage=st),
+                     study_def.definition(preset, overrides), study_name)
+    _preflight(study_def, preset, overrides, runtime)
     objective = Objective(
         study_def, preset, runtime, _artifacts(storage, study_name, artifacts),
-        tensorboard=runs_root(storage) / study_name if tensorboard else None,
+        tensorboard=runs_root(storage) / study_name if tensorboard else None, overrides=overrides,
     )
     summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
     logging.getLogger("kdsweep").info(

@@ -6,10 +6,11 @@ decides -> return the last epoch's validation accuracy (the value that was repor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import kdsweep
 from kdsweep import space as sp
 from kdsweep.budget import BudgetError
 from kdsweep.config import TrainConfig, replace, to_dict
+from kdsweep.devices import resolve_device
 from kdsweep.studies import Study
-from kdsweep.train import resolve, train
+from kdsweep.train import input_shape, resolve, train
 
 log = logging.getLogger("kdsweep.objective")
 
@@ -35,6 +37,17 @@ def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
     return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
+def count_params(config: TrainConfig) -> int:
+    """Trainable parameters of the student a resolved config builds (on the meta device)."""
+    from kdsweep import data, models
+
+    splits = data.load_splits(config.data)  # cached in this process; train() reuses it
+    model_cfg = dataclasses.replace(config.model, weights="none")  # weights do not change the count
+    with torch.device("meta"):
+        model = models.build_model(model_cfg, input_shape(config, splits), splits.num_classes)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @dataclass
 class Objective:
     study: Study
@@ -43,12 +56,13 @@ class Objective:
     artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
     tensorboard: Path | None = None  # runs/<study>/<trial>/ event files when set
     keep_weights: int = 3  # weights of the best few complete trials are kept
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # `--set` values the study records
 
     def config(self, params: Mapping[str, Any]) -> TrainConfig:
-        return self.study.config_for(self.preset, params, **self.runtime)
+        return self.study.config_for(self.preset, params, self.overrides, **self.runtime)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        space = self.study.space_for(self.preset)
+        space = self.study.space_for(self.preset, self.overrides)
         params = sp.sample(trial, space)
         # A seed-verification run (kdsweep/verify.py) re-trains fixed params with its own seed.
         fixed_seed = trial.user_attrs.get("verify.seed")
@@ -59,9 +73,13 @@ class Objective:
             # Kept out of the space by the study files; a custom space may still hit it.
             trial.set_user_attr(INFEASIBLE, str(exc))
             raise optuna.TrialPruned(f"infeasible: {exc}") from None
+        # Everything that reproduces the trial is stored before it trains, so a pruned or
+        # failed trial carries it too.
         trial.set_user_attr("config", to_dict(config))
         trial.set_user_attr("seed", config.seed)
         trial.set_user_attr("dataset", config.data.dataset)
+        trial.set_user_attr("device", str(resolve_device(config.device)))
+        trial.set_user_attr("params", count_params(config))
         trial.set_user_attr("kdsweep_version", kdsweep.__version__)
 
         checkpoint = self.artifacts / "checkpoints" / f"trial-{origin(trial)}.pt"

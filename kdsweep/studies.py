@@ -21,7 +21,7 @@ import optuna
 
 import kdsweep
 from kdsweep import space as sp
-from kdsweep.config import ConfigError, TrainConfig, replace, to_dict
+from kdsweep.config import ConfigError, TrainConfig, replace, to_dict, validate
 
 # Settings that say where or how fast a run happens, not what it is: they may differ between
 # the hosts of one study and are left out of its recorded definition.
@@ -57,6 +57,10 @@ class Study:
     sampler: Callable[[int | None], optuna.samplers.BaseSampler] = default_sampler
     description: str = ""
     baselines: Sequence[Mapping[str, Any]] = ()  # known points `kdsweep enqueue --baselines` adds
+    # Narrows the space to what a base config can run, e.g. q1 keeps only the CNN widths that
+    # can meet the preset's parameter budget: {"cnn.width": {"choices": [...]}}. Computed, so an
+    # override of the budget (`--set model.budget=...`) narrows the space again.
+    narrow: Callable[[TrainConfig], Mapping[str, Mapping[str, Any]]] | None = None
     source: str = ""  # the file it was loaded from
 
     def preset(self, name: str) -> Preset:
@@ -66,11 +70,40 @@ class Study:
             )
         return self.presets[name]
 
-    def space_for(self, preset: str) -> list[sp.Param]:
-        """The search space with the preset's overrides applied, checked."""
-        overrides = dict(self.preset(preset).space)
-        names = {p.name for p in self.space}
+    def base_config(self, preset: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+        """The preset's config with `overrides` ({"epochs": 2, "data.train_subset": 500}) applied."""
+        base = self.preset(preset).config
+        if not overrides:
+            return base
+        try:
+            return validate(replace(base, **dict(overrides)))
+        except (ConfigError, TypeError, AttributeError) as exc:
+            raise StudyError(f"study {self.name!r}: cannot override the preset: {exc}") from None
+
+    def check_overrides(self, preset: str, overrides: Mapping[str, Any]) -> None:
+        """Refuse overrides of sampled parameters and of per-host runtime settings."""
+        sampled = {p.path: p.name for p in self.space}
         for key in overrides:
+            if key in sampled:
+                raise StudyError(
+                    f"{key!r} is sampled by study {self.name!r} (as {sampled[key]!r}); "
+                    "narrow its range in a preset instead of overriding it."
+                )
+            head, _, rest = key.partition(".")
+            if key in RUNTIME_KEYS or (head == "data" and rest in RUNTIME_DATA_KEYS):
+                raise StudyError(
+                    f"{key!r} is a per-host setting, not part of the study; use the command's option."
+                )
+        self.base_config(preset, overrides)  # unknown keys and bad values fail here
+
+    def space_for(self, preset: str, overrides: Mapping[str, Any] | None = None) -> list[sp.Param]:
+        """The search space with the preset's overrides and the study's narrowing applied, checked."""
+        changes: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.preset(preset).space.items()}
+        if self.narrow is not None:
+            for key, fields in self.narrow(self.base_config(preset, overrides)).items():
+                changes.setdefault(key, {}).update(fields)
+        names = {p.name for p in self.space}
+        for key in changes:
             if key not in names:
                 raise StudyError(
                     f"preset {preset!r} of study {self.name!r} overrides unknown parameter {key!r}; "
@@ -79,7 +112,7 @@ class Study:
         out = []
         for p in self.space:
             try:
-                out.append(dataclasses.replace(p, **overrides.get(p.name, {})))
+                out.append(dataclasses.replace(p, **changes.get(p.name, {})))
             except TypeError as exc:
                 raise StudyError(f"preset {preset!r} overrides {p.name!r} with a bad field: {exc}.") from None
         try:
@@ -88,19 +121,25 @@ class Study:
             raise StudyError(f"study {self.name!r}, preset {preset!r}: {exc}") from None
         return out
 
-    def config_for(self, preset: str, params: Mapping[str, Any], **runtime: Any) -> TrainConfig:
-        """The full config of one trial: the preset's base, the sampled values, runtime settings."""
+    def config_for(self, preset: str, params: Mapping[str, Any],
+                   overrides: Mapping[str, Any] | None = None, **runtime: Any) -> TrainConfig:
+        """The full config of one trial: the preset's base, overrides, sampled values, runtime."""
         by_name = {p.name: p for p in self.space}
         changes = {by_name[k].path: v for k, v in params.items()}
         changes.update({k: v for k, v in runtime.items() if v is not None})
         try:
-            return replace(self.preset(preset).config, **changes)
+            return replace(self.base_config(preset, overrides), **changes)
         except ConfigError as exc:
             raise StudyError(f"study {self.name!r}: {exc}") from None
 
-    def definition(self, preset: str) -> dict[str, Any]:
-        """What defines this study in storage; workers that disagree with it refuse to join."""
-        config = to_dict(self.preset(preset).config)
+    def definition(self, preset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What defines this study in storage; workers that disagree with it refuse to join.
+
+        Holds the study name, preset, overrides, direction, metric, the search space as it is
+        sampled, the base config without per-host settings (it includes the data spec) and the
+        kdsweep version.
+        """
+        config = to_dict(self.base_config(preset, overrides))
         for key in RUNTIME_KEYS:
             config.pop(key, None)
         for key in RUNTIME_DATA_KEYS:
@@ -109,12 +148,24 @@ class Study:
         return json.loads(json.dumps({
             "study": self.name,
             "preset": preset,
+            "overrides": dict(overrides or {}),
             "direction": self.direction,
             "metric": self.metric,
-            "space": sp.describe(self.space_for(preset)),
+            "space": sp.describe(self.space_for(preset, overrides)),
             "config": config,
             "kdsweep_version": kdsweep.__version__,
         }))
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["epochs=2", "data.train_subset=500"]` -> {"epochs": 2, "data.train_subset": 500}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise StudyError(f"--set {item!r} is not KEY=VALUE (e.g. --set epochs=2).")
+        out[key.strip()] = sp.parse_value(raw.strip())
+    return out
 
 
 def search_path() -> list[Path]:

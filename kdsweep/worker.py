@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,13 +86,15 @@ def add_slots(study: optuna.Study, n: int) -> None:
 def create_or_resume(
     study_def: Study, preset: str, storage: BaseStorage, study_name: str, n_trials: int,
     seed: int | None = None, max_failures: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> optuna.Study:
     """Create the study (or check an existing one matches) and top it up to `n_trials` slots.
 
     Running this again with the same N resumes: only missing slots are added. Nothing is
-    changed when the stored definition disagrees with the local study file.
+    changed when the stored definition (study file, preset, overrides, kdsweep version)
+    disagrees with the local one.
     """
-    definition = study_def.definition(preset)
+    definition = study_def.definition(preset, overrides)
     existing = _find(storage, study_name)
     if existing is not None:
         check_definition(existing, definition, study_name)
@@ -225,17 +227,23 @@ def run_worker(
     study = optuna.load_study(
         study_name=study_name, storage=storage,
         sampler=study_def.sampler(None if seed is None else seed + 1000 * worker_index),
-        pruner=study_def.pruner(study_def.preset(preset).config),
+        pruner=study_def.pruner(study_def.base_config(preset, objective.overrides)),
     )
-    check_definition(study, study_def.definition(preset), study_name)
+    check_definition(study, study_def.definition(preset, objective.overrides), study_name)
     summary = WorkerSummary()
-    previous = signal.getsignal(signal.SIGTERM)
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in handled}
 
     def on_term(signum: int, frame: Any) -> None:
+        # Ctrl-C reaches launch and every worker at once, and launch then sends SIGTERM too:
+        # only the first signal interrupts, so re-queuing the running trial is never cut short.
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
         raise Interrupted()
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
+        for s in handled:
+            signal.signal(s, on_term)
     try:
         while True:
             reap_stale(study)  # a dead worker's trial is failed and re-queued here
@@ -259,7 +267,8 @@ def run_worker(
         summary.interrupted = True
     finally:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return summary
 
 

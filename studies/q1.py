@@ -6,8 +6,12 @@ sampled: the free width of each model so it meets the preset's parameter budget 
 kdsweep/budget.py); widths that cannot meet a preset's budget are left out of its space.
 """
 
+import dataclasses
+import functools
+
 import optuna
 
+from kdsweep import budget
 from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.space import Categorical, Float
 from kdsweep.studies import Preset, Study
@@ -19,7 +23,8 @@ SPACE = [
     Categorical("model.family", ["mlp", "cnn"], target="model.arch"),
     Float("optim.lr", 0.01, 0.4, log=True),
     Float("mlp.dropout", 0.0, 0.5, target="model.rate", when={"model.family": ["mlp"]}),
-    Categorical("cnn.width", [16, 32, 48, 64], target="model.width", when=CNN),
+    # Candidates; `narrow` keeps those that can meet the preset's budget (1M params: 32-96).
+    Categorical("cnn.width", [8, 12, 16, 32, 48, 64, 96], target="model.width", when=CNN),
     Categorical("cnn.factorized", [False, True], target="model.factorized", when=CNN),
     Categorical("reg.kind", ["none", "dropout", "spatial_dropout", "dropblock"],
                 target="model.regularizer", when=CNN),
@@ -27,6 +32,41 @@ SPACE = [
     Categorical("dropblock.size", [3, 5, 7], target="model.block_size",
                 when={**CNN, "reg.kind": ["dropblock"]}),
 ]
+
+
+# (channels, height, width) and classes of the built-in datasets, so the space can be narrowed
+# without loading (or having) the data; other datasets are loaded to find out.
+SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "fashion-mnist": ((1, 28, 28), 10)}
+
+
+def _shape(config: TrainConfig) -> tuple[tuple[int, int, int], int]:
+    d = config.data
+    if d.dataset in SHAPES:
+        (c, h, w), classes = SHAPES[d.dataset]
+    else:
+        from kdsweep.data import load_splits
+
+        splits = load_splits(d)
+        (c, h, w), classes = splits.in_shape, splits.num_classes
+    size = d.image_size
+    return (d.channels or c, size or h, size or w), classes
+
+
+@functools.lru_cache(maxsize=16)
+def narrow(config: TrainConfig) -> dict[str, dict[str, list[int]]]:
+    """Keep only the CNN widths that meet the budget both with and without factorized kernels.
+
+    A width that cannot reach the budget would otherwise be sampled and thrown away at step 0;
+    leaving it out of the space keeps every trial a real one. Regularisers add no parameters,
+    so they do not change what is feasible.
+    """
+    candidates = next(p.choices for p in SPACE if p.name == "cnn.width")
+    in_shape, classes = _shape(config)
+    widths = set(candidates)
+    for factorized in (False, True):
+        cfg = dataclasses.replace(config.model, arch="cnn", factorized=factorized)
+        widths &= set(budget.max_width(cfg, in_shape, classes, candidates))
+    return {"cnn.width": {"choices": [w for w in candidates if w in widths]}}
 
 
 def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
@@ -42,6 +82,7 @@ STUDY = Study(
     description="MLP vs CNN at a matched parameter budget; dropout, spatial dropout, DropBlock, factorized kernels",
     space=SPACE,
     pruner=pruner,
+    narrow=narrow,
     presets={
         "paper": Preset(
             description="CIFAR-10, 1M parameters, 30 epochs; a GPU",
@@ -63,7 +104,6 @@ STUDY = Study(
                 epochs=4,
                 batch_size=128,
             ),
-            space={"cnn.width": {"choices": [8, 12, 16]}},
         ),
     },
 )
