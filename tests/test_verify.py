@@ -92,3 +92,46 @@ def test_verify_refuses_a_study_without_complete_trials(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.main, ["best", "s", "--verify", "--storage", url])
     assert result.exit_code == 2 and "no complete trial to verify" in result.output
     assert "s.verify" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
+
+
+@pytest.mark.slow
+def test_best_weights_are_kept_and_exported_with_their_config(tmp_path: Path, tiny_npz: Path) -> None:
+    import torch
+
+    from kdsweep.config import TrainConfig, from_dict
+    from kdsweep.data import load_splits
+    from kdsweep.train import evaluate, input_shape
+    from kdsweep.weights import load_model
+
+    study_file = write_study(tmp_path, tiny_npz)
+    url = f"sqlite:///{tmp_path}/w.db"
+    sweep = run_tiny_sweep(study_file, url, 5, tmp_path, tensorboard=False)
+    done = sweep.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    kept = [t for t in done if Path(t.user_attrs.get("weights", "/nonexistent")).exists()]
+    files = list((tmp_path / "kdsweep-artifacts" / "tiny" / "weights").glob("*.pt"))
+    assert 1 <= len(files) <= 3 and len(kept) == len(files)  # only the best few, not every trial
+    assert min(t.value for t in kept) >= max(t.value for t in done if t not in kept)
+    assert sweep.best_trial in kept
+
+    out = tmp_path / "export" / "best.pt"
+    result = CliRunner().invoke(cli.main, ["best", "tiny", "--storage", url, "--weights", str(out),
+                                           "-o", str(tmp_path / "best.yaml")])
+    assert result.exit_code == 0, result.output
+    blob = torch.load(out, weights_only=True)
+    assert blob["trial"] == sweep.best_trial.number and blob["config"] == sweep.best_trial.user_attrs["config"]
+    # The exported file alone rebuilds the model that earned the trial's value.
+    model = load_model(out)
+    config = from_dict(TrainConfig, blob["config"])
+    splits = load_splits(config.data)
+    assert input_shape(config, splits)
+    acc = evaluate(model, splits.val_x, splits.val_y, config, splits, torch.device("cpu"))
+    assert acc == pytest.approx(sweep.best_value, abs=1e-9)
+
+
+def test_best_weights_missing_is_one_clear_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/m.db"
+    study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=False), direction="maximize")
+    study.add_trial(optuna.create_trial(value=0.5, user_attrs={"config": {}}))
+    result = CliRunner().invoke(cli.main, ["best", "s", "--storage", url, "--weights", str(tmp_path / "w.pt")])
+    assert result.exit_code == 1 and "no kept weights for trial 0" in result.output
+    assert not (tmp_path / "w.pt").exists()
