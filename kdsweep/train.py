@@ -143,6 +143,17 @@ def _to_input(x: torch.Tensor, config: TrainConfig, splits: data.Splits, device:
     )
 
 
+def _compiled(model: nn.Module) -> nn.Module:
+    """torch.compile `model`; Dynamo keys compiled code on the forward's code object, so a later
+    trial's fresh model of the same class and shapes reuses it (checked in benchmarks/gpu.py).
+    A sweep meets many shapes (widths, regularisers) in one worker: past Dynamo's default limit
+    of 8 variants it would silently fall back to eager, so the limit is raised."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     # Write then rename, so a worker killed mid-write never leaves a torn checkpoint behind.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +201,7 @@ def train(
     model = models.build_model(config.model, in_shape, splits.num_classes).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if config.compile and device.type == "cuda" else model
+    step_model = _compiled(model) if config.compile and device.type == "cuda" else model
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     teacher_fn = None
