@@ -33,14 +33,14 @@ def rate(tmp: Path, workers: int, threads: int | None, trials: int, preset: str)
     url = f"sqlite:///{tmp / (name + '.db')}"
     study = create_or_resume(studies.load(str(STUDY_FILE)), preset, open_storage(url), name,
                              trials, seed=0)
-    plans = launch.plan_workers(workers, "cpu", url)
+    with env(KDSWEEP_CACHE=str(tmp / "cache")):  # before planning: plans copy the environment
+        plans = launch.plan_workers(workers, "cpu", url)
     for plan in plans:
         if threads is not None:
             plan.env["KDSWEEP_THREADS"] = plan.env["OMP_NUM_THREADS"] = str(threads)
     args = [str(STUDY_FILE), "--study-name", name, "--seed", "0", "--no-tensorboard",
             "--artifacts", str(tmp / f"{name}-artifacts")]
-    with env(KDSWEEP_CACHE=str(tmp / "cache")):
-        final, how = launch.run(study, args, plans, trials, lambda line: None, poll=0.5)
+    final, how = launch.run(study, args, plans, trials, lambda line: None, poll=0.5)
     all_trials = optuna.load_study(study_name=name, storage=open_storage(url)).trials
     done = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = [t.user_attrs.get("fail_reason", "?") for t in all_trials
