@@ -1,0 +1,174 @@
+"""Study files, their definitions, the q1 budget narrowing, and exact trial slots (no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import kdsweep
+from kdsweep import budget, studies
+from kdsweep.objective import INFEASIBLE
+from kdsweep.storage import open_storage
+from kdsweep.studies import StudyError
+from kdsweep.worker import DEFINITION, check_definition, counted, counts, create_or_resume
+
+
+@pytest.fixture(scope="module")
+def q1() -> studies.Study:
+    return studies.load("q1")
+
+
+@pytest.fixture(scope="module")
+def q2() -> studies.Study:
+    return studies.load("q2")
+
+
+@pytest.fixture()
+def storage(tmp_path: Path):
+    return open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=False)
+
+
+def test_parameter_names_are_namespaced_and_stable(q1: studies.Study, q2: studies.Study) -> None:
+    # Names are database keys of live studies: this list changes only with a new study name.
+    assert [p.name for p in q1.space] == [
+        "model.family", "optim.lr", "mlp.dropout", "cnn.width", "cnn.factorized", "reg.kind",
+        "reg.rate", "dropblock.size"]
+    assert [p.name for p in q2.space] == ["kd.alpha", "kd.temperature"]
+
+
+def test_q1_conditions(q1: studies.Study) -> None:
+    by = {p.name: p for p in q1.space}
+    assert dict(by["dropblock.size"].when) == {"model.family": ["cnn"], "reg.kind": ["dropblock"]}
+    assert "none" not in by["reg.rate"].when["reg.kind"]
+    assert set(by["reg.kind"].choices) == {"none", "dropout", "spatial_dropout", "dropblock"}
+    assert by["model.family"].choices == ["mlp", "cnn"]
+
+
+def test_q2_space_is_the_assignments(q2: studies.Study) -> None:
+    alpha, temperature = q2.space
+    assert (alpha.low, alpha.high, temperature.low, temperature.high) == (0.0, 1.0, 1.0, 20.0)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper"])
+def test_q1_space_holds_only_widths_that_meet_the_budget(q1: studies.Study, preset: str) -> None:
+    candidates = next(p for p in q1.space if p.name == "cnn.width").choices
+    kept = next(p for p in q1.space_for(preset) if p.name == "cnn.width").choices
+    config = q1.preset(preset).config
+    in_shape, classes = ((1, 28, 28), 10) if config.data.dataset == "fashion-mnist" else ((3, 32, 32), 10)
+    assert kept, "no width left"
+    for width in candidates:
+        ok = all(budget.feasible(dataclasses.replace(config.model, width=width, factorized=f),
+                                 in_shape, classes) for f in (False, True))
+        assert (width in kept) == ok, width
+    if preset == "paper":
+        assert set(kept) < set(candidates)  # the narrowing really removes widths here
+
+
+@pytest.mark.parametrize("name", ["q1", "q2"])
+def test_pruner_is_hyperband_over_the_epochs(name: str) -> None:
+    study = studies.load(name)
+    for preset in study.presets:
+        config = study.preset(preset).config
+        pruner = study.pruner(config)
+        assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+        assert pruner._max_resource == config.epochs and pruner._min_resource == 1
+
+
+def test_sampler_is_seeded_tpe(q2: studies.Study) -> None:
+    a, b = q2.sampler(7), q2.sampler(7)
+    assert isinstance(a, optuna.samplers.TPESampler)
+    s1 = optuna.create_study(sampler=a)
+    s2 = optuna.create_study(sampler=b)
+    assert s1.ask().suggest_float("x", 0, 1) == s2.ask().suggest_float("x", 0, 1)
+
+
+def test_definition_records_space_preset_data_and_version(q2: studies.Study) -> None:
+    d = q2.definition("smoke", {"epochs": 2})
+    assert d["study"] == "q2" and d["preset"] == "smoke" and d["overrides"] == {"epochs": 2}
+    assert d["kdsweep_version"] == kdsweep.__version__
+    assert set(d["space"]) == {"kd.alpha", "kd.temperature"}
+    assert d["config"]["data"]["dataset"] == "fashion-mnist" and d["config"]["epochs"] == 2
+    for runtime in ("device", "threads", "cache_dir"):
+        assert runtime not in d["config"]
+    assert "root" not in d["config"]["data"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"kd.alpha": 0.5}, "is sampled"),
+    ({"device": "cpu"}, "per-host"),
+    ({"data.root": "/x"}, "per-host"),
+    ({"nope": 1}, "unknown setting"),
+    ({"epochs": 0}, "at least 1"),
+])
+def test_bad_overrides_are_refused(q2: studies.Study, overrides: dict, message: str) -> None:
+    with pytest.raises(StudyError, match=message):
+        q2.check_overrides("smoke", overrides)
+
+
+def test_parse_overrides() -> None:
+    assert studies.parse_overrides(["epochs=2", "data.val_size = 300", "kd.cache_logits=false"]) == {
+        "epochs": 2, "data.val_size": 300, "kd.cache_logits": False}
+    with pytest.raises(StudyError, match="KEY=VALUE"):
+        studies.parse_overrides(["epochs"])
+
+
+def test_load_by_path_unknown_and_broken(tmp_path: Path) -> None:
+    source = Path(studies.load("q2").source).read_text()
+    mine = tmp_path / "mine.py"
+    mine.write_text(source.replace('name="q2"', 'name="mine"'))
+    assert studies.load(str(mine)).name == "mine"
+    with pytest.raises(StudyError, match="unknown study 'nope'; available: .*q1.*q2"):
+        studies.load("nope")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import nothing_here\n")
+    with pytest.raises(StudyError, match="failed to load: ModuleNotFoundError"):
+        studies.load(str(broken))
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(StudyError, match="must define STUDY"):
+        studies.load(str(empty))
+    with pytest.raises(StudyError, match="no preset 'nope'; choose one of: paper, smoke"):
+        studies.load("q2").preset("nope")
+
+
+def test_create_makes_exact_slots_and_resumes(q2: studies.Study, storage) -> None:
+    study = create_or_resume(q2, "smoke", storage, "kd", 5, seed=1, overrides={"epochs": 2})
+    assert counts(study).waiting == 5
+    assert study.user_attrs[DEFINITION] == q2.definition("smoke", {"epochs": 2})
+    create_or_resume(q2, "smoke", storage, "kd", 5, overrides={"epochs": 2})
+    assert len(study.get_trials()) == 5  # resumed, nothing added
+    create_or_resume(q2, "smoke", storage, "kd", 7, overrides={"epochs": 2})
+    assert len(study.get_trials()) == 7  # topped up
+
+
+def test_a_different_definition_is_refused_and_nothing_changes(q2: studies.Study, storage) -> None:
+    study = create_or_resume(q2, "smoke", storage, "kd", 3)
+    before = (study.user_attrs, len(study.get_trials()))
+    for preset, overrides in (("paper", None), ("smoke", {"epochs": 1})):
+        with pytest.raises(StudyError, match="different definition"):
+            create_or_resume(q2, preset, storage, "kd", 9, overrides=overrides)
+    other = dataclasses.replace(q2, space=[dataclasses.replace(q2.space[0], high=0.5), q2.space[1]])
+    with pytest.raises(StudyError, match=r"different definition \(space.kd.alpha.high"):
+        check_definition(study, other.definition("smoke"), "kd")
+    assert (study.user_attrs, len(study.get_trials())) == before
+    optuna.create_study(study_name="foreign", storage=storage)
+    with pytest.raises(StudyError, match="not created by kdsweep"):
+        create_or_resume(q2, "smoke", storage, "foreign", 3)
+
+
+def test_infeasible_and_failed_trials_do_not_count(storage) -> None:
+    study = optuna.create_study(study_name="c", storage=storage, direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study.add_trial(optuna.create_trial(value=0.5, params={"x": 0.1}, distributions=dist))
+    study.add_trial(optuna.create_trial(state=TrialState.PRUNED, params={"x": 0.2}, distributions=dist,
+                                        intermediate_values={1: 0.1}))
+    study.add_trial(optuna.create_trial(state=TrialState.PRUNED, params={"x": 0.3}, distributions=dist,
+                                        user_attrs={INFEASIBLE: "too big"}))
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"x": 0.4}, distributions=dist))
+    c = counts(study)
+    assert (c.complete, c.pruned, c.infeasible, c.failed, c.finished) == (1, 1, 1, 1, 2)
+    assert [counted(t) for t in study.get_trials()] == [True, True, False, False]
