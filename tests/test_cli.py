@@ -1,0 +1,253 @@
+"""The kdsweep CLI through click's CliRunner: help for every command, and every bad input of the
+issue answered by one sentence, a non-zero exit (2 for usage errors), no traceback, and nothing
+stored changed. Nothing here trains a model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from kdsweep import studies
+from kdsweep.cli import main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test runs in its own folder, so the default ./kdsweep.db is a fresh path."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("KDSWEEP_STORAGE", "KDSWEEP_PRESET", "KDSWEEP_N_TRIALS", "KDSWEEP_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="kdsweep", env=env)
+
+
+def user_error(result: Result, code: int, *expected: str) -> str:
+    """Assert a one-sentence user error with exit `code`; return the sentence."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    sentence = errors[0][len("Error: "):]
+    assert sentence.endswith("."), sentence
+    for text in expected:
+        assert text in sentence, sentence
+    return sentence
+
+
+def snapshot(url: str) -> list[tuple]:
+    """Everything a study stores that a command could change: attrs, trials and their states."""
+    storage = optuna.storages.RDBStorage(url)
+    out = []
+    for summary in optuna.get_all_study_summaries(storage):
+        s = optuna.load_study(study_name=summary.study_name, storage=storage)
+        out.append((s.study_name, sorted(s.user_attrs.items(), key=str),
+                    [(t.number, t.state, t.params, t.user_attrs) for t in s.get_trials()]))
+    return out
+
+
+@pytest.fixture()
+def created(in_tmp: Path) -> str:
+    """A q2 smoke study with 2 waiting trials and nothing finished; returns its storage URL."""
+    url = f"sqlite:///{in_tmp / 'sweep.db'}"
+    result = run("create", "q2", "--preset", "smoke", "--set", "epochs=2", "-n", "2", "--storage", url)
+    assert result.exit_code == 0, result.output
+    assert "2 waiting" in result.output
+    return url
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
+    readme = README.read_text()
+    assert main.commands, "no commands"
+    for name, command in main.commands.items():
+        result = run(name, "--help")
+        assert result.exit_code == 0, (name, result.output)
+        assert command.help and command.help.strip(), name
+        examples = [line for line in result.output.splitlines() if f"kdsweep {name}" in line]
+        assert examples, f"`kdsweep {name} --help` shows no example"
+        assert f"kdsweep {name}" in readme, f"README.md does not mention `kdsweep {name}`"
+    top = run("--help")
+    assert top.exit_code == 0 and "kdsweep launch q2" in top.output
+
+
+@pytest.mark.parametrize("name", ["launch", "create", "worker", "status", "best", "train", "enqueue",
+                                  "dashboard", "studies"])
+def test_help_of_each_command(name: str) -> None:
+    result = run(name, "-h")
+    assert result.exit_code == 0
+    assert result.output.startswith(f"Usage: kdsweep {name}")
+
+
+def test_sweep_options_name_their_environment_variables() -> None:
+    text = run("launch", "--help").output
+    for var in ("KDSWEEP_STORAGE", "KDSWEEP_PRESET", "KDSWEEP_DATA", "KDSWEEP_DEVICE", "KDSWEEP_N_TRIALS",
+                "KDSWEEP_WORKERS"):
+        assert var in text, var
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_study(in_tmp: Path) -> None:
+    user_error(run("launch", "nope", "--preset", "smoke"), 2, "unknown study 'nope'", "q1", "q2")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_unknown_preset(in_tmp: Path) -> None:
+    user_error(run("launch", "q2", "--preset", "nope"), 2, "no preset 'nope'", "smoke")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+@pytest.mark.parametrize("command", [["launch", "q2", "--preset", "smoke"], ["status", "q2"], ["best", "q2"]])
+def test_malformed_storage(command: list[str]) -> None:
+    user_error(run(*command, "--storage", "mysqlite:/x.db"), 2, "is not a storage URL", "sqlite:///")
+
+
+def test_unreachable_storage(in_tmp: Path) -> None:
+    user_error(run("launch", "q2", "--preset", "smoke", "--storage", UNREACHABLE_PG, "-n", "1"), 1,
+               "cannot open storage", "127.0.0.1")
+    user_error(run("status", "q2", "--storage", "sqlite:///no/such/folder/s.db"), 2, "does not exist")
+    user_error(run("create", "q2", "--preset", "smoke", "--storage", "sqlite:///no/such/folder/s.db"),
+               1, "does not exist")
+    assert not (in_tmp / "no").exists()
+
+
+def test_password_never_shown() -> None:
+    result = run("launch", "q2", "--preset", "smoke", "-n", "1",
+                 "--storage", "postgresql+psycopg://kd:s3cret@127.0.0.1:1/kd")
+    assert result.exit_code == 1
+    assert "s3cret" not in result.output and "***" in result.output
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--workers", "0"], "--workers"),
+    (["--n-trials", "-3"], "--n-trials"),
+    (["--n-trials", "0"], "--n-trials"),
+    (["--n-trials", "many"], "--n-trials"),
+])
+def test_bad_counts(in_tmp: Path, args: list[str], option: str) -> None:
+    user_error(run("launch", "q2", "--preset", "smoke", *args), 2, option)
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_counts_from_the_environment_are_checked_too(in_tmp: Path) -> None:
+    user_error(run("create", "q2", "--preset", "smoke", env={"KDSWEEP_N_TRIALS": "-1"}), 2, "--n-trials")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(in_tmp: Path) -> None:
+    user_error(run("launch", "q2", "--preset", "smoke", "--device", "cuda"), 2, "no usable CUDA GPU",
+               "--device cpu")
+    user_error(run("launch", "q2", "--preset", "paper"), 2, "meant for a CUDA GPU", "--force")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_data_missing_offline(in_tmp: Path) -> None:
+    empty = in_tmp / "data"
+    empty.mkdir()
+    result = run("launch", "q1", "--preset", "paper", "--force", "--device", "cpu", "--data", str(empty))
+    user_error(result, 1, "CIFAR-10 is not in", "--download")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_best_without_a_finished_trial(created: str) -> None:
+    before = snapshot(created)
+    user_error(run("best", "q2", "--storage", created), 1, "no complete trial")
+    assert snapshot(created) == before
+
+
+def test_unknown_study_name_in_a_storage(created: str) -> None:
+    before = snapshot(created)
+    for command in ("status", "best", "enqueue"):
+        user_error(run(command, "kd", "--storage", created), 2, "no study named 'kd'", "q2")
+    user_error(run("worker", "q2", "--study-name", "kd", "--storage", created), 2, "no study named 'kd'")
+    assert snapshot(created) == before
+
+
+def test_worker_with_another_study_file_refuses(created: str, in_tmp: Path) -> None:
+    source = Path(studies.load("q2").source).read_text()
+    changed = in_tmp / "q2.py"
+    changed.write_text(source.replace('Float("kd.temperature", 1.0, 20.0)', 'Float("kd.temperature", 1.0, 10.0)'))
+    before = snapshot(created)
+    user_error(run("worker", str(changed), "--storage", created), 2,
+               "different definition", "space.kd.temperature.high")
+    user_error(run("worker", "q2", "--preset", "paper", "--storage", created), 2, "preset 'smoke'")
+    user_error(run("launch", "q2", "--preset", "smoke", "--set", "epochs=3", "--storage", created), 2,
+               "different definition", "epochs: study has 2")
+    assert snapshot(created) == before
+
+
+def test_bad_overrides(in_tmp: Path) -> None:
+    user_error(run("launch", "q2", "--preset", "smoke", "--set", "kd.alpha=0.9"), 2, "is sampled")
+    user_error(run("launch", "q2", "--preset", "smoke", "--set", "epochs"), 2, "KEY=VALUE")
+    user_error(run("create", "q2", "--preset", "smoke", "--set", "wings=2"), 2, "unknown setting 'wings'")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_enqueue_checks_every_point_before_storing_any(created: str) -> None:
+    before = snapshot(created)
+    user_error(run("enqueue", "q2", "kd.alpha=1.5", "kd.temperature=4", "--storage", created), 2,
+               "outside the space")
+    user_error(run("enqueue", "q2", "kd.alpha=0.5", "--storage", created), 2, "needs a value")
+    user_error(run("enqueue", "q2", "--storage", created), 2, "key=value")
+    assert snapshot(created) == before
+    result = run("enqueue", "q2", "--baselines", "--storage", created)
+    assert result.exit_code == 0 and result.output.count("enqueued") == 2
+
+
+def test_train_with_a_bad_config_file(in_tmp: Path) -> None:
+    (in_tmp / "bad.yaml").write_text("config: [1, 2\n")
+    user_error(run("train", "--config", "bad.yaml"), 2, "not valid YAML")
+    (in_tmp / "list.yaml").write_text("- 1\n")
+    user_error(run("train", "--config", "list.yaml"), 2, "must hold a mapping")
+    (in_tmp / "unknown.yaml").write_text("config: {epochz: 3}\n")
+    user_error(run("train", "--config", "unknown.yaml"), 2, "unknown key 'epochz'")
+    user_error(run("train", "--config", "missing.yaml"), 2, "missing.yaml")
+
+
+# ---------------------------------------------------------------- what works
+
+
+def test_create_records_overrides_and_resumes(created: str) -> None:
+    study = optuna.load_study(study_name="q2", storage=created)
+    definition = study.user_attrs["kdsweep.definition"]
+    assert definition["overrides"] == {"epochs": 2} and definition["preset"] == "smoke"
+    result = run("create", "q2", "--preset", "smoke", "--set", "epochs=2", "-n", "2", "--storage", created)
+    assert result.exit_code == 0 and len(study.get_trials()) == 2  # resumed, not doubled
+
+
+def test_status_reads_the_storage_from_the_environment(created: str) -> None:
+    result = run("status", "q2", env={"KDSWEEP_STORAGE": created})
+    assert result.exit_code == 0, result.output
+    assert "0 complete, 0 pruned, 0 failed, 0 infeasible, 0 running, 2 waiting" in result.output
+
+
+def test_dry_run_prints_points_and_stores_nothing(in_tmp: Path) -> None:
+    result = run("launch", "q1", "--preset", "smoke", "--dry-run")
+    assert result.exit_code == 0, result.output
+    counts = [int(m.replace(",", "")) for m in re.findall(r"^parameters: ([\d,]+)$", result.output, re.M)]
+    assert len(counts) == 4
+    assert all(abs(n - 30_000) <= 300 for n in counts), counts  # the smoke preset's matched budget
+    assert result.output.count("config: {") == 4
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_studies_lists_both() -> None:
+    result = run("studies")
+    assert result.exit_code == 0
+    assert re.search(r"^q1 .*smoke", result.output, re.M) and re.search(r"^q2 .*smoke", result.output, re.M)
