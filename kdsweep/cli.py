@@ -76,9 +76,10 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    prefix = f"[w{worker}] " if worker is not None else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    from kdsweep.progress import install_log_format
+
+    install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
     logging.getLogger("kdsweep").setLevel(level)
     optuna_level = logging.WARNING if verbose < 2 else logging.INFO
     import optuna

@@ -414,8 +414,10 @@ def _image_files(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]
 def _decode(items: list[tuple[Path, int]], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
+    from kdsweep.progress import track
+
     pixels = []
-    for path, _ in items:
+    for path, _ in track(items, len(items), "decoding images", "image"):
         with Image.open(path) as image:
             pixels.append(np.asarray(image.convert(mode)))
     x = np.stack(pixels)

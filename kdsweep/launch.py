@@ -8,6 +8,7 @@ the environment, never the command line, where `ps` would show its password.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -57,6 +58,13 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
         env["KDSWEEP_THREADS"] = str(threads)
         env["OMP_NUM_THREADS"] = str(threads)
         env["PYTHONUNBUFFERED"] = "1"
+        # Several workers share one terminal: log lines, not bars that overwrite each other.
+        env.setdefault("KDSWEEP_PROGRESS", "bars" if workers == 1 else "lines")
+        level = logging.getLogger("kdsweep").getEffectiveLevel()  # -q / -vv reach the workers
+        if level >= logging.WARNING:
+            env["KDSWEEP_QUIET"] = "1"
+        elif level <= logging.DEBUG:
+            env["KDSWEEP_VERBOSE"] = "2"
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         plans.append(WorkerPlan(i, env, "cuda" if gpus else "cpu"))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsweep import budget, data, models
+from kdsweep import budget, data, models, progress
 from kdsweep.config import TrainConfig, validate
 from kdsweep.devices import autocast, resolve_device, set_threads
 from kdsweep.distill import kd_loss
@@ -245,7 +245,9 @@ def train(
         epoch_start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
-        for i, idx in enumerate(data.batch_indices(n, config.batch_size, index_gen)):
+        batches = progress.track(data.batch_indices(n, config.batch_size, index_gen), steps_per_epoch,
+                                 f"{config.model.arch} epoch {epoch}/{config.epochs}", "batch")
+        for i, idx in enumerate(batches):  # a bar on a terminal (KD: includes filling the logit cache)
             models.set_progress(model, ((epoch - 1) * steps_per_epoch + i) / total_steps, config.model)
             idx = idx.to(device)
             views = data.sample_views(len(idx), d.pad, d.flip, gen)

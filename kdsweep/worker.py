@@ -28,6 +28,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from kdsweep.objective import INFEASIBLE, Objective
+from kdsweep.progress import trial_tag
 from kdsweep.studies import Study, StudyError, diff_definitions
 
 log = logging.getLogger("kdsweep.worker")
@@ -286,7 +287,7 @@ def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: 
 def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage) -> TrialState:
     trial = optuna.trial.Trial(study, trial_id)
     try:
-        with heartbeat(storage, trial_id, study):
+        with heartbeat(storage, trial_id, study), trial_tag(trial.number):
             value = objective(trial)
     except optuna.TrialPruned as exc:
         study.tell(trial, state=TrialState.PRUNED)

@@ -1,0 +1,119 @@
+"""Progress of long steps: a bar on a terminal, a plain log line now and then elsewhere.
+
+* On a terminal (stderr is a tty, log level INFO or more verbose) `Bar` draws a tqdm bar that
+  disappears when the step ends; the step's own summary log line stays.
+* When stderr is a file or a pipe (CI, Slurm, `kdsweep launch` with several workers sharing one
+  terminal) it writes no bar, only a log line every `LINE_S` seconds of a step that is still
+  running, so a slow epoch is visibly alive but logs stay readable.
+* `--quiet` (log level WARNING) shows neither.
+
+`KDSWEEP_PROGRESS=bars|lines|off` overrides the choice (`launch` sets `lines` for its workers
+when it runs more than one). Log lines of a worker carry its index and the trial it is
+running (`[w1 t12]`), through `trial_tag` and the formatter `install_log_format` sets up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TypeVar
+
+log = logging.getLogger("kdsweep.progress")
+
+LINE_S = 30.0  # seconds between the plain log lines of a step that is still running
+_TRIAL: ContextVar[int | None] = ContextVar("kdsweep_trial", default=None)
+T = TypeVar("T")
+
+
+@contextmanager
+def trial_tag(number: int) -> Iterator[None]:
+    """Tag log lines (and progress bars) written inside the block with trial `number`."""
+    token = _TRIAL.set(number)
+    try:
+        yield
+    finally:
+        _TRIAL.reset(token)
+
+
+def current_trial() -> int | None:
+    return _TRIAL.get()
+
+
+class _TrialFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        n = _TRIAL.get()
+        record.trial = f" t{n}" if n is not None else ""
+        return True
+
+
+def install_log_format(worker: int | None) -> None:
+    """Prefix every root-handler log line with the worker index and the current trial."""
+    tag = f" [w{worker}%(trial)s]" if worker is not None else "%(trial)s"
+    fmt = logging.Formatter(f"%(asctime)s{tag} %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_TrialFilter())
+        handler.setFormatter(fmt)
+
+
+def mode() -> str:
+    """'bars', 'lines' or 'off' for this process (see the module docstring)."""
+    if not logging.getLogger("kdsweep").isEnabledFor(logging.INFO):
+        return "off"
+    forced = os.environ.get("KDSWEEP_PROGRESS", "").lower()
+    if forced in ("bars", "lines", "off"):
+        return forced
+    try:
+        return "bars" if sys.stderr.isatty() else "lines"
+    except (AttributeError, ValueError):  # a closed or replaced stderr
+        return "lines"
+
+
+class Bar:
+    """Progress of one step of `total` units; use as a context manager, call `update()`."""
+
+    def __init__(self, total: int, desc: str, unit: str = "batch") -> None:
+        trial = _TRIAL.get()
+        self.desc = f"trial {trial}: {desc}" if trial is not None else desc
+        self.total, self.unit, self.done = total, unit, 0
+        self.mode = mode()
+        self._bar = None
+        self._last = time.monotonic()
+        if self.mode == "bars":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=self.desc, unit=unit, leave=False, file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.mode == "lines":
+            now = time.monotonic()
+            if now - self._last >= LINE_S:
+                self._last = now
+                log.info("%s: %d/%d %s", self.desc, self.done, self.total, self.unit)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def track(items: Iterable[T], total: int, desc: str, unit: str = "item") -> Iterator[T]:
+    """Iterate over `items`, showing a `Bar` of `total` units."""
+    with Bar(total, desc, unit) as bar:
+        for item in items:
+            yield item
+            bar.update()

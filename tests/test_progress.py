@@ -1,0 +1,68 @@
+"""Progress: bars only on a terminal, plain log lines elsewhere, nothing when quiet; trial tags."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kdsweep import progress
+
+
+@pytest.fixture(autouse=True)
+def info_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KDSWEEP_PROGRESS", raising=False)
+    logger = logging.getLogger("kdsweep")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield
+    logger.setLevel(old)
+
+
+def test_mode_follows_terminal_quiet_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert progress.mode() == "lines"  # pytest captures stderr: not a terminal
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert progress.mode() == "bars"
+    monkeypatch.setenv("KDSWEEP_PROGRESS", "lines")
+    assert progress.mode() == "lines"
+    logging.getLogger("kdsweep").setLevel(logging.WARNING)  # --quiet
+    assert progress.mode() == "off"
+
+
+def test_lines_mode_logs_progress_with_the_trial(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(progress, "LINE_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="kdsweep"), progress.trial_tag(7):
+        assert list(progress.track(range(3), 3, "cnn epoch 1/4", "batch")) == [0, 1, 2]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"trial 7: cnn epoch 1/4: {i}/3 batch" for i in (1, 2, 3)]
+
+
+def test_lines_mode_is_silent_for_short_steps(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="kdsweep"):
+        list(progress.track(range(100), 100, "quick"))
+    assert not caplog.records
+
+
+def test_bars_mode_draws_a_tqdm_bar(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("KDSWEEP_PROGRESS", "bars")
+    with progress.trial_tag(3):
+        list(progress.track(range(5), 5, "resnet18 epoch 2/3", "batch"))
+    err = capsys.readouterr().err
+    assert "trial 3: resnet18 epoch 2/3:   0%" in err and "0/5 [" in err
+    assert err.endswith("\r") and err.rstrip("\r").endswith(" ")  # leave=False: erased at the end
+
+
+def test_log_lines_carry_worker_and_trial(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    progress.install_log_format(worker=1)
+    record = logging.LogRecord("kdsweep.train", logging.INFO, __file__, 1, "epoch %d", (2,), None)
+    with progress.trial_tag(12):
+        handler.filter(record)
+        tagged = handler.format(record)
+    handler.filter(record)
+    untagged = handler.format(record)
+    assert tagged.endswith(" [w1 t12] epoch 2")
+    assert untagged.endswith(" [w1] epoch 2")
