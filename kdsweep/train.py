@@ -282,14 +282,17 @@ def train(
         history.append(metrics)
         log.info("epoch %d/%d val_acc %.4f loss %.4f (%.0f img/s)",
                  epoch, config.epochs, val_acc, train_loss, n / seconds)
+        # Report first, then checkpoint: a worker killed in between re-runs this epoch from the
+        # previous checkpoint (and re-reports the same value), whereas the other order could
+        # resume past an epoch whose value was never reported.
+        if report is not None:
+            report(epoch, metrics)
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "gen": gen.get_state().cpu(),
                 "index_gen": index_gen.get_state(), "history": history, "epoch": epoch,
             })
-        if report is not None:
-            report(epoch, metrics)
 
     best = max(history, key=lambda h: h["val_acc"])
     test_acc = None

@@ -322,8 +322,15 @@ def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage
             log.error("trial %d failed (%s); %d failures exceed the limit of %d, not replaced",
                       trial.number, reason, failures, limit)
         return TrialState.FAIL
-    study.tell(trial, value)
+    _tell(study, trial, value)
     return TrialState.COMPLETE
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float) -> None:
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        # Declared dead while it ran (heartbeat missed for a grace period): its retry owns it.
+        raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is no longer running")
+    study.tell(trial, value)
 
 
 def _is_oom(exc: BaseException) -> bool:
