@@ -1,0 +1,182 @@
+"""train(): end to end on real Fashion-MNIST, reports, determinism, checkpoints, odd inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.models import dropblock_sizes
+from kdsweep.train import TrainingError, resolve, train
+
+
+def tiny(npz: Path, **kw) -> TrainConfig:
+    """A seconds-long run on the 8×8 tiny npz (see conftest): no shifts or flips, it has none."""
+    base = {
+        "data": DataConfig(dataset=f"npz:{npz}", val_size=200, pad=0, flip=False),
+        "model": ModelConfig(arch="mlp", hidden=(64,)),
+        "optim": OptimConfig(lr=0.05, warmup=0.0),
+        "epochs": 3,
+        "batch_size": 64,
+        "device": "cpu",
+        "threads": 1,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+class Stop(Exception):
+    """What a pruning report raises in these tests."""
+
+
+@pytest.fixture(scope="module")
+def fmnist_cnn(fmnist_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A Q1 CNN (budget 10k) trained twice on the same real Fashion-MNIST subset, 1 thread."""
+    cfg = TrainConfig(
+        data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=1000, pad=2),
+        model=ModelConfig(arch="cnn", budget=10_000, width=8, regularizer="dropout", rate=0.1),
+        optim=OptimConfig(lr=0.1),
+        epochs=3,
+        batch_size=64,
+        device="cpu",
+        threads=1,  # tiny convolutions gain nothing from more, and CI's cores are shared
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    reports: list[tuple[int, dict[str, float]]] = []
+    first = train(cfg, report=lambda epoch, m: reports.append((epoch, m)))
+    second = train(cfg)
+    return cfg, first, second, reports
+
+
+def test_cnn_on_fashion_mnist_ends_clearly_above_chance(fmnist_cnn):
+    _, first, _, reports = fmnist_cnn
+    assert first.final_val_acc > 0.5  # chance is 0.1; about 0.65 measured
+    assert [epoch for epoch, _ in reports] == [1, 2, 3]
+    for _, metrics in reports:
+        assert {"val_acc", "train_loss", "lr", "images_per_s", "seconds"} <= set(metrics)
+        assert 0.0 <= metrics["val_acc"] <= 1.0
+
+
+def test_result_fields(fmnist_cnn):
+    cfg, first, _, reports = fmnist_cnn
+    assert first.epochs_run == 3 == len(first.history)
+    assert first.final_val_acc == reports[-1][1]["val_acc"]
+    assert first.best_val_acc == max(m["val_acc"] for _, m in reports)
+    assert first.best_val_acc >= first.final_val_acc
+    assert first.history[first.best_epoch - 1]["val_acc"] == first.best_val_acc
+    assert abs(first.params - 10_000) <= 100  # the matched budget, within 1%
+    split = first.param_split
+    assert split["total"] == first.params == split["conv"] + split["head"]
+    assert split["conv"] > 5 * split["head"]  # a CNN: its parameters sit in the convolutions
+    assert first.wall_time > 0 and first.images_per_s > 0
+    assert first.device == "cpu" and first.test_acc is None and first.teacher is None
+    summary = first.summary()
+    assert "model" not in summary and summary["params"] == first.params
+
+
+def test_resolved_config_records_dropblock_block_sizes(fmnist_cnn):
+    cfg, first, _, _ = fmnist_cnn
+    used = first.config.model
+    assert used.channels and used.channels[0] == 8 and used.block_sizes == ()
+    # resolve() is what train() records, without training anything.
+    assert resolve(cfg).model == used
+    dropblock = dataclasses.replace(cfg.model, regularizer="dropblock", block_size=7)
+    resolved = resolve(dataclasses.replace(cfg, model=dropblock)).model
+    assert resolved.block_sizes == dropblock_sizes(7, (1, 28, 28)) == (7, 7, 7)
+    # The 8×8 case, where the block must shrink per stage, is trained below.
+
+
+def test_same_config_and_seed_give_the_same_accuracy_on_cpu(fmnist_cnn):
+    _, first, second, _ = fmnist_cnn
+    assert [h["val_acc"] for h in first.history] == [h["val_acc"] for h in second.history]
+    assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in second.history]
+
+
+def test_a_report_that_raises_stops_training_at_once(tiny_npz: Path):
+    seen = []
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        seen.append(epoch)
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny(tiny_npz, epochs=5), report=report)
+    assert seen == [1, 2]
+
+
+def test_checkpoint_resumes_after_the_last_epoch_without_reporting_it_again(tiny_npz: Path, tmp_path: Path):
+    cfg = tiny(tiny_npz, epochs=4)
+    ckpt = tmp_path / "trial.pt"
+    seen: list[int] = []
+
+    def dies_in_epoch_three(epoch: int, metrics: dict[str, float]) -> None:
+        seen.append(epoch)
+        if epoch == 3:
+            raise Stop  # a worker that died after epoch 2's checkpoint, before epoch 3's
+
+    with pytest.raises(Stop):
+        train(cfg, report=dies_in_epoch_three, checkpoint=ckpt)
+    assert seen == [1, 2, 3] and ckpt.exists()
+    resumed_reports: list[int] = []
+    resumed = train(cfg, report=lambda epoch, m: resumed_reports.append(epoch), checkpoint=ckpt)
+    # Epochs 1-2 are not reported again; epoch 3, whose checkpoint was never written, is re-run.
+    assert resumed_reports == [3, 4]
+    assert resumed.epochs_run == 4 and [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    # Model, optimiser, schedule and both generators come back: as if it had never stopped.
+    straight = train(cfg)
+    assert [h["val_acc"] for h in resumed.history] == [h["val_acc"] for h in straight.history]
+
+
+def test_unreadable_checkpoint_starts_over(tiny_npz: Path, tmp_path: Path):
+    ckpt = tmp_path / "trial.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    seen: list[int] = []
+    train(tiny(tiny_npz, epochs=1), report=lambda epoch, m: seen.append(epoch), checkpoint=ckpt)
+    assert seen == [1]
+
+
+def test_a_diverging_loss_raises_training_error(tiny_npz: Path):
+    with pytest.raises(TrainingError, match="loss became"):
+        train(tiny(tiny_npz, optim=OptimConfig(lr=1e12, warmup=0.0), epochs=2))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelConfig(arch="resnet18", stem="imagenet"),  # 8 px: 2×2 at layer1, 1×1 at layer4
+        ModelConfig(arch="cnn", budget=10_000, width=8, regularizer="dropblock", rate=0.1,
+                    block_size=7),
+    ],
+    ids=["resnet18-imagenet-stem", "q1-cnn"],
+)
+def test_images_smaller_than_the_network_expects(tiny_npz: Path, model: ModelConfig):
+    data = DataConfig(dataset=f"npz:{tiny_npz}", val_size=200, train_subset=400, pad=0, flip=False,
+                      channels=3 if model.arch == "resnet18" else None)
+    result = train(tiny(tiny_npz, data=data, model=model, epochs=1))
+    assert result.epochs_run == 1 and 0.0 <= result.final_val_acc <= 1.0
+    if model.arch == "cnn":
+        assert result.config.model.block_sizes == (7, 3, 1) == dropblock_sizes(7, (1, 8, 8))
+
+
+def test_mlp_and_cnn_of_one_budget_are_within_one_percent(tiny_npz: Path):
+    counts = {}
+    for model in (ModelConfig(arch="mlp", budget=20_000, depth=2),
+                  ModelConfig(arch="cnn", budget=20_000, width=8)):
+        result = train(tiny(tiny_npz, model=model, epochs=1))
+        counts[model.arch] = result.params
+        assert result.param_split["total"] == result.params
+    assert all(abs(n - 20_000) <= 200 for n in counts.values()), counts
+
+
+def test_train_module_imports_no_optuna():
+    code = "import sys, kdsweep.train, kdsweep.teacher; sys.exit('optuna' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_evaluate_test_reports_test_accuracy(tiny_npz: Path):
+    result = train(tiny(tiny_npz, epochs=1, evaluate_test=True))
+    assert result.test_acc is not None and 0.0 <= result.test_acc <= 1.0
