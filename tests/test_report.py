@@ -138,3 +138,14 @@ def test_report_of_an_empty_study_is_one_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.main, ["report", "empty", "--storage", url, "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and "no finished trial" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_report_of_one_complete_and_one_pruned_trial(tmp_path: Path) -> None:
+    dists = {"kd.alpha": optuna.distributions.FloatDistribution(0, 1),
+             "kd.temperature": optuna.distributions.FloatDistribution(1, 20)}
+    study = _study("q2", [({"kd.alpha": 0.5, "kd.temperature": 3.0}, [0.6, 0.7], False),
+                          ({"kd.alpha": 0.9, "kd.temperature": 3.0}, [0.2], True)], dists)
+    files = report.write_report(study, tmp_path)  # too few trials for importances: still a report
+    assert set(files) == {"history", "intermediate", "importance", "kd_contour"}
+    assert report.figure_data(study)["importance"] == {}
+    assert all((tmp_path / f"{name}.png").exists() for name in files)
