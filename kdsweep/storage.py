@@ -75,17 +75,38 @@ class StorageError(RuntimeError):
     """The storage cannot be used; the message names it (password hidden) and what to do."""
 
 
+# user:password@ in a URL's authority; searched after "://" (or anywhere in a malformed URL
+# such as "postgres//user:pw@host", which must not leak its password in the error either).
+_USERINFO = re.compile(r"([^:/@\s]*):([^@\s]*)@")
+
+
+def _split_scheme(url: str) -> tuple[str, str]:
+    scheme, sep, rest = url.partition("://")
+    return (scheme + sep, rest) if sep else ("", url)
+
+
+def password_of(url: str | None) -> str | None:
+    """The password in a storage URL, or None."""
+    m = _USERINFO.search(_split_scheme(url or "")[1])
+    return m.group(2) if m and m.group(2) else None
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by ***, for every message, log and export."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    head, rest = _split_scheme(url)
+    return head + _USERINFO.sub(lambda m: f"{m.group(1)}:***@", rest, count=1)
 
 
 def redact_text(text: str, url: str | None) -> str:
-    """Remove a URL's password wherever it appears in `text` (e.g. a driver's error message)."""
-    text = re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
-    m = re.search(r"://[^:/@]+:([^@]*)@", url or "")
-    if m and m.group(1):
-        text = text.replace(m.group(1), "***")
+    """Remove passwords wherever they appear in `text` (e.g. a driver's error message).
+
+    Every URL's user:password@ is masked, and the password of `url` (the storage in use) is
+    masked wherever it appears on its own.
+    """
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    password = password_of(url)
+    if password and len(password) >= 3:  # shorter ones would mask innocent text
+        text = text.replace(password, "***")
     return text
 
 

@@ -208,9 +208,14 @@ def test_interrupt_requeues_and_next_launch_finishes(tmp_path: Path, fmnist_dir:
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
     proc = launch(tmp_path, url)
     try:
-        wait_until(lambda: (tmp_path / "sweep.db").exists() and any(
-            len(t.intermediate_values) >= 1 for t in load(url).get_trials(states=(TrialState.RUNNING,))),
-            90, 0.1, "a trial to report an epoch")
+        def reported() -> bool:
+            try:
+                return any(len(t.intermediate_values) >= 1
+                           for t in load(url).get_trials(states=(TrialState.RUNNING,)))
+            except KeyError:  # launch has not created the study yet
+                return False
+
+        wait_until(reported, 90, 0.1, "a trial to report an epoch")
         running = [t.number for t in load(url).get_trials(states=(TrialState.RUNNING,))]
         sent = time.monotonic()
         if how == "ctrl-c":  # a terminal's Ctrl-C signals the whole foreground process group
