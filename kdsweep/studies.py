@@ -74,7 +74,10 @@ class Study:
         """The preset's config with `overrides` ({"epochs": 2, "data.train_subset": 500}) applied."""
         base = self.preset(preset).config
         if not overrides:
-            return base
+            try:  # a study file's own preset can be wrong too (negative epochs): refuse early
+                return validate(base)
+            except ConfigError as exc:
+                raise StudyError(f"study {self.name!r}, preset {preset!r}: {exc}") from None
         try:
             return validate(replace(base, **dict(overrides)))
         except (ConfigError, TypeError, AttributeError) as exc:
