@@ -133,27 +133,45 @@ def family_data(study: optuna.Study) -> dict[str, Any]:
     """
     groups: dict[str, list[float]] = {}
     factorized: dict[str, list[bool]] = {}
+    pruned: dict[str, int] = {}
     for t in _complete(study):
         if "model.family" not in t.params:
             continue
-        key = "mlp" if t.params["model.family"] != "cnn" else f"cnn/{t.params.get('reg.kind', 'none')}"
+        key = _family_key(t.params)
         groups.setdefault(key, []).append(t.value)
         factorized.setdefault(key, []).append(bool(t.params.get("cnn.factorized", False)))
+    for t in _pruned(study):
+        if "model.family" in t.params:
+            pruned[_family_key(t.params)] = pruned.get(_family_key(t.params), 0) + 1
     order = sorted(groups, key=lambda k: (k != "mlp", k))
     return {"groups": {k: groups[k] for k in order}, "factorized": {k: factorized[k] for k in order},
-            "budget": _budget(study)}
+            "pruned": pruned, "budget": _budget(study)}
+
+
+def _family_key(params: Mapping[str, Any]) -> str:
+    return "mlp" if params["model.family"] != "cnn" else f"cnn/{params.get('reg.kind', 'none')}"
+
+
+def _pruned(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials the pruner stopped (not infeasible ones, which never trained)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
 
 
 def dropblock_data(study: optuna.Study) -> dict[str, Any]:
     """Validation accuracy (and rate) of complete DropBlock trials by block size."""
     by: dict[int, list[float]] = {}
     rates: dict[int, list[float]] = {}
+    pruned: dict[int, int] = {}
     for t in _complete(study):
         if "dropblock.size" in t.params:
             size = int(t.params["dropblock.size"])
             by.setdefault(size, []).append(t.value)
             rates.setdefault(size, []).append(float(t.params.get("reg.rate", float("nan"))))
-    return {"sizes": {s: by[s] for s in sorted(by)}, "rates": {s: rates[s] for s in sorted(rates)}}
+    for t in _pruned(study):
+        if "dropblock.size" in t.params:
+            pruned[int(t.params["dropblock.size"])] = pruned.get(int(t.params["dropblock.size"]), 0) + 1
+    return {"sizes": {s: by[s] for s in sorted(by)}, "rates": {s: rates[s] for s in sorted(rates)},
+            "pruned": pruned}
 
 
 DATA = {
@@ -263,19 +281,25 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
     elif name in ("family", "dropblock"):
         if name == "family":
             groups = data["groups"]
+            pruned = data["pruned"]
             budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
             title = f"{study.study_name}: MLP vs CNN by regulariser{budget}"
         else:
             groups = {f"block {s}": v for s, v in data["sizes"].items()}
+            pruned = {f"block {s}": n for s, n in data["pruned"].items()}
             title = f"{study.study_name}: DropBlock block size"
+        if not groups:
+            ax.text(0.5, 0.5, "no complete trial in any group yet", ha="center", va="center",
+                    transform=ax.transAxes)
         labels = list(groups)
         for i, label in enumerate(labels):
             values = groups[label]
             xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(values))]
             ax.scatter(xs, values, s=18, alpha=0.7)
             ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
-        ax.set_xticks(range(len(labels)), [f"{k}\n(n={len(groups[k])})" for k in labels])
-        ax.set(ylabel=metric, title=title + " (bar: mean)")
+        ax.set_xticks(range(len(labels)), [
+            f"{k}\n(n={len(groups[k])}" + (f", +{pruned[k]} pruned)" if pruned.get(k) else ")") for k in labels])
+        ax.set(ylabel=metric, title=title + " (complete trials; bar: mean)")
     fig.tight_layout()
     return fig
 
@@ -326,16 +350,19 @@ def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: 
     if verify_text:
         lines += ["## Seed verification", "", "```", verify_text.rstrip(), "```", ""]
     if "family" in data:
-        lines += ["## MLP vs CNN by regulariser", "", "| group | n | mean | best |", "|---|---|---|---|"]
+        lines += ["## MLP vs CNN by regulariser", "", "Complete trials only; pruned ones are counted.", "",
+                  "| group | n | mean | best | pruned |", "|---|---|---|---|---|"]
         for g, v in data["family"]["groups"].items():
-            lines.append(f"| {g} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} |")
+            lines.append(f"| {g} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} | "
+                         f"{data['family']['pruned'].get(g, 0)} |")
         lines.append("")
     if "dropblock" in data:
         lines += ["## DropBlock block size", ""]
         if data["dropblock"]["sizes"]:
-            lines += ["| block | n | mean | best |", "|---|---|---|---|"]
+            lines += ["| block | n | mean | best | pruned |", "|---|---|---|---|---|"]
             for s, v in data["dropblock"]["sizes"].items():
-                lines.append(f"| {s} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} |")
+                lines.append(f"| {s} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} | "
+                             f"{data['dropblock']['pruned'].get(s, 0)} |")
         else:
             lines.append("No complete DropBlock trial yet (all were pruned or none was sampled).")
         lines.append("")

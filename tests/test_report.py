@@ -80,6 +80,7 @@ def test_q1_figure_data(q1: optuna.Study) -> None:
     assert groups["mlp"] == [0.62, 0.50] and groups["cnn/dropblock"] == [0.74, 0.72]
     assert data["family"]["budget"] == 30000
     assert data["dropblock"]["sizes"] == {3: [0.74], 5: [0.72]}  # the pruned block-5 trial is left out
+    assert data["family"]["pruned"] == {"cnn/dropblock": 1} and data["dropblock"]["pruned"] == {5: 1}
     assert set(data["importance"]) == {"model.family", "optim.lr", "reg.kind", "dropblock.size"}
     assert sum(data["importance"].values()) == pytest.approx(1.0)
 
@@ -128,6 +129,8 @@ def test_report_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.main, ["report", "q1", "--storage", url, "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "family.png" in result.output and (tmp_path / "out" / "family.png").exists()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| cnn/dropblock | 2 | 0.7300 | 0.7400 | 1 |" in summary and "| 5 | 1 | 0.7200 | 0.7200 | 1 |" in summary
     missing = CliRunner().invoke(cli.main, ["report", "nope", "--storage", url, "-o", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and "no study named 'nope'" in missing.output
 
