@@ -251,3 +251,36 @@ def test_studies_lists_both() -> None:
     result = run("studies")
     assert result.exit_code == 0
     assert re.search(r"^q1 .*smoke", result.output, re.M) and re.search(r"^q2 .*smoke", result.output, re.M)
+
+
+def test_dashboard_serves_the_storage(created: str) -> None:
+    """`kdsweep dashboard` answers optuna-dashboard's API with the study in that storage."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDSWEEP_")}
+    proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "dashboard", "--storage", created,
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies_json = json.load(r)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "the dashboard did not answer within 60 s"
+                time.sleep(0.5)
+        assert [s["study_name"] for s in studies_json["study_summaries"]] == ["q2"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
