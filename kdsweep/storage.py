@@ -36,7 +36,7 @@ log = logging.getLogger("kdsweep.storage")
 DEFAULT_URL = "sqlite:///kdsweep.db"
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats (env KDSWEEP_HEARTBEAT)
 GRACE_S = 30  # a RUNNING trial silent this long belongs to a dead worker (env KDSWEEP_GRACE)
-RETRIES = 12  # connection retries per call; back-off doubles up to 10 s: about 90 s in all
+RETRIES = 12  # connection retries per call; back-off doubles up to 10 s: about 75 s in all
 
 
 def _seconds(env: str, default: int) -> int:
@@ -139,8 +139,14 @@ def _retrying(method: Any, name: str) -> Any:
             try:
                 return method(*args, **kwargs)
             except Exception as exc:
-                if not _transient(exc) or attempt == RETRIES:
+                if not _transient(exc):
                     raise
+                if attempt == RETRIES:
+                    raise StorageError(
+                        f"the storage did not answer {name} after {RETRIES} retries over about "
+                        f"{sum(min(0.25 * 2 ** i, 10.0) for i in range(RETRIES)):.0f} s "
+                        f"({_cause_name(exc)}); check the database, then run the worker again."
+                    ) from exc
                 log.warning("storage call %s failed (%s); retry %d/%d in %.1fs", name,
                             _cause_name(exc), attempt + 1, RETRIES, delay)
                 time.sleep(delay)

@@ -198,3 +198,28 @@ def test_compose_file_parses(tmp_path: Path) -> None:
         env = config["services"][name]["environment"]
         assert env["KDSWEEP_STORAGE"] == "postgresql+psycopg://kdsweep:change-me@postgres:5432/kdsweep", name
     assert config["services"]["worker"]["environment"]["KDSWEEP_STUDY"] == "q2"
+
+
+def test_retries_are_bounded_and_end_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy.exc
+
+    monkeypatch.setattr(storage, "RETRIES", 2)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("server closed"))
+
+    with pytest.raises(StorageError, match=r"did not answer get_trial after 2 retries"):
+        storage._retrying(down, "get_trial")()
+    assert len(calls) == 3
+
+    def broken() -> None:  # not a connection problem: raised at once, never retried
+        calls.append(1)
+        raise sqlalchemy.exc.IntegrityError("INSERT", {}, ValueError("duplicate"))
+
+    calls.clear()
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        storage._retrying(broken, "add_trial")()
+    assert len(calls) == 1
