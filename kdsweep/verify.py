@@ -235,7 +235,8 @@ def run(sweep: optuna.Study, storage: BaseStorage, storage_url: str, top: int, s
     sibling, n = prepare(sweep, storage, top, seeds)
     echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.study_name!r} with "
          f"{seeds} seeds each in study {sibling.study_name!r} ({n} runs)")
-    if start_workers:
+    waiting = len(sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if start_workers and waiting:
         study_def = studies.load(sweep.user_attrs[DEFINITION]["study"])
         args = [study_def.source, "--study-name", sibling.study_name]
         if data:
