@@ -12,33 +12,32 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import random
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
 
 from benchmarks.common import Entry, Skip, scratch
+from kdsweep import space as sp
+from kdsweep import studies
+from kdsweep.objective import Objective
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @dataclass
-class TrivialObjective:
-    """Samples Q1's space through kdsweep's own sampling, then reports `steps` fake accuracies."""
+class TrivialObjective(Objective):
+    """Q1's objective minus the training: samples Q1's space through kdsweep's own sampling,
+    then reports `steps` fake accuracies with a prune check after each."""
 
-    steps: int
+    steps: int = 10
 
-    def __post_init__(self) -> None:
-        from kdsweep import studies
-
-        self.study = studies.load("q1")
-        self.preset = "smoke"
-
-    def __call__(self, trial) -> float:  # noqa: ANN001 - an optuna.Trial
-        import optuna
-
-        from kdsweep import space as sp
-
+    def __call__(self, trial: optuna.Trial) -> float:
         sp.sample(trial, self.study.space_for(self.preset))
         rng = random.Random(trial.number)
         acc = rng.uniform(0.3, 0.9)
@@ -56,7 +55,8 @@ def _worker(url: str, study_name: str, steps: int, index: int, out: mp.Queue) ->
     from kdsweep.worker import run_worker
 
     storage = open_storage(url)
-    summary = run_worker(TrivialObjective(steps), storage, study_name, seed=0, worker_index=index)
+    objective = TrivialObjective(studies.load("q1"), "smoke", {}, Path(tempfile.gettempdir()), steps=steps)
+    summary = run_worker(objective, storage, study_name, seed=0, worker_index=index)
     out.put((index, summary.ran))
 
 
@@ -75,7 +75,16 @@ def measure(url: str, workers: int, trials: int, steps: int) -> dict[str, float]
     start = time.perf_counter()
     for p in procs:
         p.start()
-    results = [out.get(timeout=900) for _ in procs]
+    results = []
+    while len(results) < len(procs):  # a worker that dies must fail the entry, not hang it
+        try:
+            results.append(out.get(timeout=2))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.terminate()
+                raise RuntimeError(f"a storage benchmark worker exited with code {dead[0]}") from None
     for p in procs:
         p.join()
     wall = time.perf_counter() - start

@@ -31,5 +31,16 @@ STUDY = Study(
                 model=BASE.model, optim=BASE.optim, epochs=1, batch_size=128,
             ),
         ),
+        # `--trials-per-device` scaling on a GPU: the Q1 CNN at the paper budget (1M parameters).
+        "gpu": Preset(
+            description="Q1 CNN at 1M parameters, 20k Fashion-MNIST images, 2 epochs; a GPU",
+            config=TrainConfig(
+                data=DataConfig(dataset="fashion-mnist", val_size=5000, train_subset=20_000, pad=2),
+                model=ModelConfig(arch="cnn", budget=1_000_000, depth=2, width=64,
+                                  regularizer="dropout", rate=0.1),
+                optim=BASE.optim, epochs=2, batch_size=512,
+            ),
+        ),
     },
 )
+

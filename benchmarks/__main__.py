@@ -1,0 +1,90 @@
+"""`python -m benchmarks`: run the suite, print a table, write JSON (and optionally Markdown).
+
+Each entry has its own time budget (seconds of its full mode on a quiet 2-core CPU); its
+sizes are chosen to fit it, and an entry that overruns says so in its row.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from benchmarks import core, gpu, pruning, q2, report, storage, workers
+from benchmarks.common import Entry, Skip
+
+# name -> (function(device, quick) -> Entry, budget in seconds on a CPU, runs on the CPU too)
+ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
+    "core_vs_reference": (core.run, 180),
+    "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 240),
+    "teacher_setups": (q2.teacher_setups, 180),
+    "pruning_epoch_savings": (pruning.run, 420),
+    "worker_scaling": (workers.run, 240),
+    "storage_overhead_ms": (storage.run, 120),
+    "gpu_resnet18_train_32px": (gpu.resnet18_train, 90),
+    "gpu_resnet50_teacher_224px": (gpu.resnet50_teacher, 30),
+    "gpu_compile_reuse": (gpu.compile_reuse, 120),
+    "gpu_trials_per_device": (gpu.trials_per_device, 150),
+}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="benchmarks/results.json",
+              show_default=True, help="JSON file of the results.")
+@click.option("--only", multiple=True, type=click.Choice(list(ENTRIES)), help="Run only these entries (repeatable).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device of the training entries; GPU entries are skipped on cpu.")
+@click.option("--quick", is_flag=True, help="Shrink every entry to seconds (plumbing check, not figures).")
+@click.option("--markdown", type=click.Path(dir_okay=False), default=None,
+              help="Also write the Markdown page (e.g. docs/benchmarks.md).")
+def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown: str | None) -> None:
+    """Run kdsweep's benchmark suite: side-by-side ratios against ordinary baselines.
+
+    \b
+    python -m benchmarks                        # the whole suite on the CPU (~20 min)
+    python -m benchmarks --only worker_scaling --quick
+    python -m benchmarks --device cuda --only core_vs_reference --only gpu_resnet18_train_32px
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    names = list(only) or list(ENTRIES)
+    results = []
+    suite_start = time.perf_counter()
+    for name in names:
+        fn, budget = ENTRIES[name]
+        click.echo(f"== {name} (budget {budget:.0f} s{', quick' if quick else ''})", err=True)
+        start = time.perf_counter()
+        try:
+            entry = fn(device, quick).to_json()
+        except Skip as why:
+            entry = {"name": name, "skipped": str(why)}
+            click.echo(f"   skipped: {why}", err=True)
+        except Exception as exc:  # one broken entry must not lose the others' figures
+            traceback.print_exc()
+            entry = {"name": name, "skipped": f"error: {type(exc).__name__}: {exc}"}
+        wall = time.perf_counter() - start
+        entry["wall_s"] = round(wall, 1)
+        entry["budget_s"] = None if quick else budget
+        if not quick and wall > budget and not entry.get("skipped"):
+            entry.setdefault("details", {})["over_budget"] = f"took {wall:.0f} s of {budget:.0f} s"
+        results.append(entry)
+        click.echo(f"   {wall:.0f} s", err=True)
+    meta = report.machine()
+    meta["suite_s"] = round(time.perf_counter() - suite_start, 1)
+    meta["quick"] = quick
+    report.write_json(Path(output), results, meta)
+    click.echo(report.table(results))
+    click.echo(f"wrote {output} ({meta['suite_s']:.0f} s)")
+    if markdown:
+        command = "python -m benchmarks " + " ".join(sys.argv[1:])
+        Path(markdown).write_text(report.markdown(results, meta, command))
+        click.echo(f"wrote {markdown}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""GPU-only entries (skipped on a CPU): absolute throughputs, FLOP utilisation, compile reuse and
+`--trials-per-device` scaling. No CIFAR-10 is needed: throughput does not depend on pixel
+values, so ResNet figures use random uint8 images held as kdsweep holds data (npz -> uint8
+tensors on the device), and the scaling study uses Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import Clock, Entry, Skip, env, scratch
+from benchmarks.workers import STUDY_FILE
+
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM dense bf16 tensor-core peak
+
+
+def _require_cuda(device: str) -> None:
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise Skip("needs a CUDA GPU (run with --device cuda on a GPU machine)")
+
+
+def _random_npz(path: Path, n: int, side: int) -> str:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8)
+    y = rng.integers(0, 10, n)
+    np.savez(path, x=x, y=y, x_test=x[:1000], y_test=y[:1000])
+    return f"npz:{path}"
+
+
+def resnet18_train(device: str, quick: bool) -> Entry:
+    """ResNet18 (CIFAR stem) at 32x32 through `train()`: images/s of the last epoch, and the
+    model FLOP utilisation of that rate (FlopCounterMode on one fwd+bwd step)."""
+    _require_cuda(device)
+    from kdsweep import train
+    from kdsweep.config import DataConfig, ModelConfig, TrainConfig
+
+    n = 10_000 if quick else 50_000
+    with scratch("r18") as tmp:
+        cfg = TrainConfig(
+            data=DataConfig(dataset=_random_npz(tmp / "r.npz", n, 32), val_size=1000, pad=4),
+            model=ModelConfig(arch="resnet18", weights="none", stem="cifar"),
+            epochs=2, batch_size=512, device=device,
+        )
+        result = train.train(cfg)
+    rate = result.history[-1]["images_per_s"]
+    flops = _train_step_flops(cfg.model, batch=64, side=32) / 64  # per image, fwd + bwd
+    tflops = rate * flops / 1e12
+    return Entry(
+        name="gpu_resnet18_train_32px", value=rate, unit="train images/s",
+        baseline=20_000.0, ratio=rate / 20_000, goal="reference: ~20k img/s on an A100 (estimate)",
+        device=torch.cuda.get_device_name(), met=None,
+        details={"flops_per_image_train": flops, "achieved_tflops": tflops,
+                 "flop_utilisation": tflops / H100_BF16_DENSE_TFLOPS,
+                 "peak_tflops_assumed": H100_BF16_DENSE_TFLOPS, "batch_size": 512,
+                 "epochs": [h["images_per_s"] for h in result.history]},
+    )
+
+
+def _train_step_flops(model_cfg, batch: int, side: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kdsweep import models
+
+    model = models.build_model(model_cfg, (3, side, side), 10)
+    x = torch.randn(batch, 3, side, side)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def resnet50_teacher(device: str, quick: bool) -> Entry:
+    """ResNet50 teacher inference at 224 px as the logit cache runs it: uint8 32 px batch on the
+    device -> to_input (resize to 224) -> bf16 autocast, channels_last, no grad."""
+    _require_cuda(device)
+    from kdsweep import data, models
+    from kdsweep.config import ModelConfig
+    from kdsweep.devices import autocast
+
+    dev = torch.device(device)
+    model = models.build_model(ModelConfig(arch="resnet50", weights="none", stem="imagenet"),
+                               (3, 224, 224), 10).to(dev).eval().to(memory_format=torch.channels_last)
+    batch = 256
+    x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=dev)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    steps = 10 if quick else 40
+    with torch.no_grad():
+        for i in range(steps + 5):
+            if i == 5:
+                clock = Clock(cuda_sync=True)
+            inp = data.to_input(x, mean, std, image_size=224, channels_last=True)
+            with autocast(dev):
+                model(inp)
+        seconds = clock()
+    rate = steps * batch / seconds
+    flops = _forward_flops(model, dev)
+    return Entry(
+        name="gpu_resnet50_teacher_224px", value=rate, unit="inference images/s",
+        baseline=None, ratio=None, goal="record", device=torch.cuda.get_device_name(), met=None,
+        details={"batch": batch, "flops_per_image": flops,
+                 "flop_utilisation": rate * flops / 1e12 / H100_BF16_DENSE_TFLOPS},
+    )
+
+
+def _forward_flops(model, dev) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 3, 224, 224, device=dev)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def compile_reuse(device: str, quick: bool) -> Entry:
+    """Two trials of one process with compile=True: the second should not compile again."""
+    _require_cuda(device)
+    from kdsweep import train
+    from kdsweep.config import DataConfig, ModelConfig, TrainConfig
+
+    cfg = TrainConfig(
+        data=DataConfig(dataset="fashion-mnist", val_size=5000, train_subset=10_000, pad=2),
+        model=ModelConfig(arch="cnn", budget=1_000_000, depth=2, width=64, regularizer="dropout", rate=0.1),
+        epochs=1, batch_size=512, device=device, compile=True,
+    )
+    first = train.train(cfg).wall_time
+    second = train.train(cfg).wall_time
+    plain = train.train(dataclasses.replace(cfg, compile=False)).wall_time
+    return Entry(
+        name="gpu_compile_reuse", value=second, unit="s, 2nd compiled trial", baseline=first,
+        ratio=second / first, goal="2nd trial << 1st (no recompile)", device=torch.cuda.get_device_name(),
+        met=second < 0.5 * first, details={"first_compiled_s": first, "eager_s": plain},
+    )
+
+
+def trials_per_device(device: str, quick: bool) -> Entry:
+    """K workers on one GPU (what `kdsweep launch --trials-per-device K` plans): trial throughput
+    for K = 1, 2, 4 against K = 1, and how many trials really overlapped."""
+    _require_cuda(device)
+    import optuna
+
+    from kdsweep import launch, studies
+    from kdsweep.storage import open_storage
+    from kdsweep.worker import create_or_resume
+
+    per = 2 if quick else 3
+    out = {}
+    with scratch("tpd") as tmp:
+        for k in (1, 2, 4):
+            name = f"tpd{k}-{uuid.uuid4().hex[:6]}"
+            url = f"sqlite:///{tmp / (name + '.db')}"
+            study = create_or_resume(studies.load(str(STUDY_FILE)), "gpu", open_storage(url), name,
+                                     per * k, seed=0)
+            with env(KDSWEEP_CACHE=str(tmp / "cache"), CUDA_VISIBLE_DEVICES="0"):
+                plans = launch.plan_workers(k, "cuda", url)
+            assert len({p.env["CUDA_VISIBLE_DEVICES"] for p in plans}) == 1
+            args = [str(STUDY_FILE), "--study-name", name, "--seed", "0", "--no-tensorboard",
+                    "--artifacts", str(tmp / name)]
+            t0 = time.perf_counter()
+            launch.run(study, args, plans, per * k, lambda line: None, poll=0.5)
+            done = [t for t in optuna.load_study(study_name=name, storage=open_storage(url)).trials
+                    if t.state == optuna.trial.TrialState.COMPLETE]
+            span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+            out[k] = {"trials_per_hour": 3600 * len(done) / span, "trials": len(done),
+                      "max_concurrent": _max_overlap(done), "wall_s": time.perf_counter() - t0}
+    base = out[1]["trials_per_hour"]
+    best = max(out, key=lambda k: out[k]["trials_per_hour"])
+    return Entry(
+        name="gpu_trials_per_device", value=out[best]["trials_per_hour"],
+        unit=f"trials/hour at K={best}", baseline=base, ratio=out[best]["trials_per_hour"] / base,
+        goal="> 1 (K trials at once beat one)", device=torch.cuda.get_device_name(),
+        met=out[best]["trials_per_hour"] / base > 1,
+        details={f"K={k}": {**v, "speedup": v["trials_per_hour"] / base} for k, v in out.items()},
+    )
+
+
+def _max_overlap(trials) -> int:
+    events = sorted([(t.datetime_start, 1) for t in trials] + [(t.datetime_complete, -1) for t in trials])
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak

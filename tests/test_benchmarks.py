@@ -1,0 +1,53 @@
+"""The benchmark suite's plumbing: a quick entry writes JSON with the required fields, a GPU
+entry on a CPU is skipped with a reason, and the Markdown page says GPU figures are missing.
+Timings are not asserted: they depend on the machine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.__main__ import ENTRIES, main
+from benchmarks.pruning import epochs_to
+
+REQUIRED = ("name", "value", "unit", "baseline", "ratio", "goal", "device")
+ISSUE_ENTRIES = ("core_vs_reference", "q2_vs_plain_ce", "teacher_setups", "pruning_epoch_savings",
+                 "worker_scaling", "storage_overhead_ms")
+
+
+def test_every_entry_of_the_issue_is_registered() -> None:
+    assert set(ISSUE_ENTRIES) <= set(ENTRIES)
+
+
+@pytest.mark.slow
+def test_quick_core_entry_writes_json_and_markdown(tmp_path: Path, fmnist_dir: Path) -> None:
+    out, md = tmp_path / "r.json", tmp_path / "b.md"
+    result = CliRunner().invoke(main, [
+        "--quick", "--only", "core_vs_reference", "--only", "gpu_resnet50_teacher_224px",
+        "--output", str(out), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["machine"]["cores"] >= 1 and data["machine"]["quick"] is True
+    core, gpu = data["entries"]
+    for key in REQUIRED:
+        assert key in core
+    assert core["name"] == "core_vs_reference" and core["device"] == "cpu"
+    assert core["value"] > 0 and core["baseline"] > 0
+    assert math.isclose(core["ratio"], core["details"]["kdsweep_images_per_s"][0]
+                        / core["details"]["reference_images_per_s"][0])
+    assert core["met"] == (core["ratio"] >= 1.0)
+    if not torch.cuda.is_available():
+        assert "CUDA" in gpu["skipped"]
+        assert "GPU figures are not yet measured" in md.read_text()
+    assert "core_vs_reference" in result.output  # the printed table
+
+
+def test_epochs_to_target_counts_pruned_epochs_and_ignores_pruned_values() -> None:
+    trials = [(9, 0.80), (1, None), (3, None), (9, 0.86), (9, 0.90)]
+    assert epochs_to(trials, 0.85) == 9 + 1 + 3 + 9
+    assert epochs_to(trials, 0.95) is None
