@@ -396,3 +396,55 @@ def test_worker_from_elsewhere_refuses(tmp_path: Path, monkeypatch: pytest.Monke
     # A study created by another kdsweep version: its recorded definition says so.
     load(url).set_user_attr(DEFINITION, {**stored, "kdsweep_version": "0.0.1"})
     refuse([str(TINY)], "kdsweep_version: study has '0.0.1'")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="needs a CUDA GPU; on CPU the out-of-memory error is injected (test above)")
+def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, tiny_npz: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU: one trial really exhausts the GPU's memory in its train step."""
+    import torch
+
+    from kdsweep import objective as objective_mod
+    from kdsweep import train as train_mod
+    from kdsweep.config import replace
+    from kdsweep.objective import Objective
+    from kdsweep.worker import run_worker
+
+    greedy_lr = 0.051
+    real_train = train_mod.train
+
+    real_config = Objective.config
+    npz = {"data.dataset": f"npz:{tiny_npz}", "data.val_size": 200, "data.train_subset": None,
+           "data.test_subset": None}  # GPU hosts may lack Debian's Fashion-MNIST
+    monkeypatch.setattr(Objective, "config", lambda self, params: replace(real_config(self, params), **npz))
+
+    def greedy_train(config, report=None, checkpoint=None):
+        if config.optim.lr != greedy_lr:
+            return real_train(config, report, checkpoint)
+        real_progress = train_mod.models.set_progress
+
+        def progress(model, fraction, cfg):  # a real allocation far beyond the card's memory
+            hog = torch.empty(1 << 44, dtype=torch.uint8, device="cuda")  # 16 TiB
+            del hog
+            return real_progress(model, fraction, cfg)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(train_mod.models, "set_progress", progress)
+            return real_train(config, report, checkpoint)
+
+    monkeypatch.setattr(objective_mod, "train", greedy_train)
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    study = create(url, "quick", 0, max_failures=3)
+    good = {"optim.lr": 0.05, "mlp.depth": 1, "mlp.dropout": 0.0}
+    for p in (good, {**good, "optim.lr": greedy_lr}, {**good, "optim.lr": 0.06}):
+        study.enqueue_trial(p, skip_if_exists=False)
+    objective = Objective(studies.load(str(TINY)), "quick", {"device": "cuda"}, tmp_path / "artifacts")
+    summary = run_worker(objective, open_storage(url), "tiny", seed=0)
+    trials = load(url).trials
+    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory"), \
+        trials[1].user_attrs["fail_reason"]
+    assert trials[2].user_attrs["device"].startswith("cuda")  # the next trial ran on the same GPU
+    assert summary.ran == 4 and trials[3].state == TrialState.COMPLETE  # and so did its replacement
+    print("fail_reason:", trials[1].user_attrs["fail_reason"][:200])
