@@ -1,15 +1,19 @@
 """Optuna storage for kdsweep: plain Optuna RDB schema, made robust for long parallel sweeps.
 
-* SQLite (default, one host): WAL journal and a long busy timeout, so parallel workers wait for
-  the write lock instead of failing with "database is locked".
+* SQLite (default, one host): WAL journal, a long busy timeout and BEGIN IMMEDIATE
+  transactions, so parallel workers wait for the write lock instead of failing with "database
+  is locked", and two workers never both take the same waiting trial.
 * PostgreSQL (many hosts): `postgresql+psycopg://user:pass@host/db`, with pre-ping so a
   restarted server is reconnected to transparently.
 * Heartbeats: a worker killed mid-trial leaves its trial RUNNING; once its heartbeat is older
   than the grace period the next worker to look fails it and re-queues it (with its
-  intermediate values) through Optuna's RetryHeartbeatStaleTrialCallback. Optuna's journal
-  storage has no heartbeats, which is why kdsweep uses RDB storage only.
+  intermediate values) through Optuna's RetryHeartbeatStaleTrialCallback. Interval and grace
+  come from KDSWEEP_HEARTBEAT / KDSWEEP_GRACE (seconds). Optuna's journal storage has no
+  heartbeats, which is why kdsweep uses RDB storage only.
 * Every storage call is retried with bounded back-off on connection errors, so a database
-  restart or a busy SQLite file pauses workers rather than killing them.
+  restart or a busy SQLite file pauses workers rather than killing them; when the retries
+  run out, a StorageError says so in one sentence.
+* Passwords: every URL shown anywhere goes through `redact`/`redact_text`.
 """
 
 from __future__ import annotations
