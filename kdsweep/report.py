@@ -111,15 +111,6 @@ def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
             "value": [t.value for t in done], "trial": [t.number for t in done]}
 
 
-def family_group(params: Mapping[str, Any]) -> str:
-    """'mlp', or 'cnn' with its regulariser (and '+factorized' when set): 'cnn/dropblock'."""
-    family = params.get("model.family", "?")
-    if family != "cnn":
-        return str(family)
-    group = f"cnn/{params.get('reg.kind', 'none')}"
-    return group + ("+factorized" if params.get("cnn.factorized") else "")
-
-
 def _budget(study: optuna.Study) -> int | None:
     definition = study.user_attrs.get("kdsweep.definition") or {}
     return (definition.get("config") or {}).get("model", {}).get("budget")
