@@ -74,10 +74,9 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
             entry.setdefault("details", {})["over_budget"] = f"took {wall:.0f} s of {budget:.0f} s"
         results.append(entry)
         click.echo(f"   {wall:.0f} s", err=True)
-    meta = report.machine()
-    meta["suite_s"] = round(time.perf_counter() - suite_start, 1)
-    meta["quick"] = quick
-    report.write_json(Path(output), results, meta)
+        meta = {**report.machine(), "suite_s": round(time.perf_counter() - suite_start, 1),
+                "quick": quick, "device": device, "complete": len(results) == len(names)}
+        report.write_json(Path(output), results, meta)  # after every entry: a crash keeps the rest
     click.echo(report.table(results))
     click.echo(f"wrote {output} ({meta['suite_s']:.0f} s)")
     if markdown:

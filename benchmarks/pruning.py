@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -63,8 +64,8 @@ def sample_sequence(study_def: studies.Study, n: int, seed: int) -> list[dict[st
 
 
 def run_sweep(study_def: studies.Study, params: list[dict[str, Any]], pruner: optuna.pruners.BasePruner,
-              tmp, name: str) -> list[tuple[int, float | None]]:
-    """(epochs run, final value or None if pruned) per trial, in order."""
+              tmp, name: str) -> tuple[list[tuple[int, float | None]], list[list[float]]]:
+    """(epochs run, final value or None if pruned) per trial, in order; and the curves."""
     study = optuna.create_study(study_name=name, direction="maximize", pruner=pruner,
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for p in params:
@@ -72,11 +73,64 @@ def run_sweep(study_def: studies.Study, params: list[dict[str, Any]], pruner: op
     objective = Objective(study_def, "bench", {"device": "cpu"}, tmp / name, tensorboard=None,
                           keep_weights=0)
     study.optimize(objective, n_trials=len(params))
-    out = []
+    out, curves = [], []
     for t in study.trials:
         epochs = len(t.intermediate_values)
         out.append((epochs, t.value if t.state == optuna.trial.TrialState.COMPLETE else None))
+        curves.append([t.intermediate_values[e] for e in sorted(t.intermediate_values)])
+    return out, curves
+
+
+def replay(curves: list[list[float]], pruner: optuna.pruners.BasePruner, name: str
+           ) -> list[tuple[int, float | None]]:
+    """Run a pruner over recorded full learning curves, as if the trials trained again.
+
+    Exact because `train()` is deterministic on CPU for a fixed config and seed (a pruned
+    trial's curve is a prefix of its unpruned one); the real pruned sweep checks this.
+    """
+    study = optuna.create_study(study_name=name, direction="maximize", pruner=pruner)
+    out = []
+    for curve in curves:
+        trial = study.ask()
+        for epoch, value in enumerate(curve, start=1):
+            trial.report(value, epoch)
+            if trial.should_prune():  # the objective checks after every epoch, the last too
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                out.append((epoch, None))
+                break
+        else:
+            study.tell(trial, curve[-1])
+            out.append((len(curve), curve[-1]))
     return out
+
+
+def candidates(epochs: int) -> dict[str, optuna.pruners.BasePruner]:
+    """Stock pruners compared by replay (not the study's choice unless studies/q1.py says so)."""
+    P = optuna.pruners
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # PatientPruner
+    return {
+        "hyperband(1..9, eta 3)": P.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3),
+        "median(5 startup, 1 warm-up)": P.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        "median(5 startup, 2 warm-up)": P.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+        "percentile 25 (5 startup, 2 warm-up)": P.PercentilePruner(25, n_startup_trials=5, n_warmup_steps=2),
+        "successive halving(min 1, eta 3)": P.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+        "successive halving(min 2, eta 3)": P.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3),
+        "patient(median, patience 1)": P.PatientPruner(P.MedianPruner(n_startup_trials=5, n_warmup_steps=1), patience=1),
+    }
+
+
+def summarise(unpruned, pruned) -> dict[str, Any]:
+    best_none = max(v for _, v in unpruned if v is not None)
+    finished = [v for _, v in pruned if v is not None]
+    target = best_none - MARGIN
+    e_none = epochs_to(unpruned, target)
+    e_pruned = epochs_to(pruned, target)
+    return {
+        "best_unpruned": best_none, "best_pruned": max(finished) if finished else None,
+        "epochs_unpruned": sum(e for e, _ in unpruned), "epochs_pruned": sum(e for e, _ in pruned),
+        "epochs_to_target_unpruned": e_none, "epochs_to_target_pruned": e_pruned,
+        "ratio": None if e_pruned is None else e_none / e_pruned,
+    }
 
 
 def epochs_to(trials: list[tuple[int, float | None]], target: float) -> int | None:
@@ -98,22 +152,16 @@ def run(device: str, quick: bool, pruner_name: str = "study") -> Entry:
     with scratch("pruning") as tmp, env(KDSWEEP_CACHE=str(tmp / "cache")):
         for seq in range(sequences):
             params = sample_sequence(study_def, n_trials, seed=seq)
-            unpruned = run_sweep(study_def, params, optuna.pruners.NopPruner(), tmp, f"none-{seq}")
-            pruned = run_sweep(study_def, params, study_def.pruner(config), tmp, f"pruned-{seq}")
-            best_none = max(v for _, v in unpruned if v is not None)
-            finished = [v for _, v in pruned if v is not None]
-            target = best_none - MARGIN
-            e_none = epochs_to(unpruned, target)
-            e_pruned = epochs_to(pruned, target)
-            rows.append({
-                "sequence": seq, "best_unpruned": best_none,
-                "best_pruned": max(finished) if finished else None,
-                "epochs_unpruned": sum(e for e, _ in unpruned),
-                "epochs_pruned": sum(e for e, _ in pruned),
-                "epochs_to_target_unpruned": e_none, "epochs_to_target_pruned": e_pruned,
-                "ratio": None if e_pruned is None else e_none / e_pruned,
-            })
+            unpruned, curves = run_sweep(study_def, params, optuna.pruners.NopPruner(), tmp, f"none-{seq}")
+            pruned, _ = run_sweep(study_def, params, study_def.pruner(config), tmp, f"pruned-{seq}")
+            row = {"sequence": seq, **summarise(unpruned, pruned)}
+            # The same pruner replayed over the unpruned curves must reproduce the real run.
+            row["replay_matches_real_run"] = replay(curves, study_def.pruner(config), f"pruned-{seq}") == pruned
+            row["replayed"] = {name: summarise(unpruned, replay(curves, p, f"cand-{seq}"))["ratio"]
+                               for name, p in candidates(config.epochs).items()}
+            rows.append(row)
     ratios = [r["ratio"] for r in rows]
+    replayed = {name: [r["replayed"][name] for r in rows] for name in rows[0]["replayed"]}
     complete = [r for r in ratios if r is not None]
     value, std = mean_std(complete) if len(complete) == len(ratios) else (None, None)
     return Entry(
@@ -123,5 +171,5 @@ def run(device: str, quick: bool, pruner_name: str = "study") -> Entry:
         details={"ratio_std": std, "ratios": ratios, "pruner": type(study_def.pruner(config)).__name__,
                  "trials_per_sequence": n_trials, "epochs_per_trial": config.epochs,
                  "data": f"Fashion-MNIST {config.data.train_subset} train / {config.data.val_size} val, 14 px",
-                 "sequences": rows, "seconds": round(time.perf_counter() - start, 1)},
+                 "replayed_ratios": replayed, "sequences": rows, "seconds": round(time.perf_counter() - start, 1)},
     )
