@@ -28,6 +28,12 @@ from kdsweep.train import input_shape, resolve, train
 log = logging.getLogger("kdsweep.objective")
 
 INFEASIBLE = "infeasible"  # user attr of trials whose choices cannot meet the budget
+UID = "kdsweep.uid"  # study user attr: a random id, unique to this study across storages
+
+
+def _drop(checkpoint: Path) -> None:
+    checkpoint.unlink(missing_ok=True)
+    checkpoint.with_suffix(".owner").unlink(missing_ok=True)
 
 
 def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
@@ -82,7 +88,7 @@ class Objective:
         trial.set_user_attr("params", count_params(config))
         trial.set_user_attr("kdsweep_version", kdsweep.__version__)
 
-        checkpoint = self.artifacts / "checkpoints" / f"trial-{origin(trial)}.pt"
+        checkpoint = self._checkpoint(trial)
         writer = None
         if self.tensorboard is not None:
             from kdsweep.tboard import TrialWriter
@@ -103,6 +109,13 @@ class Objective:
 
         try:
             result = train(config, report=report, checkpoint=checkpoint)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
+        except (optuna.TrialPruned, Exception):
+            # Pruned or failed for good (a failed trial is replaced by a fresh number): nothing
+            # will resume it. Interrupts and dead workers keep theirs for the retry.
+            _drop(checkpoint)
+            raise
         finally:
             trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
             if writer is not None:
@@ -118,8 +131,25 @@ class Objective:
             trial.set_user_attr("teacher_val_acc", result.teacher["val_acc"])
         if result.model is not None and self.keep_weights > 0:
             self._keep_weights(trial, result.model, result.final_val_acc)
-        checkpoint.unlink(missing_ok=True)
+        _drop(checkpoint)
         return result.final_val_acc
+
+    def _checkpoint(self, trial: optuna.Trial) -> Path:
+        """The trial's checkpoint path, cleared of any left by another study of the same name.
+
+        Paths are per study name and trial number, so a new study (another SQLite file in the
+        same folder, or one re-created under the same name) could meet an old study's file: a
+        sidecar names the study (its `kdsweep.uid`) that owns the checkpoint.
+        """
+        path = self.artifacts / "checkpoints" / f"trial-{origin(trial)}.pt"
+        owner = path.with_suffix(".owner")
+        uid = str(trial.study.user_attrs.get(UID, ""))
+        if path.exists() and (not owner.exists() or owner.read_text() != uid):
+            log.warning("ignoring %s: it belongs to another study named %r", path, trial.study.study_name)
+            path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        owner.write_text(uid)
+        return path
 
     def _keep_weights(self, trial: optuna.Trial, model: torch.nn.Module, value: float) -> None:
         """Store this trial's weights if it is among the best few; drop those pushed out."""

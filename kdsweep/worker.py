@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from kdsweep.objective import INFEASIBLE, Objective
+from kdsweep.objective import INFEASIBLE, UID, Objective
 from kdsweep.progress import trial_tag
 from kdsweep.studies import Study, StudyError, diff_definitions
 
@@ -106,6 +107,7 @@ def create_or_resume(
             load_if_exists=True,
         )
         study.set_user_attr(DEFINITION, definition)
+        study.set_user_attr(UID, uuid.uuid4().hex)  # tells its checkpoints from a namesake's
         study.set_user_attr("kdsweep.seed", seed)
         study.set_user_attr("description", study_def.description)
     c = counts(study)

@@ -172,3 +172,21 @@ def test_infeasible_and_failed_trials_do_not_count(storage) -> None:
     c = counts(study)
     assert (c.complete, c.pruned, c.infeasible, c.failed, c.finished) == (1, 1, 1, 1, 2)
     assert [counted(t) for t in study.get_trials()] == [True, True, False, False]
+
+
+def test_a_checkpoint_of_another_study_with_the_same_name_is_not_resumed(
+        q2: studies.Study, tmp_path: Path) -> None:
+    from kdsweep.objective import UID, Objective
+
+    objective = Objective(q2, "smoke", {}, tmp_path / "artifacts")
+    old = optuna.create_study(study_name="q2")
+    old.set_user_attr(UID, "old")
+    path = objective._checkpoint(old.ask())
+    path.write_bytes(b"old study's epoch 2")
+    new = optuna.create_study(study_name="q2")
+    new.set_user_attr(UID, "new")
+    assert objective._checkpoint(new.ask()) == path and not path.exists()  # same path, old file gone
+    path.write_bytes(b"new study's epoch 1")
+    again = optuna.create_study(study_name="q2")
+    again.set_user_attr(UID, "new")
+    assert objective._checkpoint(again.ask()) == path and path.exists()  # its own file is kept
