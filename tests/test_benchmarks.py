@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from benchmarks.__main__ import ENTRIES, main
-from benchmarks.pruning import epochs_to
+# benchmarks/ is a top-level package of the repository, not of the installed kdsweep.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.__main__ import ENTRIES, main  # noqa: E402
+from benchmarks.pruning import epochs_to  # noqa: E402
 
 REQUIRED = ("name", "value", "unit", "baseline", "ratio", "goal", "device")
 ISSUE_ENTRIES = ("core_vs_reference", "q2_vs_plain_ce", "teacher_setups", "pruning_epoch_savings",
