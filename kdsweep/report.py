@@ -106,9 +106,14 @@ def importance_data(study: optuna.Study) -> dict[str, float]:
 def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
     """alpha, T and validation accuracy of every complete trial."""
     done = [t for t in _complete(study) if all(p in t.params for p in KD_PARAMS)]
+    bounds = {}
+    for p in KD_PARAMS:  # the searched range, so the plot shows where the sampler did not go
+        dist = next((t.distributions[p] for t in done), None)
+        if dist is not None and hasattr(dist, "low"):
+            bounds[p] = [dist.low, dist.high]
     return {"alpha": [t.params["kd.alpha"] for t in done],
             "temperature": [t.params["kd.temperature"] for t in done],
-            "value": [t.value for t in done], "trial": [t.number for t in done]}
+            "value": [t.value for t in done], "trial": [t.number for t in done], "bounds": bounds}
 
 
 def _budget(study: optuna.Study) -> int | None:
@@ -267,6 +272,11 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
         sc = ax.scatter(a, t, c=v, cmap="viridis", edgecolors="black", s=30)
         if len(v) < 4:
             fig.colorbar(sc, ax=ax, label=metric)
+        for param, setter in (("kd.alpha", ax.set_xlim), ("kd.temperature", ax.set_ylim)):
+            if param in data["bounds"]:
+                low, high = data["bounds"][param]
+                pad = 0.02 * (high - low)
+                setter(low - pad, high + pad)
         ax.set(xlabel="alpha (weight of the teacher's soft term)", ylabel="temperature T",
                title=f"{study.study_name}: {metric} over alpha x T")
     elif name in ("family", "dropblock"):

@@ -89,6 +89,7 @@ def test_q2_contour_holds_every_complete_trial(q2: optuna.Study) -> None:
     d = report.figure_data(q2)["kd_contour"]
     assert d["alpha"] == [0.1, 0.5, 0.9, 0.3, 0.7, 0.2]
     assert d["temperature"] == [2, 4, 8, 15, 12, 6]
+    assert d["bounds"] == {"kd.alpha": [0, 1], "kd.temperature": [1, 20]}
     fig = report.plotly_figure(q2, "kd_contour", d)
     xs = sorted(x for tr in fig.data if tr.type == "scatter" and tr.x is not None for x in tr.x)
     assert xs == sorted(d["alpha"])  # Optuna's contour plots every complete trial
