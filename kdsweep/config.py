@@ -76,6 +76,9 @@ class KDConfig:
     teacher_epochs: int = 5  # epochs of the teacher's probe (or fine-tune when weights="none")
     teacher_lr: float = 0.05
     teacher_image_size: int | None = None  # None: same as the student's data.image_size
+    # Training images the teacher learns from, the first of the same training split (the
+    # student's subset is their first part; never the validation split). None: the student's.
+    teacher_train_subset: int | None = None
     cache_logits: bool = True  # cache teacher logits per (image, augmentation view)
 
 

@@ -35,6 +35,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None) -> None:
     """Cap this process's CPU threads so several workers can share the cores without thrashing."""
     if threads is None:

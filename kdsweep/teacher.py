@@ -26,7 +26,7 @@ from torch import nn
 
 from kdsweep import data, models
 from kdsweep.config import OptimConfig, TrainConfig, to_dict
-from kdsweep.devices import autocast
+from kdsweep.devices import autocast, cpu_cores
 from kdsweep.logit_cache import LogitCache
 
 log = logging.getLogger("kdsweep.teacher")
@@ -42,7 +42,11 @@ def teacher_config(config: TrainConfig) -> TrainConfig:
         raise ValueError("teacher_config needs a config with kd settings.")
     probe = kd.teacher.weights != "none"
     return TrainConfig(
-        data=dataclasses.replace(config.data, image_size=kd.teacher_image_size or config.data.image_size),
+        data=dataclasses.replace(
+            config.data,
+            image_size=kd.teacher_image_size or config.data.image_size,
+            train_subset=kd.teacher_train_subset or config.data.train_subset,
+        ),
         model=dataclasses.replace(kd.teacher, trainable="head" if probe else "all"),
         optim=OptimConfig(lr=kd.teacher_lr, weight_decay=0.0 if probe else 5e-4),
         epochs=kd.teacher_epochs,
@@ -87,7 +91,7 @@ def load_teacher(
         if stored is None:
             log.info("training teacher %s (%s, %s, %d epochs)", key, tconfig.model.arch, mode, tconfig.epochs)
             t0 = time.perf_counter()
-            result = train(tconfig)
+            result = _train_on_all_cores(train, tconfig, device)
             stored = {
                 "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
                 "val_acc": result.final_val_acc,  # the weights stored are the final ones
@@ -107,6 +111,18 @@ def load_teacher(
     info = {"key": key, "val_acc": float(stored["val_acc"]), "mode": mode, "arch": tconfig.model.arch}
     _LOADED[(key, str(device))] = (model, info)
     return model, info
+
+
+def _train_on_all_cores(train: Callable[[TrainConfig], Any], tconfig: TrainConfig, device: torch.device) -> Any:
+    # Every worker of a study needs this teacher and waits on its lock meanwhile, so on CPU the
+    # one that trains it takes all the cores, not its 1/W share; the share is restored after.
+    if device.type != "cpu":
+        return train(tconfig)
+    before = torch.get_num_threads()
+    try:
+        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, cpu_cores())))
+    finally:
+        torch.set_num_threads(before)
 
 
 def _no_download(model_cfg):

@@ -197,3 +197,17 @@ def test_imagenet_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch):
     (checkpoints / filename).write_bytes(b"torn download")
     with pytest.raises(ModelError, match="delete the file"):
         build_resnet(cfg(weights="imagenet"), num_classes=10)
+
+
+def test_random_init_starts_every_residual_branch_at_zero(tmp_path: Path):
+    for arch, last_bn in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        model = build_resnet(cfg(arch=arch), num_classes=10)
+        blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+        assert all(torch.count_nonzero(getattr(b, last_bn).weight) == 0 for b in blocks)
+    # Loaded weights keep their own scales.
+    torch.manual_seed(0)
+    saved = resnet18(num_classes=10)
+    torch.save(saved.state_dict(), tmp_path / "r18.pt")
+    loaded = build_resnet(cfg(weights=str(tmp_path / "r18.pt")), num_classes=10)
+    assert torch.equal(loaded.layer1[0].bn2.weight, saved.layer1[0].bn2.weight)
+    assert torch.count_nonzero(loaded.layer1[0].bn2.weight) > 0
