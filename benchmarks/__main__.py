@@ -42,7 +42,9 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
 @click.option("--quick", is_flag=True, help="Shrink every entry to seconds (plumbing check, not figures).")
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None,
               help="Also write the Markdown page (e.g. docs/benchmarks.md).")
-def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown: str | None) -> None:
+@click.option("--note", default=None, help="A sentence about the run for the Markdown page (e.g. machine load).")
+def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown: str | None,
+         note: str | None) -> None:
     """Run kdsweep's benchmark suite: side-by-side ratios against ordinary baselines.
 
     \b
@@ -81,7 +83,8 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
     click.echo(f"wrote {output} ({meta['suite_s']:.0f} s)")
     if markdown:
         command = "python -m benchmarks " + " ".join(sys.argv[1:])
-        Path(markdown).write_text(report.markdown(results, meta, command))
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown).write_text(report.markdown(results, meta, command, note))
         click.echo(f"wrote {markdown}")
 
 

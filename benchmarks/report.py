@@ -100,7 +100,8 @@ def write_json(path: Path, entries: Sequence[dict[str, Any]], meta: dict[str, An
     tmp.replace(path)
 
 
-def markdown(entries: Sequence[dict[str, Any]], meta: dict[str, Any], command: str) -> str:
+def markdown(entries: Sequence[dict[str, Any]], meta: dict[str, Any], command: str,
+             note: str | None = None) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -115,6 +116,7 @@ def markdown(entries: Sequence[dict[str, Any]], meta: dict[str, Any], command: s
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in meta.items()),
         "",
+        *([note, ""] if note else []),
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
     ]
