@@ -159,6 +159,9 @@ def run(device: str, quick: bool, pruner_name: str = "study") -> Entry:
             row["replay_matches_real_run"] = replay(curves, study_def.pruner(config), f"pruned-{seq}") == pruned
             row["replayed"] = {name: summarise(unpruned, replay(curves, p, f"cand-{seq}"))["ratio"]
                                for name, p in candidates(config.epochs).items()}
+            # Kept so other pruners can be replayed later without training again.
+            row["curves"] = [[round(v, 4) for v in c] for c in curves]
+            row["params"] = params
             rows.append(row)
     ratios = [r["ratio"] for r in rows]
     replayed = {name: [r["replayed"][name] for r in rows] for name in rows[0]["replayed"]}
