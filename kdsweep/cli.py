@@ -513,6 +513,8 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
                               click.echo, start_workers=not no_run)
         except verify.VerifyError as exc:
             raise click.UsageError(str(exc)) from None
+        except verify.VerifyIncomplete as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(text)
         return
     checked = verify.summary_text(sweep)

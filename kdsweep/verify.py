@@ -41,6 +41,10 @@ class VerifyError(ValueError):
     """A verification cannot be prepared; one sentence saying why and what to do."""
 
 
+class VerifyIncomplete(RuntimeError):
+    """The workers stopped before every verification run finished."""
+
+
 def sibling_name(study_name: str) -> str:
     return study_name + SUFFIX
 
@@ -230,16 +234,31 @@ def run(sweep: optuna.Study, storage: BaseStorage, storage_url: str, top: int, s
     return the verification text."""
     from kdsweep import launch as launcher
     from kdsweep import studies
-    from kdsweep.worker import DEFINITION
+    from kdsweep.worker import DEFINITION, check_definition
 
+    definition = sweep.user_attrs.get(DEFINITION)
+    if definition is None or "study" not in definition or "preset" not in definition:
+        raise VerifyError(f"study {sweep.study_name!r} was not created by kdsweep, so its workers cannot re-train it.")
+    if not top_trials(sweep, 1):
+        raise VerifyError(f"study {sweep.study_name!r} has no complete trial to verify yet.")
+    study_def = studies.load(definition["study"])
+    # The workers would refuse a study whose definition differs from the local study file;
+    # say so now, before anything is stored.
+    check_definition(sweep, study_def.definition(definition["preset"], definition.get("overrides") or {}),
+                     sweep.study_name)
     sibling, n = prepare(sweep, storage, top, seeds)
     echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.study_name!r} with "
          f"{seeds} seeds each in study {sibling.study_name!r} ({n} runs)")
     waiting = len(sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if start_workers and waiting:
-        study_def = studies.load(sweep.user_attrs[DEFINITION]["study"])
         args = [study_def.source, "--study-name", sibling.study_name]
         if data:
             args += ["--data", data]
         launcher.run(sibling, args, launcher.plan_workers(workers, device, storage_url), n, echo)
+        left = len(sibling.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+        if left:
+            raise VerifyIncomplete(
+                f"{left} of {n} verification runs did not finish; see the workers' messages above, "
+                "then run the same command again (finished runs are kept)."
+            )
     return summary_text(sweep) or ""

@@ -88,7 +88,7 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
 def test_verify_refuses_a_study_without_complete_trials(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/n.db"
     study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=False))
-    study.set_user_attr("kdsweep.definition", {"study": "q2"})
+    study.set_user_attr("kdsweep.definition", {"study": "q2", "preset": "smoke"})
     result = CliRunner().invoke(cli.main, ["best", "s", "--verify", "--storage", url])
     assert result.exit_code == 2 and "no complete trial to verify" in result.output
     assert "s.verify" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
@@ -135,3 +135,21 @@ def test_best_weights_missing_is_one_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.main, ["best", "s", "--storage", url, "--weights", str(tmp_path / "w.pt")])
     assert result.exit_code == 1 and "no kept weights for trial 0" in result.output
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_verify_refuses_a_study_the_local_file_no_longer_matches(tmp_path: Path, tiny_npz: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsweep import studies
+    from kdsweep.worker import DEFINITION, create_or_resume
+
+    study_file = write_study(tmp_path, tiny_npz)
+    url = f"sqlite:///{tmp_path}/d.db"
+    sweep = create_or_resume(studies.load(str(study_file)), "smoke", open_storage(url), "tiny", 1)
+    stale = sweep.user_attrs[DEFINITION]
+    stale["config"]["epochs"] = 7  # as if the study file changed since the sweep ran
+    sweep.set_user_attr(DEFINITION, stale)
+    sweep.add_trial(optuna.create_trial(value=0.5, params={}, distributions={}))
+    monkeypatch.setenv("KDSWEEP_STUDIES", str(tmp_path))
+    result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--storage", url])
+    assert result.exit_code == 2 and "different definition (config.epochs" in result.output
+    assert "tiny.verify" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
