@@ -356,6 +356,8 @@ def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: 
         for g, v in data["family"]["groups"].items():
             lines.append(f"| {g} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} | "
                          f"{data['family']['pruned'].get(g, 0)} |")
+        for g in sorted(set(data["family"]["pruned"]) - set(data["family"]["groups"])):
+            lines.append(f"| {g} | 0 | – | – | {data['family']['pruned'][g]} |")
         lines.append("")
     if "dropblock" in data:
         lines += ["## DropBlock block size", ""]
