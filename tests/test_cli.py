@@ -284,3 +284,19 @@ def test_dashboard_serves_the_storage(created: str) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_launch_pins_workers_round_robin_and_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsweep import launch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 16)
+    plans = launch.plan_workers(3, "auto", "sqlite:///x.db")
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["2", "5", "2"]
+    assert {p.device for p in plans} == {"cuda"}
+    assert [p.env["KDSWEEP_THREADS"] for p in plans] == ["5"] * 3  # 16 cores // 3 workers
+    assert all(p.env["KDSWEEP_STORAGE"] == "sqlite:///x.db" for p in plans)
+    cpu = launch.plan_workers(4, "cpu", "sqlite:///x.db")
+    assert {p.device for p in cpu} == {"cpu"} and all(p.env["KDSWEEP_THREADS"] == "4" for p in cpu)
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 2)
+    assert launch.plan_workers(4, "cpu", "sqlite:///x.db")[0].env["KDSWEEP_THREADS"] == "1"
