@@ -21,9 +21,9 @@ from benchmarks.common import Entry, Skip
 # name -> (function(device, quick) -> Entry, budget in seconds on a CPU, runs on the CPU too)
 ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "core_vs_reference": (core.run, 180),
-    "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 240),
-    "teacher_setups": (q2.teacher_setups, 180),
-    "pruning_epoch_savings": (pruning.run, 420),
+    "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 300),
+    "teacher_setups": (q2.teacher_setups, 120),
+    "pruning_epoch_savings": (pruning.run, 360),
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "gpu_resnet18_train_32px": (gpu.resnet18_train, 90),
@@ -79,13 +79,18 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
         meta = {**report.machine(), "suite_s": round(time.perf_counter() - suite_start, 1),
                 "quick": quick, "device": device, "complete": len(results) == len(names)}
         report.write_json(Path(output), results, meta)  # after every entry: a crash keeps the rest
+        if markdown:
+            _write_markdown(markdown, results, meta, note)
     click.echo(report.table(results))
     click.echo(f"wrote {output} ({meta['suite_s']:.0f} s)")
     if markdown:
-        command = "python -m benchmarks " + " ".join(sys.argv[1:])
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(report.markdown(results, meta, command, note))
         click.echo(f"wrote {markdown}")
+
+
+def _write_markdown(path: str, results: list, meta: dict, note: str | None) -> None:
+    command = "python -m benchmarks " + " ".join(sys.argv[1:])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(report.markdown(results, meta, command, note))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Sizes:
     repeats: int  # side-by-side pairs; the ratio is taken per pair, then averaged
 
 
-CPU = Sizes(train_subset=10_000, epochs=2, batch_size=256, budget=30_000, width=16, repeats=2)
+CPU = Sizes(train_subset=4_000, epochs=2, batch_size=256, budget=30_000, width=16, repeats=2)
 CPU_QUICK = Sizes(train_subset=1_000, epochs=1, batch_size=128, budget=30_000, width=16, repeats=1)
 # The Q1 paper budget (1M parameters) on the GPU, where a small CNN cannot hide data loading.
 GPU = Sizes(train_subset=50_000, epochs=3, batch_size=512, budget=1_000_000, width=64, repeats=2)

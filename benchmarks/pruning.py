@@ -42,7 +42,7 @@ def bench_study(quick: bool) -> studies.Study:
     q1 = studies.load("q1")
     config = TrainConfig(
         data=DataConfig(dataset="fashion-mnist", val_size=5000 if not quick else 1000,
-                        train_subset=6000 if not quick else 1000, image_size=14, pad=1),
+                        train_subset=4000 if not quick else 1000, image_size=14, pad=1),
         model=ModelConfig(arch="mlp", budget=30_000, depth=2),
         optim=OptimConfig(lr=0.05, weight_decay=5e-4),
         epochs=EPOCHS if not quick else 3,
@@ -144,7 +144,7 @@ def epochs_to(trials: list[tuple[int, float | None]], target: float) -> int | No
 
 def run(device: str, quick: bool, pruner_name: str = "study") -> Entry:
     study_def = bench_study(quick)
-    n_trials, sequences = (6, 1) if quick else (24, 3)
+    n_trials, sequences = (6, 1) if quick else (16, 3)
     config = study_def.preset("bench").config
     rows = []
     logging.getLogger("optuna").setLevel(logging.WARNING)
