@@ -32,6 +32,7 @@ from kdsweep import studies
 from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.objective import Objective
 from kdsweep.studies import Preset
+from kdsweep.train import TrainingError
 
 EPOCHS = 9
 MARGIN = 0.005  # 0.5 points of accuracy
@@ -51,7 +52,7 @@ def bench_study(quick: bool) -> studies.Study:
     preset = Preset(
         description="benchmark: Q1 MLP family, Fashion-MNIST 14 px, 9 epochs",
         config=config,
-        space={"model.family": {"choices": ["mlp"]}, "optim.lr": {"low": 1e-3, "high": 1.0}},
+        space={"model.family": {"choices": ["mlp"]}},
     )
     return dataclasses.replace(q1, presets={"bench": preset})
 
@@ -72,12 +73,14 @@ def run_sweep(study_def: studies.Study, params: list[dict[str, Any]], pruner: op
         study.enqueue_trial(p)
     objective = Objective(study_def, "bench", {"device": "cpu"}, tmp / name, tensorboard=None,
                           keep_weights=0)
-    study.optimize(objective, n_trials=len(params))
+    # A diverging trial fails, as in a real sweep; its epochs still count.
+    study.optimize(objective, n_trials=len(params), catch=(TrainingError,))
     out, curves = [], []
     for t in study.trials:
         epochs = len(t.intermediate_values)
         out.append((epochs, t.value if t.state == optuna.trial.TrialState.COMPLETE else None))
-        curves.append([t.intermediate_values[e] for e in sorted(t.intermediate_values)])
+        curve = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+        curves.append(curve if t.state != optuna.trial.TrialState.FAIL else curve + [None])
     return out, curves
 
 
@@ -93,14 +96,19 @@ def replay(curves: list[list[float]], pruner: optuna.pruners.BasePruner, name: s
     for curve in curves:
         trial = study.ask()
         for epoch, value in enumerate(curve, start=1):
+            if value is None:  # the trial failed (diverged) after epoch - 1
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                out.append((epoch - 1, None))
+                break
             trial.report(value, epoch)
             if trial.should_prune():  # the objective checks after every epoch, the last too
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 out.append((epoch, None))
                 break
         else:
-            study.tell(trial, curve[-1])
-            out.append((len(curve), curve[-1]))
+            if curve and curve[-1] is not None:
+                study.tell(trial, curve[-1])
+                out.append((len(curve), curve[-1]))
     return out
 
 
@@ -160,7 +168,7 @@ def run(device: str, quick: bool, pruner_name: str = "study") -> Entry:
             row["replayed"] = {name: summarise(unpruned, replay(curves, p, f"cand-{seq}"))["ratio"]
                                for name, p in candidates(config.epochs).items()}
             # Kept so other pruners can be replayed later without training again.
-            row["curves"] = [[round(v, 4) for v in c] for c in curves]
+            row["curves"] = [[None if v is None else round(v, 4) for v in c] for c in curves]
             row["params"] = params
             rows.append(row)
     ratios = [r["ratio"] for r in rows]
