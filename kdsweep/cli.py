@@ -204,7 +204,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",
                      help="Seed of the sampler (env KDSWEEP_SEED)."),
         click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
-                     help="Checkpoints and kept weights (default: beside the SQLite file). Share it between hosts."),
+                     help="Checkpoints and kept weights (default: beside the SQLite file; env KDSWEEP_ARTIFACTS). Share it between hosts."),
         click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
                      help="Write runs/<study>/trial-N event files."),
     ]
@@ -234,7 +234,8 @@ N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all worker
 @click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials run at once on each GPU (small models cannot fill one).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
-@click.option("--dry-run", is_flag=True, help="Print the resolved config of a few sampled points and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved config and parameter count of 4 sampled points; store nothing.")
 @click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
