@@ -67,3 +67,39 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "kdsweep-cache"
     monkeypatch.setenv("KDSWEEP_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def fmnist_teacher(fmnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A ResNet50 teacher fine-tuned from scratch on real Fashion-MNIST (no ImageNet weights
+    offline), and a ResNet18 student trained alone on the student's budget; built once per session.
+
+    The recipe is the q2 smoke preset's, made cheaper: 16 px instead of 28 (the ImageNet stem
+    then leaves 4×4 at layer1), fewer images and epochs. The teacher lives in its own cache
+    folder, passed as `cache_dir` because the per-test `tmp_cache` fixture moves KDSWEEP_CACHE.
+    Returns the student config (kd set), the teacher's info and both validation accuracies.
+    """
+    import torch
+
+    from kdsweep import data, teacher
+    from kdsweep.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig, replace
+    from kdsweep.train import train
+
+    config = TrainConfig(
+        data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=300, channels=3, pad=1,
+                        image_size=16),
+        model=ModelConfig(arch="resnet18", stem="imagenet"),
+        optim=OptimConfig(lr=0.1),
+        kd=KDConfig(alpha=0.5, temperature=4.0, teacher=ModelConfig(arch="resnet50", stem="imagenet"),
+                    teacher_train_subset=1000, teacher_epochs=3, teacher_lr=0.05),
+        epochs=2,
+        batch_size=50,
+        device="cpu",
+        threads=1,
+        cache_dir=str(tmp_path_factory.mktemp("teacher-cache")),
+    )
+    splits = data.load_splits(config.data)
+    _, info = teacher.load_teacher(config, splits, torch.device("cpu"))
+    alone = train(replace(config, kd=None))
+    return {"config": config, "teacher": info, "teacher_val_acc": info["val_acc"],
+            "student_val_acc": alone.final_val_acc}
