@@ -58,7 +58,8 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     storage = open_storage(url, heartbeat=False)
     sibling = optuna.load_study(study_name="tiny.verify", storage=storage)
     runs = sibling.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(runs) == 4 and len(sibling.trials) == 4
+    states = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in sibling.trials]
+    assert len(runs) == 4 and len(sibling.trials) == 4, (states, result.output[-3000:])
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 3  # sweep untouched
     by = {(t.user_attrs["verify.source_trial"], t.user_attrs["verify.seed"]): t for t in runs}
     assert set(by) == {(t.number, s) for t in top for s in (1000, 1001)}
@@ -77,9 +78,9 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     # Asking again queues nothing new; `best` and `report` show the verification afterwards.
     again = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--seeds", "2", "--top", "2",
                                           "--no-run", "--storage", url])
-    assert again.exit_code == 0 and len(sibling.trials) == 4
+    assert again.exit_code == 0 and len(sibling.trials) == 4, again.output
     shown = CliRunner().invoke(cli.main, ["best", "tiny", "--storage", url])
-    assert "seed verification (tiny.verify)" in shown.output
+    assert "seed verification (tiny.verify)" in shown.output, shown.output
     out = tmp_path / "rep"
     assert CliRunner().invoke(cli.main, ["report", "tiny", "--storage", url, "-o", str(out)]).exit_code == 0
     assert "## Seed verification" in (out / "summary.md").read_text()
