@@ -8,9 +8,15 @@ as a baseline to compare against, never as an assumed answer.
 Input size and stem, per preset (compare results only like with like):
 * paper: CIFAR-10 resized 32 -> 224 px per batch on the device, torchvision's ImageNet stem and
   ImageNet weights for both networks; the teacher is a linear probe (only fc trained).
-* smoke: Fashion-MNIST at its native 28 px with the ImageNet stem (7x7/2 conv + max-pool: 7x7
-  at layer1) and no pretrained weights, which cannot be had offline; the teacher is therefore
-  fully fine-tuned rather than probed, for more epochs than a student gets.
+* smoke: Fashion-MNIST at its native 28 px (grey repeated to 3 channels) with the ImageNet
+  stem (7x7/2 conv + max-pool: 7x7 at layer1, 1x1 at layer4) and random initialisation, since
+  no pretrained weights can be had offline. The teacher is therefore fine-tuned fully rather
+  than probed, and stands in for a pretrained one by knowing more than the student: it learns
+  from the first 1500 images of the training split for 4 epochs (the student's 500 are the
+  first third of them; the validation split is never used), about a minute on 2 CPU cores.
+  Measured under load (one seed): teacher 78% validation accuracy, student alone (alpha=0,
+  3 epochs) 65-70%, ~10 s per student trial with 1 thread. Absolute numbers are far from
+  CIFAR-10's; the preset exists to run the whole sweep in minutes on a CPU.
 """
 
 import optuna
@@ -58,17 +64,18 @@ STUDY = Study(
             needs_gpu=True,
         ),
         "smoke": Preset(
-            description="Fashion-MNIST subset at 28 px, random init, fine-tuned teacher; minutes on CPU",
+            description="Fashion-MNIST at 28 px, random init, fully fine-tuned teacher; minutes on CPU",
             config=TrainConfig(
-                data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=1000, channels=3, pad=2),
+                # pad 1 and flips: 18 views per image, so cached teacher logits fill up fast
+                data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=500, channels=3, pad=1),
                 model=ModelConfig(arch="resnet18", weights="none", stem="imagenet"),
-                optim=OptimConfig(lr=0.05, weight_decay=5e-4),
+                optim=OptimConfig(lr=0.1, weight_decay=5e-4),
                 kd=KDConfig(
                     teacher=ModelConfig(arch="resnet50", weights="none", stem="imagenet"),
-                    teacher_epochs=8, teacher_lr=0.05,
+                    teacher_train_subset=1500, teacher_epochs=4, teacher_lr=0.05,
                 ),
                 epochs=3,
-                batch_size=100,
+                batch_size=50,
             ),
         ),
     },
