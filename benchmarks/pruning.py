@@ -71,7 +71,9 @@ def run_sweep(study_def: studies.Study, params: list[dict[str, Any]], pruner: op
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for p in params:
         study.enqueue_trial(p)
-    objective = Objective(study_def, "bench", {"device": "cpu"}, tmp / name, tensorboard=None,
+    # One thread: this entry counts epochs, not seconds, and one thread per process is what
+    # stays fast when other processes share the cores (OpenMP threads spin-wait otherwise).
+    objective = Objective(study_def, "bench", {"device": "cpu", "threads": 1}, tmp / name, tensorboard=None,
                           keep_weights=0)
     # A diverging trial fails, as in a real sweep; its epochs still count.
     study.optimize(objective, n_trials=len(params), catch=(TrainingError,))
