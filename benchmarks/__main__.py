@@ -72,6 +72,8 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
         wall = time.perf_counter() - start
         entry["wall_s"] = round(wall, 1)
         entry["budget_s"] = None if quick else budget
+        if quick and not entry.get("skipped"):
+            entry.setdefault("details", {})["mode"] = "--quick (shrunk sizes: plumbing, not the entry's figure)"
         if not quick and wall > budget and not entry.get("skipped"):
             entry.setdefault("details", {})["over_budget"] = f"took {wall:.0f} s of {budget:.0f} s"
         results.append(entry)

@@ -73,6 +73,8 @@ def _fmt(v: Any) -> str:
 def rows(entries: Sequence[dict[str, Any]]) -> list[list[str]]:
     out = []
     for e in entries:
+        if str((e.get("details") or {}).get("mode", "")).startswith("--quick"):
+            e = {**e, "name": e["name"] + " (quick)"}
         if e.get("skipped"):
             out.append([e["name"], "skipped", "", "", "", "", e["skipped"], ""])
             continue
