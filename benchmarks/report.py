@@ -102,6 +102,17 @@ def write_json(path: Path, entries: Sequence[dict[str, Any]], meta: dict[str, An
     tmp.replace(path)
 
 
+BULKY = ("curves", "params")  # per-trial data: in the JSON, too long for the page
+
+
+def _brief(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _brief(v) for k, v in value.items() if k not in BULKY}
+    if isinstance(value, list):
+        return [_brief(v) for v in value]
+    return value
+
+
 def markdown(entries: Sequence[dict[str, Any]], meta: dict[str, Any], command: str,
              note: str | None = None) -> str:
     lines = [
@@ -135,6 +146,7 @@ def markdown(entries: Sequence[dict[str, Any]], meta: dict[str, Any], command: s
     lines += ["", "## Details", ""]
     for e in entries:
         lines += [f"### {e['name']}", "", "```json",
-                  json.dumps(e.get("details") or {"skipped": e.get("skipped")}, indent=1, default=str),
+                  json.dumps(_brief(e.get("details") or {"skipped": e.get("skipped")}), default=str,
+                             indent=1),
                   "```", ""]
     return "\n".join(lines)
