@@ -14,9 +14,9 @@ Input size and stem, per preset (compare results only like with like):
   than probed, and stands in for a pretrained one by knowing more than the student: it learns
   from the first 1500 images of the training split for 4 epochs (the student's 500 are the
   first third of them; the validation split is never used): 6000 image-epochs of ResNet50,
-  ~90 CPU-seconds at the 68 images per CPU-second measured here. Measured on a loaded 2-core
-  machine (one seed): teacher 75.6% validation accuracy; student alone (alpha=0, 3 epochs)
-  65.4% in 11 s with 1 thread; KD students 11-18 s (the first trials also fill the teacher's
+  46 s on 2 idle CPU cores. Measured (one seed): teacher 75.6% validation accuracy; student
+  alone (alpha=0, 3 epochs) 65.4%; a student trial takes ~7 s with 1 thread on an idle core
+  with cached teacher logits (11-18 s measured under load, the first trials also filling the
   logit cache), e.g. alpha=0.5, T=4: 66.6%. Absolute numbers are far from CIFAR-10's; the
   preset exists to run the whole sweep in minutes on a CPU.
 """
