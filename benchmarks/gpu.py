@@ -27,7 +27,8 @@ def _require_cuda(device: str) -> None:
 
 def _random_npz(path: Path, n: int, side: int) -> str:
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8)
+    # npz images are channels last (N×H×W×C), as numpy users save them
+    x = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
     y = rng.integers(0, 10, n)
     np.savez(path, x=x, y=y, x_test=x[:1000], y_test=y[:1000])
     return f"npz:{path}"
