@@ -120,9 +120,8 @@ class Objective:
             trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
             if writer is not None:
                 writer.close(params, {"trial": trial.number, "seed": config.seed})
-        trial.set_user_attr("params", result.params)
+        # params and device were stored before training (the same values train() reports).
         trial.set_user_attr("param_split", result.param_split)
-        trial.set_user_attr("device", result.device)
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
         trial.set_user_attr("best_val_acc", result.best_val_acc)
