@@ -104,10 +104,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-def _open(storage: str, heartbeat: bool = True):
+def _open(storage: str, heartbeat: bool = True, wait: bool = False):
     from kdsweep.storage import open_storage
 
-    return open_storage(storage, heartbeat=heartbeat)
+    return open_storage(storage, heartbeat=heartbeat, wait=wait)
 
 
 def _sqlite_path(storage: str) -> Path | None:
@@ -384,7 +384,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
     study_def = studies.load(study)
     study_name = study_name or study_def.name
-    st = _open(storage)
+    st = _open(storage, wait=True)  # a worker started during a database restart waits for it
     try:
         stored = optuna.load_study(study_name=study_name, storage=st).user_attrs.get(DEFINITION) or {}
     except KeyError:

@@ -114,12 +114,18 @@ def redact_text(text: str, url: str | None) -> str:
     return text
 
 
+# Connection errors no retry can cure: the server answered, and said no.
+_PERMANENT = ("authentication failed", "does not exist", "no pg_hba.conf entry", "no password supplied")
+
+
 def _transient(exc: BaseException | None) -> bool:
     """Whether `exc` (or what caused it) is a lost connection or a busy database: worth a retry.
 
     Optuna wraps errors raised during a commit in StorageInternalError, so the cause chain is
     searched too. Integrity errors and the like are not transient and are raised at once.
     """
+    if any(phrase in str(exc) for phrase in _PERMANENT):
+        return False
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
@@ -214,8 +220,13 @@ def _prepare_sqlite(url: str) -> None:
         raise StorageError(f"cannot open the SQLite file {path}: {exc} (is the folder writable?).") from None
 
 
-def open_storage(url: str | None = None, heartbeat: bool = True) -> RetryingStorage:
-    """Open (creating the schema if needed) the storage at `url`; StorageError if impossible."""
+def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = False) -> RetryingStorage:
+    """Open (creating the schema if needed) the storage at `url`; StorageError if impossible.
+
+    With `wait`, a database that is down or restarting is retried with the same back-off as
+    every later call (about 75 s): a worker started during an outage waits for it, as one
+    already running does. Without it (commands a person types), the first failure is reported.
+    """
     url = url or DEFAULT_URL
     if not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://", url):
         raise StorageError(
@@ -236,7 +247,8 @@ def open_storage(url: str | None = None, heartbeat: bool = True) -> RetryingStor
             "heartbeat_interval": heartbeat_interval(),
             "grace_period": grace_period(),
         }
-    try:
+
+    def connect() -> RDBStorage:
         with warnings.catch_warnings():
             # Heartbeats are marked experimental; kdsweep relies on them knowingly (dead workers).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -244,7 +256,10 @@ def open_storage(url: str | None = None, heartbeat: bool = True) -> RetryingStor
                 kwargs["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
                     max_retry=3, inherit_intermediate_values=True
                 )
-            rdb = RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+
+    try:
+        rdb = _retrying(connect, "connect")() if wait else connect()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StorageError(

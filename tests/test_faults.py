@@ -194,6 +194,41 @@ def test_database_restart(tmp_path: Path, fmnist_dir: Path, pg_cluster: Cluster,
     optuna.delete_study(study_name="tiny", storage=open_storage(url, heartbeat=False))
 
 
+def test_worker_started_during_outage_waits(tmp_path: Path, fmnist_dir: Path, pg_cluster: Cluster) -> None:  # noqa: F811
+    # A worker (re)started by a supervisor while the database restarts must wait for it, not exit:
+    # the previous test's workers only met the outage mid-run, or at start-up by chance.
+    url = pg_cluster.url()
+    create(url, "quick", 2)
+    pg_cluster.stop("fast")
+    try:
+        proc, log = start_worker(tmp_path, url, 0)
+        wait_until(lambda: "storage call connect failed" in log.read_text(), 60, 0.1,
+                   "the worker to meet the outage")
+        assert proc.poll() is None, log.read_text()[-3000:]  # still waiting, not gone
+        pg_cluster.start()
+        finish([proc])
+    finally:
+        if not pg_cluster.is_up():
+            pg_cluster.start()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    assert_complete(load(url), 2)
+    optuna.delete_study(study_name="tiny", storage=open_storage(url, heartbeat=False))
+
+
+def test_worker_fails_fast_on_a_missing_database(tmp_path: Path, fmnist_dir: Path) -> None:
+    # "does not exist" is the server's answer, not an outage: one sentence at once, no retries.
+    with machine_database() as url:
+        missing = url.rsplit("/", 1)[0] + "/kdsweep_no_such_db"
+        proc, log = start_worker(tmp_path, missing, 0)
+        assert proc.wait(timeout=60) != 0
+    text = log.read_text()
+    assert 'database "kdsweep_no_such_db" does not exist' in text and "retry" not in text, text
+    assert "Traceback" not in text
+
+
 # ---------------------------------------------------------------- 3. interrupt
 
 
