@@ -337,7 +337,7 @@ def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: di
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
            overrides: tuple[str, ...], n_trials: int) -> None:
-    """Create (or top up) STUDY with N trial slots, without running workers.
+    """Create STUDY (or raise its N) to finish N trials, without running workers.
 
     For many hosts: create once, then run `kdsweep worker` on each GPU host.
 
@@ -588,7 +588,8 @@ def _read_doc(path: str) -> dict[str, Any]:
 def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: bool, study_file: str | None) -> None:
     """Add known points to a study, checked against its search space.
 
-    Enqueued points count toward the study's N like its other waiting trials.
+    An enqueued point takes the place of a trial of N not yet started, so the study still
+    finishes N trials; once all N have started, it runs in addition to them.
 
     \b
     kdsweep enqueue q2 kd.alpha=0.9 kd.temperature=10
@@ -614,9 +615,12 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     if not points:
         raise click.UsageError("give key=value pairs or --baselines.")
     checked = [sp.validate_point(space, p) for p in points]  # all checked before any is stored
-    for p in checked:
-        sweep.enqueue_trial(p, skip_if_exists=True)
-        click.echo(f"enqueued {json.dumps(p)}")
+    from kdsweep.storage import study_lock
+
+    with study_lock(sweep._storage, sweep._study_id):  # not counted twice by a worker's top-up
+        for p in checked:
+            sweep.enqueue_trial(p, skip_if_exists=True)
+            click.echo(f"enqueued {json.dumps(p)}")
 
 
 @main.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class Objective:
     tensorboard: Path | None = None  # runs/<study>/<trial>/ event files when set
     keep_weights: int = 3  # weights of the best few complete trials are kept
     overrides: Mapping[str, Any] = field(default_factory=dict)  # `--set` values the study records
+    stop: threading.Event | None = None  # set by a worker's signal handler: train() stops cleanly
 
     def config(self, params: Mapping[str, Any]) -> TrainConfig:
         return self.study.config_for(self.preset, params, self.overrides, **self.runtime)
@@ -108,7 +110,7 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
-            result = train(config, report=report, checkpoint=checkpoint)
+            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
         except (optuna.TrialPruned, Exception):

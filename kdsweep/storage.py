@@ -13,18 +13,23 @@
 * Every storage call is retried with bounded back-off on connection errors, so a database
   restart or a busy SQLite file pauses workers rather than killing them; when the retries
   run out, a StorageError says so in one sentence.
+* `study_lock` serialises what must not run twice at once across workers and hosts (making
+  a study's trial slots): an advisory lock on PostgreSQL/MySQL, a file lock beside a SQLite file.
 * Passwords: every URL shown anywhere goes through `redact`/`redact_text`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +301,67 @@ def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
 
 def study_names(storage: BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def _rdb(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage behind kdsweep's retrying wrapper and Optuna's cache, if there is one."""
+    inner: Any = storage
+    for _ in range(4):
+        if isinstance(inner, RDBStorage):
+            return inner
+        inner = getattr(inner, "_inner", None) or getattr(inner, "_backend", None)
+    return None
+
+
+_LOCAL_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+_LOCK_CLASS = 0x6B64  # "kd": the first key of kdsweep's PostgreSQL advisory locks
+
+
+@contextlib.contextmanager
+def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
+    """Hold a lock on `study_id` shared by every process that uses this database.
+
+    PostgreSQL: a session advisory lock (released by the server if the worker dies); MySQL:
+    GET_LOCK; SQLite: an OS file lock beside the database file (SQLite is one host anyway);
+    anything else (in-memory storage): a lock within this process.
+    """
+    rdb = _rdb(storage)
+    engine = rdb.engine if rdb is not None else None
+    dialect = engine.dialect.name if engine is not None else ""
+    database = engine.url.database if engine is not None else None
+    if dialect == "sqlite" and database and database != ":memory:":
+        from filelock import FileLock
+
+        with FileLock(f"{database}.slots-{study_id}.lock", timeout=-1):
+            yield
+        return
+    if dialect in ("postgresql", "mysql"):
+        take, give = {
+            "postgresql": ("SELECT pg_advisory_lock(:a, :b)", "SELECT pg_advisory_unlock(:a, :b)"),
+            "mysql": ("SELECT GET_LOCK(CONCAT('kdsweep-', :a, '-', :b), -1)",
+                      "SELECT RELEASE_LOCK(CONCAT('kdsweep-', :a, '-', :b))"),
+        }[dialect]
+        key = {"a": _LOCK_CLASS, "b": study_id}
+
+        def connect() -> sqlalchemy.engine.Connection:
+            conn = engine.connect()
+            try:
+                conn.execute(sqlalchemy.text(take), key)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = _retrying(connect, "lock")()
+        try:
+            yield
+        finally:
+            try:
+                conn.execute(sqlalchemy.text(give), key)
+                conn.commit()
+            except sqlalchemy.exc.SQLAlchemyError:
+                pass  # a lost connection has released the lock already
+            conn.close()
+        return
+    with _LOCAL_LOCKS.setdefault((id(storage), study_id), threading.Lock()):
+        yield

@@ -6,12 +6,14 @@ every epoch and may raise to stop training at once (the exception propagates unc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,34 @@ Report = Callable[[int, dict[str, float]], None]
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the trial should be failed."""
+
+
+class Stopped(KeyboardInterrupt):
+    """train() was asked to stop through its `stop` event (a KeyboardInterrupt, like Ctrl-C)."""
+
+
+# Set while a train() given a `stop` event is in its epoch loop, where it checks the event
+# before every batch. A signal handler reads it: there, setting the event is enough, and an
+# exception raised from the handler (which can land anywhere, even inside a library's cleanup)
+# is needed only outside the loop, e.g. while a teacher is built.
+_POLLING = threading.Event()
+
+
+def polling_stop() -> bool:
+    """Whether a running train() will notice its `stop` event before its next batch."""
+    return _POLLING.is_set()
+
+
+@contextlib.contextmanager
+def _polling(stop: threading.Event | None) -> Iterator[None]:
+    if stop is None:
+        yield
+        return
+    _POLLING.set()
+    try:
+        yield
+    finally:
+        _POLLING.clear()
 
 
 @dataclass
@@ -176,12 +206,16 @@ def train(
     config: TrainConfig,
     report: Report | None = None,
     checkpoint: str | Path | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train `config.model` on `config.data`, distilling from a teacher when `config.kd` is set.
 
     After each epoch `report(epoch, metrics)` is called (epochs count from 1) with at least
     `val_acc` (validation accuracy in [0, 1]), `train_loss`, `lr`, `images_per_s`, `seconds`.
     If `report` raises, training stops and the exception propagates.
+
+    With `stop`, training raises Stopped before the next batch once the event is set (how a
+    worker asked to stop by a signal leaves its trial cleanly, between two optimiser steps).
 
     With `checkpoint`, the state after every epoch is written there, and a call that finds a
     checkpoint resumes after its last epoch (used to resume trials of dead workers); epochs
@@ -241,58 +275,61 @@ def train(
     d = config.data
     train_images = 0
     train_seconds = 0.0
-    for epoch in range(first_epoch, config.epochs + 1):
-        epoch_start = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        batches = progress.track(data.batch_indices(n, config.batch_size, index_gen), steps_per_epoch,
-                                 f"{config.model.arch} epoch {epoch}/{config.epochs}", "batch")
-        for i, idx in enumerate(batches):  # a bar on a terminal (KD: includes filling the logit cache)
-            models.set_progress(model, ((epoch - 1) * steps_per_epoch + i) / total_steps, config.model)
-            idx = idx.to(device)
-            views = data.sample_views(len(idx), d.pad, d.flip, gen)
-            x = data.apply_views(train_x[idx], views, d.pad)
-            with autocast(device):
-                logits = step_model(_to_input(x, config, splits, device))
-            if teacher_fn is not None:
-                t_logits = teacher_fn(idx, views, x)
-                loss = kd_loss(logits, t_logits, train_y[idx], config.kd.alpha, config.kd.temperature)
-            else:
-                loss = F.cross_entropy(logits.float(), train_y[idx], label_smoothing=o.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach()
-        train_loss = loss_sum.item() / steps_per_epoch  # one sync per epoch, not per step
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"the training loss became {train_loss} in epoch {epoch}.")
-        seconds = time.perf_counter() - epoch_start
-        train_images += n
-        train_seconds += seconds
-        val_acc = evaluate(model, splits.val_x, splits.val_y, config, splits, device)
-        metrics = {
-            "epoch": epoch,
-            "val_acc": val_acc,
-            "train_loss": train_loss,
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": n / seconds,
-            "seconds": time.perf_counter() - epoch_start,
-        }
-        history.append(metrics)
-        log.info("epoch %d/%d val_acc %.4f loss %.4f (%.0f img/s)",
-                 epoch, config.epochs, val_acc, train_loss, n / seconds)
-        # Report first, then checkpoint: a worker killed in between re-runs this epoch from the
-        # previous checkpoint (and re-reports the same value), whereas the other order could
-        # resume past an epoch whose value was never reported.
-        if report is not None:
-            report(epoch, metrics)
-        if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "gen": gen.get_state().cpu(),
-                "index_gen": index_gen.get_state(), "history": history, "epoch": epoch,
-            })
+    with _polling(stop):  # a stop request is honoured between two batches from here on
+        for epoch in range(first_epoch, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            batches = progress.track(data.batch_indices(n, config.batch_size, index_gen), steps_per_epoch,
+                                     f"{config.model.arch} epoch {epoch}/{config.epochs}", "batch")
+            for i, idx in enumerate(batches):  # a bar on a terminal (KD: includes filling the logit cache)
+                if stop is not None and stop.is_set():
+                    raise Stopped()
+                models.set_progress(model, ((epoch - 1) * steps_per_epoch + i) / total_steps, config.model)
+                idx = idx.to(device)
+                views = data.sample_views(len(idx), d.pad, d.flip, gen)
+                x = data.apply_views(train_x[idx], views, d.pad)
+                with autocast(device):
+                    logits = step_model(_to_input(x, config, splits, device))
+                if teacher_fn is not None:
+                    t_logits = teacher_fn(idx, views, x)
+                    loss = kd_loss(logits, t_logits, train_y[idx], config.kd.alpha, config.kd.temperature)
+                else:
+                    loss = F.cross_entropy(logits.float(), train_y[idx], label_smoothing=o.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach()
+            train_loss = loss_sum.item() / steps_per_epoch  # one sync per epoch, not per step
+            if not math.isfinite(train_loss):
+                raise TrainingError(f"the training loss became {train_loss} in epoch {epoch}.")
+            seconds = time.perf_counter() - epoch_start
+            train_images += n
+            train_seconds += seconds
+            val_acc = evaluate(model, splits.val_x, splits.val_y, config, splits, device)
+            metrics = {
+                "epoch": epoch,
+                "val_acc": val_acc,
+                "train_loss": train_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": n / seconds,
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            history.append(metrics)
+            log.info("epoch %d/%d val_acc %.4f loss %.4f (%.0f img/s)",
+                     epoch, config.epochs, val_acc, train_loss, n / seconds)
+            # Report first, then checkpoint: a worker killed in between re-runs this epoch from the
+            # previous checkpoint (and re-reports the same value), whereas the other order could
+            # resume past an epoch whose value was never reported.
+            if report is not None:
+                report(epoch, metrics)
+            if ckpt_path is not None:
+                _save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "gen": gen.get_state().cpu(),
+                    "index_gen": index_gen.get_state(), "history": history, "epoch": epoch,
+                })
 
     best = max(history, key=lambda h: h["val_acc"])
     test_acc = None

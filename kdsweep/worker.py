@@ -1,21 +1,25 @@
-"""Workers: create a study with exactly N trial slots, and run them from any number of processes.
+"""Workers: a study that finishes exactly N trials, run from any number of processes.
 
-Exact trial counts come from Optuna's own queue: `create` enqueues one WAITING trial per slot
-(empty params, so the sampler still chooses every value when it runs), and workers only ever
-run WAITING trials — popping one is atomic in Optuna's RDB storage, so two workers never run the
-same slot and no worker creates a trial of its own. A trial that fails (an exception, NaN loss,
-out of memory) or turns out infeasible is replaced by a fresh slot, so the study still ends
-with exactly N COMPLETE + PRUNED trials. A dead worker's trial is failed by the heartbeat
-mechanism and re-queued with its parameters and intermediate values; the retry resumes from
-the trial's last epoch checkpoint.
+Exact trial counts come from Optuna's own queue: workers only ever run WAITING trials —
+popping one is atomic in Optuna's RDB storage, so two workers never run the same slot and no
+worker creates a trial of its own. The study records N; its empty WAITING slots (empty
+params, so the sampler still chooses every value when one runs) are made a few at a time,
+under a lock shared by every worker of the database (`top_up`), until the study holds N trials
+that are finished, running or waiting. Making all N up front would be simpler, but Optuna's
+storage cache re-reads every unfinished trial on each sampler and pruner call, so the cost of
+a trial would grow with N. A trial that fails (an exception, NaN loss, out of memory) or turns
+out infeasible no longer counts, so the next top-up replaces it and the study still ends with
+exactly N COMPLETE + PRUNED trials. A dead worker's trial is failed by the heartbeat mechanism
+and re-queued with its parameters and intermediate values; the retry resumes from the trial's
+last epoch checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
-import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -31,11 +35,14 @@ from optuna.trial import TrialState
 from kdsweep.objective import INFEASIBLE, UID, Objective
 from kdsweep.progress import trial_tag
 from kdsweep.studies import Study, StudyError, diff_definitions
+from kdsweep.train import polling_stop
 
 log = logging.getLogger("kdsweep.worker")
 
 DEFINITION = "kdsweep.definition"  # study user attr: what defines the study (JSON)
-MAX_FAILURES = "kdsweep.max_failures"
+MAX_FAILURES = "kdsweep.max_failures"  # study user attr: failed trials replaced, at most
+TARGET = "kdsweep.n_trials"  # study user attr: N, the trials the study is to finish
+WINDOW = 4  # empty WAITING slots made at a time: enough that workers rarely wait on the lock
 POLL_S = 2.0
 
 
@@ -53,15 +60,22 @@ class Counts:
     infeasible: int = 0
     failed: int = 0
     running: int = 0
-    waiting: int = 0
+    waiting: int = 0  # trials still to start: WAITING ones, and slots of N not yet made
+    unmade: int = 0  # of those, the slots not yet made (see top_up)
 
     @property
     def finished(self) -> int:
         return self.complete + self.pruned
 
 
+def _genuine_failure(trial: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL that used up a slot: not an interruption or a dead worker (those are re-queued)."""
+    return not trial.user_attrs.get("fail_reason", "interrupted").startswith("interrupted")
+
+
 def counts(study: optuna.Study) -> Counts:
     c = Counts()
+    failures = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.COMPLETE:
             c.complete += 1
@@ -72,10 +86,17 @@ def counts(study: optuna.Study) -> Counts:
                 c.pruned += 1
         elif t.state == TrialState.FAIL:
             c.failed += 1
+            failures += _genuine_failure(t)
         elif t.state == TrialState.RUNNING:
             c.running += 1
         elif t.state == TrialState.WAITING:
             c.waiting += 1
+    attrs = study.user_attrs
+    if TARGET in attrs:
+        # Failed trials beyond the study's limit are not replaced: N shrinks by that many.
+        target = attrs[TARGET] - max(0, failures - attrs.get(MAX_FAILURES, 10))
+        c.unmade = max(0, target - (c.finished + c.running + c.waiting))
+        c.waiting += c.unmade
     return c
 
 
@@ -85,14 +106,29 @@ def add_slots(study: optuna.Study, n: int) -> None:
         study.enqueue_trial({}, skip_if_exists=False)
 
 
+def top_up(study: optuna.Study) -> int:
+    """Make empty WAITING slots for the part of N not yet made, WINDOW at most; how many made.
+
+    Under the study's lock (every worker on every host), so that between them they never make
+    more than N: the count and the enqueue happen as one step.
+    """
+    from kdsweep.storage import study_lock
+
+    with study_lock(study._storage, study._study_id):
+        c = counts(study)
+        n = min(c.unmade, max(0, WINDOW - (c.waiting - c.unmade)))
+        add_slots(study, n)
+    return n
+
+
 def create_or_resume(
     study_def: Study, preset: str, storage: BaseStorage, study_name: str, n_trials: int,
     seed: int | None = None, max_failures: int | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> optuna.Study:
-    """Create the study (or check an existing one matches) and top it up to `n_trials` slots.
+    """Create the study (or check an existing one matches) and set it to finish `n_trials` trials.
 
-    Running this again with the same N resumes: only missing slots are added. Nothing is
+    Running this again with the same N resumes; with a larger N the study runs more. Nothing is
     changed when the stored definition (study file, preset, overrides, kdsweep version)
     disagrees with the local one.
     """
@@ -110,11 +146,10 @@ def create_or_resume(
         study.set_user_attr(UID, uuid.uuid4().hex)  # tells its checkpoints from a namesake's
         study.set_user_attr("kdsweep.seed", seed)
         study.set_user_attr("description", study_def.description)
-    c = counts(study)
     study.set_user_attr(MAX_FAILURES, max_failures if max_failures is not None else max(3, n_trials // 5))
-    missing = n_trials - (c.finished + c.running + c.waiting)
-    if missing > 0:
-        add_slots(study, missing)
+    # Slots are made by the workers as they need them (top_up), so points enqueued before the
+    # workers start take the places of N's first trials rather than running in addition.
+    study.set_user_attr(TARGET, n_trials)
     return study
 
 
@@ -236,29 +271,45 @@ def run_worker(
     summary = WorkerSummary()
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {s: signal.getsignal(s) for s in handled}
+    stop = threading.Event()  # a signal came: finish or re-queue the trial, then leave
+    interruptible = threading.Event()  # set while the objective runs (see _run_trial)
+    objective = dataclasses.replace(objective, stop=stop)
 
     def on_term(signum: int, frame: Any) -> None:
         # Ctrl-C reaches launch and every worker at once, and launch then sends SIGTERM too:
-        # only the first signal interrupts, so re-queuing the running trial is never cut short.
+        # only the first signal counts, so re-queuing the running trial is never cut short.
         for s in handled:
             signal.signal(s, signal.SIG_IGN)
-        raise Interrupted()
+        stop.set()
+        # An exception raised here lands wherever the main thread happens to be. Inside the
+        # objective that is safe (the trial is re-queued) and needed (a teacher may take
+        # minutes to build), except in train()'s loop, which checks `stop` before every batch
+        # (an exception there could land in a library's cleanup). Everywhere else the worker
+        # only does short bookkeeping (taking a slot, telling a result) and checks `stop` next.
+        if interruptible.is_set() and not polling_stop():
+            raise Interrupted()
 
     if threading.current_thread() is threading.main_thread():
         for s in handled:
             signal.signal(s, on_term)
     try:
         while True:
+            if stop.is_set():
+                raise Interrupted()
             reap_stale(study)  # a dead worker's trial is failed and re-queued here
             trial_id = pop_slot(study)
+            if trial_id is None and top_up(study):
+                trial_id = pop_slot(study)
             if trial_id is None:
                 c = counts(study)
                 if c.running == 0 and c.waiting == 0:
                     break
-                time.sleep(POLL_S)  # others still run; their trials may yet be re-queued
+                # Slots still to make (another worker took the ones just made): try again soon.
+                # Otherwise others still run, and their trials may yet be re-queued.
+                stop.wait(0.1 if c.waiting else POLL_S)
                 continue
             summary.ran += 1
-            state = _run_one(study, trial_id, objective, storage)
+            state = _run_one(study, trial_id, objective, storage, interruptible)
             summary.trials.append(study._storage.get_trial(trial_id).number)
             if state == TrialState.COMPLETE:
                 summary.complete += 1
@@ -275,9 +326,10 @@ def run_worker(
     return summary
 
 
-def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage) -> TrialState:
+def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage,
+             interruptible: threading.Event) -> TrialState:
     try:
-        return _run_trial(study, trial_id, objective, storage)
+        return _run_trial(study, trial_id, objective, storage, interruptible)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Its heartbeat was missed for a whole grace period (e.g. a long database outage), so
         # another worker declared it dead and re-queued it; that retry owns it now.
@@ -286,16 +338,23 @@ def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: 
         return TrialState.FAIL
 
 
-def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage) -> TrialState:
+def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage,
+               interruptible: threading.Event) -> TrialState:
     trial = optuna.trial.Trial(study, trial_id)
     try:
         with heartbeat(storage, trial_id, study), trial_tag(trial.number):
-            value = objective(trial)
+            interruptible.set()
+            try:
+                if objective.stop is not None and objective.stop.is_set():
+                    raise Interrupted()  # the signal came as this trial was being taken
+                value = objective(trial)
+            finally:
+                interruptible.clear()
     except optuna.TrialPruned as exc:
         study.tell(trial, state=TrialState.PRUNED)
         if INFEASIBLE in study._storage.get_trial(trial_id).user_attrs:
+            # It does not count toward N, so the next top_up makes a fresh slot in its place.
             log.warning("trial %d is infeasible (%s); a fresh slot replaces it", trial.number, exc)
-            add_slots(study, 1)
         return TrialState.PRUNED
     except KeyboardInterrupt:
         # Re-queued rather than failed for good: its checkpoint lets the next run resume it.
@@ -314,11 +373,9 @@ def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage
         reason = f"{type(exc).__name__}: {exc}"[:500]
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
-        failures = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                       if not t.user_attrs.get("fail_reason", "interrupted").startswith("interrupted"))
+        failures = sum(map(_genuine_failure, study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
         limit = study.user_attrs.get(MAX_FAILURES, 10)
-        if failures <= limit:
-            add_slots(study, 1)
+        if failures <= limit:  # counts() then leaves N as it is, and top_up replaces the trial
             log.warning("trial %d failed (%s); a fresh slot replaces it", trial.number, reason)
         else:
             log.error("trial %d failed (%s); %d failures exceed the limit of %d, not replaced",

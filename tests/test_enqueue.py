@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from kdsweep import cli
 from kdsweep.storage import open_storage
+from kdsweep.worker import counts
 
 
 def _waiting_points(url: str, name: str) -> list[dict]:
@@ -27,7 +28,7 @@ def q2(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path}/e.db"
     result = _run("create", "q2", "--preset", "smoke", "-n", "2", "--storage", url)
     assert result.exit_code == 0, result.output
-    assert _waiting_points(url, "q2") == [{}, {}]  # two empty slots: the sampler fills them
+    assert _waiting_points(url, "q2") == []  # workers make the 2 slots as they need them
     return url
 
 
@@ -46,6 +47,10 @@ def test_baselines_come_from_the_study_file(q2: str) -> None:
     assert result.exit_code == 0, result.output
     points = [p for p in _waiting_points(q2, "q2") if p]
     assert {"kd.alpha": 0.0, "kd.temperature": 1.0} in points and len(points) == 2
+    # The two points are the study's two trials, not two more.
+    study = optuna.load_study(study_name="q2", storage=open_storage(q2, heartbeat=False))
+    c = counts(study)
+    assert (c.waiting, c.unmade) == (2, 0)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -61,7 +66,7 @@ def test_bad_points_are_refused_and_nothing_is_stored(q2: str, args: list[str], 
         _run("enqueue", "q2", "--storage", q2)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
-    assert _waiting_points(q2, "q2") == [{}, {}]  # not even the (valid) baselines
+    assert _waiting_points(q2, "q2") == []  # not even the (valid) baselines
 
 
 def test_conditional_parameters_of_q1(tmp_path: Path) -> None:

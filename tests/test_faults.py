@@ -265,7 +265,7 @@ def test_interrupt_requeues_and_next_launch_finishes(tmp_path: Path, fmnist_dir:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, out[-3000:]
     assert stopped_in < 20, f"launch took {stopped_in:.1f}s to stop"
-    assert "Traceback" not in out
+    assert "Traceback" not in out, out[max(0, out.find("Traceback") - 2000):][:6000]
     study = load(url)
     c = counts(study)
     assert c.running == 0
@@ -360,7 +360,7 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
     OOM_LR, DATA_LR = 0.051, 0.052
     real_train = train_mod.train
 
-    def faulty_train(config, report=None, checkpoint=None):
+    def faulty_train(config, report=None, checkpoint=None, stop=None):
         if config.optim.lr == OOM_LR:  # out of memory in the second epoch's first step
             real_progress = train_mod.models.set_progress
             calls = {"n": 0}
@@ -373,17 +373,17 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
 
             with pytest.MonkeyPatch.context() as m:
                 m.setattr(train_mod.models, "set_progress", progress)
-                return real_train(config, report, checkpoint)
+                return real_train(config, report, checkpoint, stop)
         if config.optim.lr == DATA_LR:  # the user's data file is broken
             config = replace(config, **{"data.dataset": f"npz:{broken}"})
-        return real_train(config, report, checkpoint)
+        return real_train(config, report, checkpoint, stop)
 
     monkeypatch.setattr(objective_mod, "train", faulty_train)
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
-    study = create(url, "faults", 0, max_failures=3)
+    study = create(url, "faults", 4, max_failures=3)
     good = {"optim.lr": 0.05, "mlp.depth": 1, "mlp.dropout": 0.0}
     points = [good, {**good, "optim.lr": 5000.0}, {**good, "optim.lr": OOM_LR}, {**good, "optim.lr": DATA_LR}]
-    for p in points:
+    for p in points:  # they take the places of the study's 4 trials
         study.enqueue_trial(p, skip_if_exists=False)
     study_def = studies.load(str(TINY))
     objective = Objective(study_def, "faults", {"device": "cpu", "threads": 1}, tmp_path / "artifacts")
@@ -457,9 +457,9 @@ def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, ti
            "data.test_subset": None}  # GPU hosts may lack Debian's Fashion-MNIST
     monkeypatch.setattr(Objective, "config", lambda self, params: replace(real_config(self, params), **npz))
 
-    def greedy_train(config, report=None, checkpoint=None):
+    def greedy_train(config, report=None, checkpoint=None, stop=None):
         if config.optim.lr != greedy_lr:
-            return real_train(config, report, checkpoint)
+            return real_train(config, report, checkpoint, stop)
         real_progress = train_mod.models.set_progress
 
         def progress(model, fraction, cfg):  # a real allocation far beyond the card's memory
@@ -469,11 +469,11 @@ def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, ti
 
         with pytest.MonkeyPatch.context() as m:
             m.setattr(train_mod.models, "set_progress", progress)
-            return real_train(config, report, checkpoint)
+            return real_train(config, report, checkpoint, stop)
 
     monkeypatch.setattr(objective_mod, "train", greedy_train)
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
-    study = create(url, "quick", 0, max_failures=3)
+    study = create(url, "quick", 3, max_failures=3)  # its 3 trials are the points below
     good = {"optim.lr": 0.05, "mlp.depth": 1, "mlp.dropout": 0.0}
     for p in (good, {**good, "optim.lr": greedy_lr}, {**good, "optim.lr": 0.06}):
         study.enqueue_trial(p, skip_if_exists=False)

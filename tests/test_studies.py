@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from pgcluster import machine_database
 
 import kdsweep
 from kdsweep import budget, studies
 from kdsweep.objective import INFEASIBLE
 from kdsweep.storage import open_storage
 from kdsweep.studies import StudyError
-from kdsweep.worker import DEFINITION, check_definition, counted, counts, create_or_resume
+from kdsweep.worker import (
+    DEFINITION,
+    WINDOW,
+    check_definition,
+    counted,
+    counts,
+    create_or_resume,
+    pop_slot,
+    top_up,
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +148,63 @@ def test_load_by_path_unknown_and_broken(tmp_path: Path) -> None:
         studies.load("q2").preset("nope")
 
 
-def test_create_makes_exact_slots_and_resumes(q2: studies.Study, storage) -> None:
-    study = create_or_resume(q2, "smoke", storage, "kd", 5, seed=1, overrides={"epochs": 2})
-    assert counts(study).waiting == 5
+def test_create_sets_n_and_makes_slots_a_few_at_a_time(q2: studies.Study, storage) -> None:
+    study = create_or_resume(q2, "smoke", storage, "kd", 6, seed=1, overrides={"epochs": 2})
     assert study.user_attrs[DEFINITION] == q2.definition("smoke", {"epochs": 2})
-    create_or_resume(q2, "smoke", storage, "kd", 5, overrides={"epochs": 2})
-    assert len(study.get_trials()) == 5  # resumed, nothing added
-    create_or_resume(q2, "smoke", storage, "kd", 7, overrides={"epochs": 2})
-    assert len(study.get_trials()) == 7  # topped up
+    c = counts(study)
+    assert (c.waiting, c.unmade, len(study.get_trials())) == (6, 6, 0)  # workers make the slots
+    assert top_up(study) == WINDOW and top_up(study) == 0  # a few at a time
+    c = counts(study)
+    assert (c.waiting, c.unmade, len(study.get_trials())) == (6, 6 - WINDOW, WINDOW)
+    create_or_resume(q2, "smoke", storage, "kd", 6, overrides={"epochs": 2})
+    assert len(study.get_trials()) == WINDOW and counts(study).waiting == 6  # resumed, nothing added
+    create_or_resume(q2, "smoke", storage, "kd", 9, overrides={"epochs": 2})
+    assert counts(study).waiting == 9  # a larger N: the study runs more
+
+
+def test_slots_are_made_as_trials_start_and_a_failure_is_replaced(q2: studies.Study, storage) -> None:
+    study = create_or_resume(q2, "smoke", storage, "kd", 6, max_failures=1)
+    numbers = []
+    while (trial_id := pop_slot(study)) is not None or (top_up(study) and (trial_id := pop_slot(study))):
+        number = study._storage.get_trial(trial_id).number
+        numbers.append(number)
+        # trial 1 fails twice over (it and its replacement), beyond max_failures=1
+        trial = optuna.Trial(study, trial_id)
+        if number in (1, 6):
+            trial.set_user_attr("fail_reason", "RuntimeError: boom")
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, 0.5)
+        assert len(study.get_trials(states=(TrialState.WAITING,))) <= WINDOW
+    c = counts(study)
+    # 6 slots, 2 failed: the first is replaced, the second is over the limit and is not.
+    assert (c.complete, c.failed, c.waiting, c.running) == (5, 2, 0, 0)
+    assert numbers == list(range(7))
+
+
+TOP_UP_WORKER = """
+import sys, optuna
+from kdsweep.storage import open_storage
+from kdsweep.worker import pop_slot, top_up
+study = optuna.load_study(study_name="race", storage=open_storage(sys.argv[1], heartbeat=False))
+while (tid := pop_slot(study)) is not None or (top_up(study) and (tid := pop_slot(study))):
+    study.tell(optuna.Trial(study, tid), 1.0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_workers_on_one_database_never_make_more_than_n(q2: studies.Study, tmp_path: Path, backend: str) -> None:
+    # Four processes race to make and take slots; the study lock keeps them to exactly N.
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path / 'race.db'}" if backend == "sqlite"
+               else stack.enter_context(machine_database()))
+        create_or_resume(q2, "smoke", open_storage(url, heartbeat=False), "race", 40)
+        procs = [subprocess.Popen([sys.executable, "-c", TOP_UP_WORKER, url]) for _ in range(4)]
+        assert [p.wait(timeout=300) for p in procs] == [0] * 4
+        study = optuna.load_study(study_name="race", storage=open_storage(url, heartbeat=False))
+        assert len(study.get_trials()) == 40
+        assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
 
 
 def test_a_different_definition_is_refused_and_nothing_changes(q2: studies.Study, storage) -> None:

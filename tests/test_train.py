@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.models import dropblock_sizes
-from kdsweep.train import TrainingError, resolve, train
+from kdsweep.train import Stopped, TrainingError, polling_stop, resolve, train
 
 
 def tiny(npz: Path, **kw) -> TrainConfig:
@@ -106,6 +107,23 @@ def test_a_report_that_raises_stops_training_at_once(tiny_npz: Path):
     with pytest.raises(Stop):
         train(tiny(tiny_npz, epochs=5), report=report)
     assert seen == [1, 2]
+
+
+def test_a_set_stop_event_ends_training_before_the_next_batch(tiny_npz: Path):
+    # How a worker stops on a signal: it sets the event, and train() leaves between two batches.
+    stop = threading.Event()
+    seen = []
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        seen.append((epoch, polling_stop()))
+        if epoch == 2:
+            stop.set()
+
+    with pytest.raises(Stopped):
+        train(tiny(tiny_npz, epochs=5), report=report, stop=stop)
+    assert seen == [(1, True), (2, True)]
+    assert not polling_stop()  # only while a loop that checks the event runs
+    assert train(tiny(tiny_npz, epochs=1), stop=threading.Event()).epochs_run == 1
 
 
 def test_checkpoint_resumes_after_the_last_epoch_without_reporting_it_again(tiny_npz: Path, tmp_path: Path):
