@@ -103,7 +103,8 @@ def replay(curves: list[list[float]], pruner: optuna.pruners.BasePruner, name: s
                 out.append((epoch - 1, None))
                 break
             trial.report(value, epoch)
-            if trial.should_prune():  # the objective checks after every epoch, the last too
+            # The objective checks after every epoch but the last (a finished trial completes).
+            if epoch < len(curve) and trial.should_prune():
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 out.append((epoch, None))
                 break

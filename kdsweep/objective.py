@@ -105,7 +105,11 @@ class Objective:
                 writer.epoch(epoch, metrics)
             log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
                      metrics[self.study.metric])
-            if fixed_seed is None and trial.should_prune():  # verification runs always finish
+            # Never at the last epoch: the trial has paid for all of it, and pruning it then would
+            # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in
+            # Ray Tune's ASHA, a trial that reaches the end completes. Verification runs always
+            # finish.
+            if fixed_seed is None and epoch < config.epochs and trial.should_prune():
                 trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 

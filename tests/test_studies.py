@@ -252,3 +252,19 @@ def test_a_checkpoint_of_another_study_with_the_same_name_is_not_resumed(
     again = optuna.create_study(study_name="q2")
     again.set_user_attr(UID, "new")
     assert objective._checkpoint(again.ask()) == path and path.exists()  # its own file is kept
+
+
+@pytest.mark.parametrize(("epochs", "state"), [(2, TrialState.PRUNED), (1, TrialState.COMPLETE)])
+def test_the_pruner_is_never_asked_at_the_last_epoch(fmnist_dir: Path, tmp_path: Path, epochs: int,
+                                                     state: TrialState) -> None:
+    # A pruner that prunes whatever it is asked about: it stops a 2-epoch trial after epoch 1,
+    # but a trial that has run its last epoch completes (its value is paid for).
+    from kdsweep.objective import Objective
+
+    tiny = studies.load(str(Path(__file__).parent / "studies" / "tiny.py"))
+    objective = Objective(tiny, "quick", {"device": "cpu", "threads": 1}, tmp_path / "artifacts",
+                          overrides={"epochs": epochs})
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == state and sorted(trial.intermediate_values) == [1]

@@ -1,10 +1,13 @@
 """tiny: the fault tests' own study, a small MLP on a real Fashion-MNIST subset.
 
-Small enough that a trial takes a couple of seconds on one CPU thread, slow enough per epoch
-(a few tenths of a second) that a test can kill a worker between two epochs. Not a study to
-learn anything from: the tests only check what the sweep machinery does with its trials.
+Small enough that a trial takes a couple of seconds on one CPU thread; the `slow` preset is
+slow enough per epoch (a few tenths of a second) that a test can kill a worker between two
+epochs. Not a study to learn anything from: the tests only check what the sweep machinery
+does with its trials.
 The data come from Debian's dataset-fashion-mnist (found without --data).
 """
+
+import dataclasses
 
 import optuna
 
@@ -48,7 +51,12 @@ STUDY = Study(
     space=SPACE,
     pruner=pruner,
     presets={
-        "slow": Preset(description="6 epochs: long enough to kill a worker mid-trial", config=_config(6)),
+        # ~0.3 s per epoch on one thread of a fast 2-core machine (a plain 2k-image MLP epoch
+        # takes 0.03 s there, and one worker could finish the study before the other started).
+        "slow": Preset(description="6 slow epochs: long enough to kill a worker mid-trial",
+                       config=dataclasses.replace(_config(6), batch_size=16,
+                                                  data=dataclasses.replace(DATA, train_subset=6000),
+                                                  model=ModelConfig(arch="mlp", hidden=(512,)))),
         "quick": Preset(description="2 epochs", config=_config(2)),
         # lr up to 1e4 lets a test enqueue a point whose loss becomes inf/NaN.
         "faults": Preset(description="2 epochs, lr space wide enough to diverge", config=_config(2),
