@@ -1,6 +1,6 @@
 """`core_vs_reference`: kdsweep's training core against a plain torchvision DataLoader loop.
 
-Both sides train the same Q1 CNN (built by `kdsweep.models.build_model` from the same resolved
+Both sides train the same Q1 CNN (built by `kdsweep.core.models.build_model` from the same resolved
 config) on the same Fashion-MNIST training subset with the same batch size, epochs, optimizer,
 augmentation (random crop with zero padding + horizontal flip), precision and memory format.
 The reference is what a researcher would write: `torchvision.datasets.FashionMNIST` read from
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Clock, Entry, cores, mean_std, scratch, torchvision_fmnist_root
-from kdsweep import data as kdata
-from kdsweep import models
-from kdsweep import train as ktrain
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.devices import autocast
+from kdsweep.core import data as kdata
+from kdsweep.core import models
+from kdsweep.core import train as ktrain
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.core.devices import autocast
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ def resnet18_train(device: str, quick: bool) -> Entry:
     """ResNet18 (CIFAR stem) at 32x32 through `train()`: images/s of the last epoch, and the
     model FLOP utilisation of that rate (FlopCounterMode on one fwd+bwd step)."""
     _require_cuda(device)
-    from kdsweep import train
-    from kdsweep.config import DataConfig, ModelConfig, TrainConfig
+    from kdsweep.core import train
+    from kdsweep.core.config import DataConfig, ModelConfig, TrainConfig
 
     n = 10_000 if quick else 50_000
     with scratch("r18") as tmp:
@@ -66,7 +66,7 @@ def resnet18_train(device: str, quick: bool) -> Entry:
 def _train_step_flops(model_cfg, batch: int, side: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kdsweep import models
+    from kdsweep.core import models
 
     model = models.build_model(model_cfg, (3, side, side), 10)
     x = torch.randn(batch, 3, side, side)
@@ -79,9 +79,9 @@ def resnet50_teacher(device: str, quick: bool) -> Entry:
     """ResNet50 teacher inference at 224 px as the logit cache runs it: uint8 32 px batch on the
     device -> to_input (resize to 224) -> bf16 autocast, channels_last, no grad."""
     _require_cuda(device)
-    from kdsweep import data, models
-    from kdsweep.config import ModelConfig
-    from kdsweep.devices import autocast
+    from kdsweep.core import data, models
+    from kdsweep.core.config import ModelConfig
+    from kdsweep.core.devices import autocast
 
     dev = torch.device(device)
     model = models.build_model(ModelConfig(arch="resnet50", weights="none", stem="imagenet"),
@@ -120,8 +120,8 @@ def _forward_flops(model, dev) -> float:
 def compile_reuse(device: str, quick: bool) -> Entry:
     """Two trials of one process with compile=True: the second should not compile again."""
     _require_cuda(device)
-    from kdsweep import train
-    from kdsweep.config import DataConfig, ModelConfig, TrainConfig
+    from kdsweep.core import train
+    from kdsweep.core.config import DataConfig, ModelConfig, TrainConfig
 
     cfg = TrainConfig(
         data=DataConfig(dataset="fashion-mnist", val_size=5000, train_subset=10_000, pad=2),
@@ -144,9 +144,10 @@ def trials_per_device(device: str, quick: bool) -> Entry:
     _require_cuda(device)
     import optuna
 
-    from kdsweep import launch, studies
-    from kdsweep.storage import open_storage
-    from kdsweep.worker import create_or_resume
+    from kdsweep.service import launch
+    from kdsweep.service import spec as studies
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.worker import create_or_resume
 
     per = 2 if quick else 3
     out = {}

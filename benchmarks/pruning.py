@@ -4,7 +4,7 @@ A Q1-style sweep on a real data subset (Fashion-MNIST at 14x14 px, 5k validation
 epochs per trial), restricted to the MLP family so it stays affordable on a CPU. For each of
 several sequences, N configurations are sampled once (random sampler, one seed per sequence)
 and enqueued in two studies that differ only in their pruner: `studies/q1.py`'s own, and none.
-Both run in order through kdsweep's real objective (`kdsweep.objective.Objective` -> `train()`
+Both run in order through kdsweep's real objective (`kdsweep.service.objective.Objective` -> `train()`
 -> `trial.report` / `should_prune`). Then:
 
     target   = the unpruned sweep's final best - 0.5 points
@@ -27,12 +27,12 @@ from typing import Any
 import optuna
 
 from benchmarks.common import Entry, env, mean_std, scratch
-from kdsweep import space as sp
-from kdsweep import studies
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.objective import Objective
-from kdsweep.studies import Preset
-from kdsweep.train import TrainingError
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.core.train import TrainingError
+from kdsweep.service import space as sp
+from kdsweep.service import spec as studies
+from kdsweep.service.objective import Objective
+from kdsweep.service.spec import Preset
 
 EPOCHS = 9
 MARGIN = 0.005  # 0.5 points of accuracy

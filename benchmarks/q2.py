@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import Entry, env, mean_std, scratch
-from kdsweep import studies
-from kdsweep.config import TrainConfig
+from kdsweep.core.config import TrainConfig
+from kdsweep.service import spec as studies
 
 TINY_STUDY = Path(__file__).parent / "studies" / "q2_tiny.py"
 
@@ -39,9 +39,9 @@ def _base(quick: bool, device: str, cache: Path) -> TrainConfig:
 
 
 def q2_vs_plain_ce(device: str, quick: bool) -> Entry:
-    from kdsweep import data, teacher, train
-    from kdsweep.config import replace
-    from kdsweep.devices import resolve_device
+    from kdsweep.core import data, teacher, train
+    from kdsweep.core.config import replace
+    from kdsweep.core.devices import resolve_device
 
     k = 2 if quick else 6
     ce_at = {0, k - 1}
@@ -100,9 +100,9 @@ def _cache_stats(cache: Path) -> dict[str, float | int]:
 
 
 def teacher_setups(device: str, quick: bool) -> Entry:
-    from kdsweep import launch
-    from kdsweep.storage import open_storage
-    from kdsweep.worker import create_or_resume
+    from kdsweep.service import launch
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.worker import create_or_resume
 
     # Counting, not timing: the tiny preset (Q2's space and pruner, 200 images, ResNet50
     # teacher) shows the same sharing as the smoke preset at a fraction of the cost.

@@ -1,9 +1,9 @@
 """`storage_overhead_ms`: what Optuna and its storage cost per trial, on SQLite and PostgreSQL.
 
-W worker processes run kdsweep's real worker loop (`kdsweep.worker.run_worker`: stale-trial
+W worker processes run kdsweep's real worker loop (`kdsweep.service.worker.run_worker`: stale-trial
 check, atomic pop of a WAITING slot, heartbeat, the Q1 study's TPE sampler over its full
 space, then per step `trial.report` + `trial.should_prune` against Q1's Hyperband pruner,
-and `tell`) on storage opened by `kdsweep.storage.open_storage`. The objective does no
+and `tell`) on storage opened by `kdsweep.service.storage.open_storage`. The objective does no
 training, so every second is overhead: ms per trial = workers x (first trial start to last
 trial end, as stored) / trials, i.e. how much longer each trial takes; the workers' own CPU
 time per trial (database server excluded) is reported beside it. PostgreSQL gets a fresh database, dropped afterwards.
@@ -24,9 +24,9 @@ from pathlib import Path
 import optuna
 
 from benchmarks.common import Entry, Skip, scratch
-from kdsweep import space as sp
-from kdsweep import studies
-from kdsweep.objective import Objective
+from kdsweep.service import space as sp
+from kdsweep.service import spec as studies
+from kdsweep.service.objective import Objective
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -52,8 +52,8 @@ class TrivialObjective(Objective):
 
 def _worker(url: str, study_name: str, steps: int, index: int, out: mp.Queue) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    from kdsweep.storage import open_storage
-    from kdsweep.worker import run_worker
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.worker import run_worker
 
     storage = open_storage(url)
     objective = TrivialObjective(studies.load("q1"), "smoke", {}, Path(tempfile.gettempdir()), steps=steps)
@@ -64,9 +64,9 @@ def _worker(url: str, study_name: str, steps: int, index: int, out: mp.Queue) ->
 
 def measure(url: str, workers: int, trials: int, steps: int) -> dict[str, float]:
     """Create the study with `trials` slots, run `workers` processes; ms of overhead per trial."""
-    from kdsweep import studies
-    from kdsweep.storage import open_storage
-    from kdsweep.worker import create_or_resume
+    from kdsweep.service import spec as studies
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.worker import create_or_resume
 
     study_def = studies.load("q1")
     name = f"bench-{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,7 @@
 """`worker_scaling`: parallel efficiency of kdsweep's launcher and workers on this machine.
 
 Identical fixed-config trials (`benchmarks/studies/fixed.py`) run through the real code path:
-`kdsweep.launch.plan_workers` + `kdsweep.launch.run`, which start `python -m kdsweep worker`
+`kdsweep.service.launch.plan_workers` + `kdsweep.service.launch.run`, which start `python -m kdsweep worker`
 processes. Throughput is finished trials per hour between the first trial's start and the
 last trial's end as stored (worker start-up excluded). Setups, all on the same cores:
 
@@ -25,9 +25,10 @@ def rate(tmp: Path, workers: int, threads: int | None, trials: int, preset: str)
     """Finished trials per hour for `workers` processes; `threads` overrides launch's split."""
     import optuna
 
-    from kdsweep import launch, studies
-    from kdsweep.storage import open_storage
-    from kdsweep.worker import create_or_resume
+    from kdsweep.service import launch
+    from kdsweep.service import spec as studies
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.worker import create_or_resume
 
     name = f"scaling-{uuid.uuid4().hex[:6]}"
     url = f"sqlite:///{tmp / (name + '.db')}"

@@ -18,23 +18,23 @@ from typing import Any
 import click
 
 import kdsweep
-from kdsweep.config import ConfigError
-from kdsweep.devices import DeviceError
-from kdsweep.space import SpaceError
-from kdsweep.storage import DEFAULT_URL, StorageError, redact, redact_text
-from kdsweep.studies import StudyError
+from kdsweep.core.config import ConfigError
+from kdsweep.core.devices import DeviceError
+from kdsweep.service.space import SpaceError
+from kdsweep.service.spec import StudyError
+from kdsweep.service.storage import DEFAULT_URL, StorageError, redact, redact_text
 
-# The schemes kdsweep.storage.open_storage accepts; anything else is a usage error.
+# The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
 URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 USAGE_ERRORS = (StudyError, SpaceError, ConfigError, DeviceError)
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from kdsweep.budget import BudgetError
-    from kdsweep.data import DataError
-    from kdsweep.resnets import ModelError
-    from kdsweep.train import TrainingError
+    from kdsweep.core.budget import BudgetError
+    from kdsweep.core.data import DataError
+    from kdsweep.core.resnets import ModelError
+    from kdsweep.core.train import TrainingError
 
     return (StorageError, BudgetError, DataError, ModelError, TrainingError)
 
@@ -77,7 +77,7 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, force=True)
-    from kdsweep.progress import install_log_format
+    from kdsweep.core.progress import install_log_format
 
     install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
     logging.getLogger("kdsweep").setLevel(level)
@@ -105,7 +105,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 def _open(storage: str, heartbeat: bool = True, wait: bool = False):
-    from kdsweep.storage import open_storage
+    from kdsweep.service.storage import open_storage
 
     return open_storage(storage, heartbeat=heartbeat, wait=wait)
 
@@ -120,7 +120,7 @@ def _load_existing(storage: str, study_name: str):
     """Load a study to read it; a missing SQLite file is reported, not created."""
     import optuna
 
-    from kdsweep.storage import study_names
+    from kdsweep.service.storage import study_names
 
     path = _sqlite_path(storage)
     if path is not None and not path.exists():
@@ -145,7 +145,7 @@ def _runtime(device: str, data: str | None, download: bool = False,
     `threads` is this process's share of the cores (launch gives each of W workers
     cores // W through KDSWEEP_THREADS); a worker started by hand takes every core.
     """
-    from kdsweep.launch import cpu_cores
+    from kdsweep.service.launch import cpu_cores
 
     runtime: dict[str, Any] = {"device": device, "threads": threads or cpu_cores()}
     if data:
@@ -157,7 +157,7 @@ def _runtime(device: str, data: str | None, download: bool = False,
 
 def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any]) -> None:
     """Load the preset's data once, so missing data is one sentence before anything is stored."""
-    from kdsweep.data import load_splits
+    from kdsweep.core.data import load_splits
 
     load_splits(study_def.config_for(preset, {}, overrides, **runtime).data)
 
@@ -165,7 +165,7 @@ def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: 
 def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
     import torch
 
-    from kdsweep.devices import resolve_device
+    from kdsweep.core.devices import resolve_device
 
     resolve_device(device)  # DeviceError for cuda without CUDA
     if needs_gpu and not torch.cuda.is_available() and not force:
@@ -253,8 +253,8 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     kdsweep launch q1 --preset smoke --dry-run
     kdsweep launch q1 --storage postgresql+psycopg://kd@db/kd --workers 8
     """
-    from kdsweep import launch as launcher
-    from kdsweep import studies
+    from kdsweep.service import launch as launcher
+    from kdsweep.service import spec as studies
 
     study_def = studies.load(study)
     p = study_def.preset(preset)
@@ -270,7 +270,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         gpus = launcher.visible_gpus() if device != "cpu" else []
         workers = len(gpus) * trials_per_device if gpus else 1
     _preflight(study_def, preset, changes, _runtime(device, data, download))
-    from kdsweep.worker import create_or_resume
+    from kdsweep.service.worker import create_or_resume
 
     st = _open(storage)
     sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
@@ -306,11 +306,11 @@ def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: di
     """Print the resolved config and parameter count of a few randomly sampled points."""
     import optuna
 
-    from kdsweep import space as sp
-    from kdsweep.budget import BudgetError
-    from kdsweep.config import to_dict
-    from kdsweep.objective import count_params
-    from kdsweep.train import resolve
+    from kdsweep.core.budget import BudgetError
+    from kdsweep.core.config import to_dict
+    from kdsweep.core.train import resolve
+    from kdsweep.service import space as sp
+    from kdsweep.service.objective import count_params
 
     space = study_def.space_for(preset, overrides)
     click.echo(f"study {study_def.name}, preset {preset}, overrides {json.dumps(overrides)}: "
@@ -344,8 +344,8 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
-    from kdsweep import studies
-    from kdsweep.worker import counts, create_or_resume
+    from kdsweep.service import spec as studies
+    from kdsweep.service.worker import counts, create_or_resume
 
     study_def = studies.load(study)
     changes = studies.parse_overrides(overrides)
@@ -375,10 +375,10 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     """
     import optuna
 
-    from kdsweep import studies
-    from kdsweep.objective import Objective
-    from kdsweep.tboard import runs_root
-    from kdsweep.worker import DEFINITION, run_worker
+    from kdsweep.service import spec as studies
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.tensorboard import runs_root
+    from kdsweep.service.worker import DEFINITION, run_worker
 
     ctx = click.get_current_context()
     _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
@@ -400,10 +400,10 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     preset = stored.get("preset", preset)
     overrides = stored.get("overrides") or {}
     runtime = _runtime(device, data, download, threads)
-    from kdsweep.devices import resolve_device
+    from kdsweep.core.devices import resolve_device
 
     resolve_device(device)
-    from kdsweep.worker import check_definition
+    from kdsweep.service.worker import check_definition
 
     check_definition(optuna.load_study(study_name=study_name, storage=st),
                      study_def.definition(preset, overrides), study_name)
@@ -433,8 +433,8 @@ def status(study_name: str, storage: str) -> None:
     \b
     kdsweep status q2
     """
-    from kdsweep.launch import best_line
-    from kdsweep.worker import counts
+    from kdsweep.service.launch import best_line
+    from kdsweep.service.worker import counts
 
     sweep = _load_existing(storage, study_name)
     c = counts(sweep)
@@ -505,7 +505,7 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
     kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
     kdsweep best q2 --verify --seeds 5 --top 3
     """
-    from kdsweep import verify
+    from kdsweep.service import verify
 
     sweep = _load_existing(storage, study_name)
     if verify_:
@@ -523,7 +523,7 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
         click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
     doc = export_best(sweep)
     if weights:
-        from kdsweep.weights import WeightsError, export_weights
+        from kdsweep.service.weights import WeightsError, export_weights
 
         try:
             export_weights(sweep.best_trial, doc, Path(weights))
@@ -550,8 +550,8 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     \b
     kdsweep train --config best.yaml --device cuda
     """
-    from kdsweep.config import TrainConfig, from_dict, replace
-    from kdsweep.train import train
+    from kdsweep.core.config import TrainConfig, from_dict, replace
+    from kdsweep.core.train import train
 
     config = from_dict(TrainConfig, _read_doc(config_file).get("config", None) or _read_doc(config_file))
     changes: dict[str, Any] = {"evaluate_test": True}
@@ -595,9 +595,9 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     kdsweep enqueue q2 kd.alpha=0.9 kd.temperature=10
     kdsweep enqueue q2 --baselines
     """
-    from kdsweep import space as sp
-    from kdsweep import studies
-    from kdsweep.worker import DEFINITION
+    from kdsweep.service import space as sp
+    from kdsweep.service import spec as studies
+    from kdsweep.service.worker import DEFINITION
 
     sweep = _load_existing(storage, study_name)
     definition = sweep.user_attrs.get(DEFINITION) or {}
@@ -615,7 +615,7 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     if not points:
         raise click.UsageError("give key=value pairs or --baselines.")
     checked = [sp.validate_point(space, p) for p in points]  # all checked before any is stored
-    from kdsweep.storage import study_lock
+    from kdsweep.service.storage import study_lock
 
     with study_lock(sweep._storage, sweep._study_id):  # not counted twice by a worker's top-up
         for p in checked:
@@ -635,8 +635,8 @@ def report(study_name: str, storage: str, out: str | None) -> None:
     \b
     kdsweep report q2 -o reports/q2   # then open reports/q2/summary.md
     """
-    from kdsweep import report as rep
-    from kdsweep import verify
+    from kdsweep.service import report as rep
+    from kdsweep.service import verify
 
     sweep = _load_existing(storage, study_name)
     folder = Path(out) if out else Path("reports") / study_name
@@ -683,7 +683,7 @@ def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, po
     """
     import subprocess
 
-    from kdsweep.tboard import runs_root
+    from kdsweep.service.tensorboard import runs_root
 
     folder = runs_root(storage, logdir) / study_name
     if not folder.is_dir():
@@ -700,7 +700,7 @@ def list_studies() -> None:
     \b
     kdsweep studies
     """
-    from kdsweep import studies
+    from kdsweep.service import spec as studies
 
     for name, path in studies.available().items():
         try:

@@ -3,7 +3,7 @@
 Sampled: the family, the CNN's first-stage width, factorized kernels, the regulariser after
 conv layers with its rate and (for DropBlock) its block size, the learning rate. Computed, not
 sampled: the free width of each model so it meets the preset's parameter budget (see
-kdsweep/budget.py); widths that cannot meet a preset's budget are left out of its space.
+kdsweep/core/budget.py); widths that cannot meet a preset's budget are left out of its space.
 """
 
 import dataclasses
@@ -11,10 +11,10 @@ import functools
 
 import optuna
 
-from kdsweep import budget
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.space import Categorical, Float
-from kdsweep.studies import Preset, Study
+from kdsweep.core import budget
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.service.space import Categorical, Float
+from kdsweep.service.spec import Preset, Study
 
 CNN = {"model.family": ["cnn"]}
 REGULARISED = {"reg.kind": ["dropout", "spatial_dropout", "dropblock"]}
@@ -44,7 +44,7 @@ def _shape(config: TrainConfig) -> tuple[tuple[int, int, int], int]:
     if d.dataset in SHAPES:
         (c, h, w), classes = SHAPES[d.dataset]
     else:
-        from kdsweep.data import load_splits
+        from kdsweep.core.data import load_splits
 
         splits = load_splits(d)
         (c, h, w), classes = splits.in_shape, splits.num_classes

@@ -23,9 +23,9 @@ Input size and stem, per preset (compare results only like with like):
 
 import optuna
 
-from kdsweep.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.space import Float
-from kdsweep.studies import Preset, Study
+from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.service.space import Float
+from kdsweep.service.spec import Preset, Study
 
 SPACE = [
     Float("kd.alpha", 0.0, 1.0),

@@ -81,9 +81,16 @@ def fmnist_teacher(fmnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """
     import torch
 
-    from kdsweep import data, teacher
-    from kdsweep.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig, replace
-    from kdsweep.train import train
+    from kdsweep.core import data, teacher
+    from kdsweep.core.config import (
+        DataConfig,
+        KDConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+        replace,
+    )
+    from kdsweep.core.train import train
 
     config = TrainConfig(
         data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=300, channels=3, pad=1,

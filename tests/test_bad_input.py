@@ -20,10 +20,10 @@ import torch
 from click.testing import CliRunner
 from pgcluster import Cluster, free_port, pg_cluster  # noqa: F401
 
-from kdsweep import studies
 from kdsweep.cli import main
-from kdsweep.storage import open_storage
-from kdsweep.worker import create_or_resume
+from kdsweep.service import spec as studies
+from kdsweep.service.storage import open_storage
+from kdsweep.service.worker import create_or_resume
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
 TINY_TEXT = TINY.read_text()
@@ -193,7 +193,7 @@ def test_bad_input(case: Case, stored: tuple[str, Cluster], tmp_path: Path,
 def test_corrupt_teacher_cache_is_rebuilt(tmp_path: Path, tmp_cache: Path, fmnist_dir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A teacher cache file that is torn or foreign is rebuilt, never loaded."""
-    from kdsweep import teacher
+    from kdsweep.core import teacher
 
     monkeypatch.setattr(teacher, "_LOADED", {})  # as in a fresh worker: read the file
     cfg = tmp_path / "kd.yaml"

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from kdsweep.budget import BudgetError, count_params, feasible, max_width, resolve
-from kdsweep.config import ConfigError, ModelConfig
-from kdsweep.models import build_model, dropblock_sizes, param_split
+from kdsweep.core.budget import BudgetError, count_params, feasible, max_width, resolve
+from kdsweep.core.config import ConfigError, ModelConfig
+from kdsweep.core.models import build_model, dropblock_sizes, param_split
 
 REGULARIZERS = ("none", "dropout", "spatial_dropout", "dropblock")
 # (in_shape, budget, widths): Fashion-MNIST-sized and CIFAR-sized problems

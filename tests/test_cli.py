@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from kdsweep import studies
 from kdsweep.cli import main
-from kdsweep.worker import counts
+from kdsweep.service import spec as studies
+from kdsweep.service.worker import counts
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
@@ -288,7 +288,7 @@ def test_dashboard_serves_the_storage(created: str) -> None:
 
 
 def test_launch_pins_workers_round_robin_and_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdsweep import launch
+    from kdsweep.service import launch
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     monkeypatch.setattr(launch, "cpu_cores", lambda: 16)

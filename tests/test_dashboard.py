@@ -19,8 +19,8 @@ import optuna
 import pytest
 from PIL import Image
 
-from kdsweep import studies
-from kdsweep.worker import DEFINITION
+from kdsweep.service import spec as studies
+from kdsweep.service.worker import DEFINITION
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

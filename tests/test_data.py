@@ -1,4 +1,4 @@
-"""Tests for kdsweep.data: sources, splits, the in-process cache and the whole-batch ops."""
+"""Tests for kdsweep.core.data: sources, splits, the in-process cache and the whole-batch ops."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kdsweep import data
-from kdsweep.config import DataConfig
-from kdsweep.data import (
+from kdsweep.core import data
+from kdsweep.core.config import DataConfig
+from kdsweep.core.data import (
     DataError,
     apply_views,
     batch_indices,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdsweep.distill import kd_loss
+from kdsweep.core.distill import kd_loss
 
 
 def reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha: float, T: float) -> torch.Tensor:

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from kdsweep import cli
-from kdsweep.storage import open_storage
-from kdsweep.worker import counts
+from kdsweep.service.storage import open_storage
+from kdsweep.service.worker import counts
 
 
 def _waiting_points(url: str, name: str) -> list[dict]:

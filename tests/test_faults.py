@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 from pgcluster import Cluster, machine_database, pg_cluster, wait_until  # noqa: F401
 
-from kdsweep import studies
-from kdsweep.storage import open_storage
-from kdsweep.worker import DEFINITION, counts, create_or_resume
+from kdsweep.service import spec as studies
+from kdsweep.service.storage import open_storage
+from kdsweep.service.worker import DEFINITION, counts, create_or_resume
 
 pytestmark = pytest.mark.slow
 
@@ -292,11 +292,11 @@ def test_interrupt_requeues_and_next_launch_finishes(tmp_path: Path, fmnist_dir:
 
 def trivial_objective(artifacts: Path):
     """The tiny study's Objective with its training replaced by a formula: ~no compute per trial."""
-    from kdsweep.objective import Objective
+    from kdsweep.service.objective import Objective
 
     class Trivial(Objective):
         def __call__(self, trial: optuna.Trial) -> float:
-            from kdsweep import space as sp
+            from kdsweep.service import space as sp
 
             params = sp.sample(trial, self.study.space_for(self.preset))
             trial.report(params["optim.lr"], 1)
@@ -310,7 +310,7 @@ def crowd_worker(url: str, index: int) -> None:
     """Entry point of one crowded-SQLite worker process (see the test below)."""
     import logging
 
-    from kdsweep.worker import run_worker
+    from kdsweep.service.worker import run_worker
 
     logging.basicConfig(level=logging.WARNING)
     summary = run_worker(trivial_objective(Path.cwd()), open_storage(url), "tiny", seed=0, worker_index=index)
@@ -346,12 +346,12 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
     import numpy as np
     import torch
 
-    from kdsweep import objective as objective_mod
-    from kdsweep import train as train_mod
     from kdsweep.cli import export_best
-    from kdsweep.config import replace
-    from kdsweep.objective import Objective
-    from kdsweep.worker import run_worker
+    from kdsweep.core import train as train_mod
+    from kdsweep.core.config import replace
+    from kdsweep.service import objective as objective_mod
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.worker import run_worker
 
     broken = tmp_path / "user-data.npz"
     np.savez(broken, x=np.zeros((10, 8, 8), np.uint8), y=np.arange(10) + 5)  # labels up to 14 of 10 classes
@@ -443,11 +443,11 @@ def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, ti
     """On a GPU: one trial really exhausts the GPU's memory in its train step."""
     import torch
 
-    from kdsweep import objective as objective_mod
-    from kdsweep import train as train_mod
-    from kdsweep.config import replace
-    from kdsweep.objective import Objective
-    from kdsweep.worker import run_worker
+    from kdsweep.core import train as train_mod
+    from kdsweep.core.config import replace
+    from kdsweep.service import objective as objective_mod
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.worker import run_worker
 
     greedy_lr = 0.051
     real_train = train_mod.train

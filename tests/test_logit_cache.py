@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdsweep.logit_cache import LogitCache
+from kdsweep.core.logit_cache import LogitCache
 
 N, V, C = 50, 6, 4
 
@@ -141,7 +141,7 @@ def test_mismatched_or_corrupt_files_are_rebuilt(tmp_path, caplog, damage):
         (tmp_path / "meta.json").unlink()
 
     rec = Recorder()
-    with caplog.at_level(logging.WARNING, logger="kdsweep.logit_cache"):
+    with caplog.at_level(logging.WARNING, logger="kdsweep.core.logit_cache"):
         cache = LogitCache(tmp_path, *shape)
     assert cache.stats()["filled"] == 0
     if damage != "no_meta":  # a cache that never finished being created is simply made
@@ -154,7 +154,7 @@ def test_mismatched_or_corrupt_files_are_rebuilt(tmp_path, caplog, damage):
 
 def test_intact_cache_is_not_rebuilt(tmp_path, caplog):
     LogitCache(tmp_path, N, V, C).get(t([1]), t([0]), fake_logits)
-    with caplog.at_level(logging.WARNING, logger="kdsweep.logit_cache"):
+    with caplog.at_level(logging.WARNING, logger="kdsweep.core.logit_cache"):
         assert LogitCache(tmp_path, N, V, C).stats()["filled"] == 1
     assert caplog.text == ""
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torchvision.ops import DropBlock2d
 
-from kdsweep.config import ConfigError, ModelConfig
-from kdsweep.models import (
+from kdsweep.core.config import ConfigError, ModelConfig
+from kdsweep.core.models import (
     CNN,
     build_model,
     dropblock_sizes,
@@ -179,11 +179,11 @@ def test_param_split_without_a_head_attribute_uses_the_last_linear():
 
 def test_resnets_are_delegated(monkeypatch):
     calls = []
-    fake = types.ModuleType("kdsweep.resnets")
+    fake = types.ModuleType("kdsweep.core.resnets")
     fake.build_resnet = lambda cfg, num_classes, in_channels=3: (
         calls.append((cfg.arch, num_classes, in_channels)) or nn.Linear(1, 1)
     )
-    monkeypatch.setitem(sys.modules, "kdsweep.resnets", fake)
+    monkeypatch.setitem(sys.modules, "kdsweep.core.resnets", fake)
     build_model(ModelConfig(arch="resnet18"), (1, 32, 32), 7)
     assert calls == [("resnet18", 7, 1)]
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from kdsweep import progress
+from kdsweep.core import progress
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_log_lines_carry_worker_and_trial(monkeypatch: pytest.MonkeyPatch) -> No
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [handler])
     progress.install_log_format(worker=1)
-    record = logging.LogRecord("kdsweep.train", logging.INFO, __file__, 1, "epoch %d", (2,), None)
+    record = logging.LogRecord("kdsweep.core.train", logging.INFO, __file__, 1, "epoch %d", (2,), None)
     with progress.trial_tag(12):
         handler.filter(record)
         tagged = handler.format(record)

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from kdsweep import cli, report
-from kdsweep.storage import open_storage
+from kdsweep import cli
+from kdsweep.service import report
+from kdsweep.service.storage import open_storage
 
 Q1_TRIALS = [  # params, curve (val_acc per epoch), pruned
     ({"model.family": "mlp", "optim.lr": 0.05}, [0.50, 0.60, 0.62], False),

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
-from kdsweep.config import ModelConfig
-from kdsweep.resnets import ModelError, build_resnet, describe_stem, layer_sizes
+from kdsweep.core.config import ModelConfig
+from kdsweep.core.resnets import ModelError, build_resnet, describe_stem, layer_sizes
 
 
 def cfg(**kw) -> ModelConfig:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from kdsweep import space as sp
-from kdsweep.space import Categorical, Float, Int, SpaceError
+from kdsweep.service import space as sp
+from kdsweep.service.space import Categorical, Float, Int, SpaceError
 
 SPACE = [
     Categorical("model.family", ["mlp", "cnn"]),

@@ -25,9 +25,9 @@ import yaml
 from click.testing import CliRunner
 from pgcluster import Cluster, free_port, pg_cluster, wait_until  # noqa: F401
 
-from kdsweep import storage
 from kdsweep.cli import main
-from kdsweep.storage import StorageError, password_of, redact, redact_text
+from kdsweep.service import storage
+from kdsweep.service.storage import StorageError, password_of, redact, redact_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
@@ -67,7 +67,7 @@ def test_heartbeat_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_every_torch_load_is_weights_only() -> None:
     """Checkpoints and caches are data, never code: every torch.load passes weights_only=True."""
     calls = []
-    for path in sorted((ROOT / "kdsweep").glob("*.py")):
+    for path in sorted((ROOT / "kdsweep").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "load") \
                     and "torch" in ast.unparse(node.func):
@@ -79,7 +79,7 @@ def test_every_torch_load_is_weights_only() -> None:
         kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
         assert kw.get("weights_only") == "True", f"{name}:{node.lineno} torch.load without weights_only=True"
     # np.load of user data must not unpickle either.
-    for path in sorted((ROOT / "kdsweep").glob("*.py")):
+    for path in sorted((ROOT / "kdsweep").rglob("*.py")):
         for m in re.finditer(r"np\.load\(([^)]*)\)", path.read_text()):
             assert "allow_pickle=False" in m.group(1), f"{path.name}: {m.group(0)}"
 

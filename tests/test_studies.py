@@ -14,11 +14,12 @@ from optuna.trial import TrialState
 from pgcluster import machine_database
 
 import kdsweep
-from kdsweep import budget, studies
-from kdsweep.objective import INFEASIBLE
-from kdsweep.storage import open_storage
-from kdsweep.studies import StudyError
-from kdsweep.worker import (
+from kdsweep.core import budget
+from kdsweep.service import spec as studies
+from kdsweep.service.objective import INFEASIBLE
+from kdsweep.service.spec import StudyError
+from kdsweep.service.storage import open_storage
+from kdsweep.service.worker import (
     DEFINITION,
     WINDOW,
     check_definition,
@@ -184,8 +185,8 @@ def test_slots_are_made_as_trials_start_and_a_failure_is_replaced(q2: studies.St
 
 TOP_UP_WORKER = """
 import sys, optuna
-from kdsweep.storage import open_storage
-from kdsweep.worker import pop_slot, top_up
+from kdsweep.service.storage import open_storage
+from kdsweep.service.worker import pop_slot, top_up
 study = optuna.load_study(study_name="race", storage=open_storage(sys.argv[1], heartbeat=False))
 while (tid := pop_slot(study)) is not None or (top_up(study) and (tid := pop_slot(study))):
     study.tell(optuna.Trial(study, tid), 1.0)
@@ -238,7 +239,7 @@ def test_infeasible_and_failed_trials_do_not_count(storage) -> None:
 
 def test_a_checkpoint_of_another_study_with_the_same_name_is_not_resumed(
         q2: studies.Study, tmp_path: Path) -> None:
-    from kdsweep.objective import UID, Objective
+    from kdsweep.service.objective import UID, Objective
 
     objective = Objective(q2, "smoke", {}, tmp_path / "artifacts")
     old = optuna.create_study(study_name="q2")
@@ -259,7 +260,7 @@ def test_the_pruner_is_never_asked_at_the_last_epoch(fmnist_dir: Path, tmp_path:
                                                      state: TrialState) -> None:
     # A pruner that prunes whatever it is asked about: it stops a 2-epoch trial after epoch 1,
     # but a trial that has run its last epoch completes (its value is paid for).
-    from kdsweep.objective import Objective
+    from kdsweep.service.objective import Objective
 
     tiny = studies.load(str(Path(__file__).parent / "studies" / "tiny.py"))
     objective = Objective(tiny, "quick", {"device": "cpu", "threads": 1}, tmp_path / "artifacts",

@@ -26,11 +26,11 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 import kdsweep
-from kdsweep import studies
 from kdsweep.cli import main
-from kdsweep.config import TrainConfig, from_dict, to_dict
-from kdsweep.launch import cpu_cores
-from kdsweep.objective import INFEASIBLE
+from kdsweep.core.config import TrainConfig, from_dict, to_dict
+from kdsweep.service import spec as studies
+from kdsweep.service.launch import cpu_cores
+from kdsweep.service.objective import INFEASIBLE
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdsweep import data, teacher
-from kdsweep.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig, replace
-from kdsweep.logit_cache import LogitCache
-from kdsweep.resnets import ModelError
-from kdsweep.train import train
+from kdsweep.core import data, teacher
+from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig, replace
+from kdsweep.core.logit_cache import LogitCache
+from kdsweep.core.resnets import ModelError
+from kdsweep.core.train import train
 
 
 def kd_config(npz: Path, cache_dir: Path, **kw) -> TrainConfig:
@@ -64,7 +64,7 @@ def test_the_teacher_is_trained_once_and_every_trial_records_it(tiny_npz: Path, 
         calls.append(config)
         return real_train(config, *args, **kwargs)
 
-    monkeypatch.setattr("kdsweep.train.train", spy)
+    monkeypatch.setattr("kdsweep.core.train.train", spy)
     second = spy(replace(cfg, **{"kd.alpha": 0.9}))
     assert len(calls) == 1  # the student only; the teacher's train() was never called
     assert len(runs(tmp_path)) == 1
@@ -97,7 +97,7 @@ def test_the_teacher_never_trains_on_the_validation_split(tiny_npz: Path, tmp_pa
             model.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if m.training else None)
         return model
 
-    monkeypatch.setattr("kdsweep.models.build_model", build_and_watch)
+    monkeypatch.setattr("kdsweep.core.models.build_model", build_and_watch)
     teacher.load_teacher(cfg, splits, torch.device("cpu"))
     trained_on = torch.cat(seen)
     as_input = lambda x: data.to_input(x, splits.mean, splits.std)  # noqa: E731

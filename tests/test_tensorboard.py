@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tiny_sweep import run_tiny_sweep, write_study
 
 from kdsweep import cli
-from kdsweep.tboard import TrialWriter, runs_root
+from kdsweep.service.tensorboard import TrialWriter, runs_root
 
 
 def _read(folder: Path) -> EventAccumulator:

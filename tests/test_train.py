@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.models import dropblock_sizes
-from kdsweep.train import Stopped, TrainingError, polling_stop, resolve, train
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.core.models import dropblock_sizes
+from kdsweep.core.train import Stopped, TrainingError, polling_stop, resolve, train
 
 
 def tiny(npz: Path, **kw) -> TrainConfig:
@@ -191,7 +191,7 @@ def test_mlp_and_cnn_of_one_budget_are_within_one_percent(tiny_npz: Path):
 
 
 def test_train_module_imports_no_optuna():
-    code = "import sys, kdsweep.train, kdsweep.teacher; sys.exit('optuna' in sys.modules)"
+    code = "import sys, kdsweep.core.train, kdsweep.core.teacher; sys.exit('optuna' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

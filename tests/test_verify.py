@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from scipy import stats
 from tiny_sweep import run_tiny_sweep, write_study
 
-from kdsweep import cli, verify
-from kdsweep.storage import open_storage
+from kdsweep import cli
+from kdsweep.service import verify
+from kdsweep.service.storage import open_storage
 
 
 def test_paired_interval_matches_scipy() -> None:
@@ -99,10 +100,10 @@ def test_verify_refuses_a_study_without_complete_trials(tmp_path: Path) -> None:
 def test_best_weights_are_kept_and_exported_with_their_config(tmp_path: Path, tiny_npz: Path) -> None:
     import torch
 
-    from kdsweep.config import TrainConfig, from_dict
-    from kdsweep.data import load_splits
-    from kdsweep.train import evaluate, input_shape
-    from kdsweep.weights import load_model
+    from kdsweep.core.config import TrainConfig, from_dict
+    from kdsweep.core.data import load_splits
+    from kdsweep.core.train import evaluate, input_shape
+    from kdsweep.service.weights import load_model
 
     study_file = write_study(tmp_path, tiny_npz)
     url = f"sqlite:///{tmp_path}/w.db"
@@ -140,8 +141,8 @@ def test_best_weights_missing_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_verify_refuses_a_study_the_local_file_no_longer_matches(tmp_path: Path, tiny_npz: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdsweep import studies
-    from kdsweep.worker import DEFINITION, create_or_resume
+    from kdsweep.service import spec as studies
+    from kdsweep.service.worker import DEFINITION, create_or_resume
 
     study_file = write_study(tmp_path, tiny_npz)
     url = f"sqlite:///{tmp_path}/d.db"

@@ -13,9 +13,9 @@ import optuna
 STUDY_FILE = '''
 import optuna
 
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.space import Categorical, Float
-from kdsweep.studies import Preset, Study
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.service.space import Categorical, Float
+from kdsweep.service.spec import Preset, Study
 
 STUDY = Study(
     name="tiny",
@@ -42,7 +42,7 @@ STUDY = Study(
 
 
 def write_study(folder: Path, npz: Path) -> Path:
-    """Write the tiny study file into `folder`; returns its path (loadable by kdsweep.studies)."""
+    """Write the tiny study file into `folder`; returns its path (loadable by kdsweep.service.spec)."""
     path = folder / "tiny.py"
     path.write_text(STUDY_FILE.format(npz=npz))
     return path
@@ -51,10 +51,10 @@ def write_study(folder: Path, npz: Path) -> Path:
 def run_tiny_sweep(study_file: Path, url: str, n_trials: int, folder: Path,
                    study_name: str = "tiny", tensorboard: bool = True) -> optuna.Study:
     """Create the study with `n_trials` slots and run them in this process, on the CPU."""
-    from kdsweep import studies
-    from kdsweep.objective import Objective
-    from kdsweep.storage import open_storage
-    from kdsweep.worker import create_or_resume, run_worker
+    from kdsweep.service import spec as studies
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.worker import create_or_resume, run_worker
 
     study_def = studies.load(str(study_file))
     storage = open_storage(url)

@@ -6,8 +6,8 @@ hour measure parallel efficiency and nothing else (no sampler choices, no prunin
 
 import optuna
 
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.studies import Preset, Study
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.service.spec import Preset, Study
 
 BASE = TrainConfig(
     data=DataConfig(dataset="fashion-mnist", val_size=1000, train_subset=4000, pad=2),

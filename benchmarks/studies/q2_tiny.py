@@ -6,9 +6,9 @@ benchmark runs the real `q2` study's smoke preset.
 
 import dataclasses
 
-from kdsweep import studies
-from kdsweep.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.studies import Preset
+from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.service import spec as studies
+from kdsweep.service.spec import Preset
 
 STUDY = dataclasses.replace(
     studies.load("q2"),

@@ -11,9 +11,9 @@ import dataclasses
 
 import optuna
 
-from kdsweep.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.space import Float, Int
-from kdsweep.studies import Preset, Study
+from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from kdsweep.service.space import Float, Int
+from kdsweep.service.spec import Preset, Study
 
 SPACE = [
     Float("optim.lr", 0.01, 0.3, log=True),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdsweep.config import DataConfig
+from kdsweep.core.config import DataConfig
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = frozenset(
@@ -414,7 +414,7 @@ def _image_files(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]
 def _decode(items: list[tuple[Path, int]], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
-    from kdsweep.progress import track
+    from kdsweep.core.progress import track
 
     pixels = []
     for path, _ in track(items, len(items), "decoding images", "image"):

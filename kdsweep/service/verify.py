@@ -67,7 +67,7 @@ def prepare(sweep: optuna.Study, storage: BaseStorage, top: int, seeds: int) -> 
     Runs already complete, running or waiting are not added again; failed ones are. Returns
     the sibling study and the number of runs it holds for this request.
     """
-    from kdsweep.worker import DEFINITION, MAX_FAILURES
+    from kdsweep.service.worker import DEFINITION, MAX_FAILURES
 
     if OF in sweep.user_attrs:
         raise VerifyError(f"study {sweep.study_name!r} is itself a verification; verify {sweep.user_attrs[OF]!r}.")
@@ -232,9 +232,9 @@ def run(sweep: optuna.Study, storage: BaseStorage, storage_url: str, top: int, s
     """Prepare the sibling study, run its trials with `workers` ordinary `kdsweep worker`
     processes (unless `start_workers` is False: then other hosts' workers run them), and
     return the verification text."""
-    from kdsweep import launch as launcher
-    from kdsweep import studies
-    from kdsweep.worker import DEFINITION, check_definition
+    from kdsweep.service import launch as launcher
+    from kdsweep.service import spec as studies
+    from kdsweep.service.worker import DEFINITION, check_definition
 
     definition = sweep.user_attrs.get(DEFINITION)
     if definition is None or "study" not in definition or "preset" not in definition:

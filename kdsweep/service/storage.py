@@ -40,7 +40,7 @@ import sqlalchemy.exc
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 
-log = logging.getLogger("kdsweep.storage")
+log = logging.getLogger("kdsweep.service.storage")
 
 DEFAULT_URL = "sqlite:///kdsweep.db"
 HEARTBEAT_S = 10  # seconds between a running trial's heartbeats (env KDSWEEP_HEARTBEAT)

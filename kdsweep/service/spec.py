@@ -20,8 +20,8 @@ from typing import Any
 import optuna
 
 import kdsweep
-from kdsweep import space as sp
-from kdsweep.config import ConfigError, TrainConfig, replace, to_dict, validate
+from kdsweep.core.config import ConfigError, TrainConfig, replace, to_dict, validate
+from kdsweep.service import space as sp
 
 # Settings that say where or how fast a run happens, not what it is: they may differ between
 # the hosts of one study and are left out of its recorded definition.
@@ -217,7 +217,7 @@ def load(name_or_path: str) -> Study:
         raise StudyError(f"study file {path} failed to load: {type(exc).__name__}: {exc}") from None
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
-        raise StudyError(f"study file {path} must define STUDY = kdsweep.studies.Study(...).")
+        raise StudyError(f"study file {path} must define STUDY = kdsweep.service.spec.Study(...).")
     try:
         sp.check_space(study.space)
     except sp.SpaceError as exc:

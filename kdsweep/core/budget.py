@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from kdsweep.config import ConfigError, ModelConfig
-from kdsweep.models import build_model, check, dropblock_sizes
+from kdsweep.core.config import ConfigError, ModelConfig
+from kdsweep.core.models import build_model, check, dropblock_sizes
 
 MAX_TOP_RATIO = 16  # c3 may be at most this many times the first-stage width
 

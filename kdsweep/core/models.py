@@ -1,8 +1,8 @@
 """Q1 models: an MLP and a small CNN built from a `ModelConfig`, plus the helpers a training loop needs.
 
 `build_model(cfg, in_shape, num_classes)` is the only constructor the rest of kdsweep calls. For
-`arch` mlp/cnn with `cfg.budget` set and no widths yet, it first asks `kdsweep.budget.resolve` for
-the widths that match the budget; ResNets are delegated to `kdsweep.resnets.build_resnet`.
+`arch` mlp/cnn with `cfg.budget` set and no widths yet, it first asks `kdsweep.core.budget.resolve` for
+the widths that match the budget; ResNets are delegated to `kdsweep.core.resnets.build_resnet`.
 
 MLP: flatten -> [Linear -> ReLU -> Dropout(rate)] per hidden width -> Linear(num_classes).
 
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torchvision.ops import DropBlock2d
 
-from kdsweep.config import ConfigError, ModelConfig
+from kdsweep.core.config import ConfigError, ModelConfig
 
 REGULARIZERS = ("none", "dropout", "spatial_dropout", "dropblock")
 NUM_STAGES = 3
@@ -198,14 +198,14 @@ def complete(cfg: ModelConfig, in_shape: Sequence[int], num_classes: int) -> Mod
     if cfg.arch == "mlp":
         if not cfg.hidden:
             if cfg.budget is not None:
-                from kdsweep.budget import resolve  # lazy: budget builds models to count them
+                from kdsweep.core.budget import resolve  # lazy: budget builds models to count them
 
                 return resolve(cfg, in_shape, num_classes)
             cfg = dataclasses.replace(cfg, hidden=(DEFAULT_MLP_WIDTH,) * cfg.depth)
         return cfg
     if not cfg.channels:
         if cfg.budget is not None:
-            from kdsweep.budget import resolve
+            from kdsweep.core.budget import resolve
 
             return resolve(cfg, in_shape, num_classes)
         cfg = dataclasses.replace(cfg, channels=(cfg.width, 2 * cfg.width, 4 * cfg.width))
@@ -222,7 +222,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     chosen width cannot meet.
     """
     if cfg.arch in ("resnet18", "resnet50"):
-        from kdsweep.resnets import build_resnet  # lazy: Q1 runs never need torchvision's ResNets
+        from kdsweep.core.resnets import (
+            build_resnet,  # lazy: Q1 runs never need torchvision's ResNets
+        )
 
         return build_resnet(cfg, num_classes, in_shape[0])
     if cfg.arch not in ("mlp", "cnn"):

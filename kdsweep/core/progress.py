@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
-log = logging.getLogger("kdsweep.progress")
+log = logging.getLogger("kdsweep.core.progress")
 
 LINE_S = 30.0  # seconds between the plain log lines of a step that is still running
 _TRIAL: ContextVar[int | None] = ContextVar("kdsweep_trial", default=None)

@@ -19,14 +19,14 @@ import optuna
 import torch
 
 import kdsweep
-from kdsweep import space as sp
-from kdsweep.budget import BudgetError
-from kdsweep.config import TrainConfig, replace, to_dict
-from kdsweep.devices import resolve_device
-from kdsweep.studies import Study
-from kdsweep.train import input_shape, resolve, train
+from kdsweep.core.budget import BudgetError
+from kdsweep.core.config import TrainConfig, replace, to_dict
+from kdsweep.core.devices import resolve_device
+from kdsweep.core.train import input_shape, resolve, train
+from kdsweep.service import space as sp
+from kdsweep.service.spec import Study
 
-log = logging.getLogger("kdsweep.objective")
+log = logging.getLogger("kdsweep.service.objective")
 
 INFEASIBLE = "infeasible"  # user attr of trials whose choices cannot meet the budget
 UID = "kdsweep.uid"  # study user attr: a random id, unique to this study across storages
@@ -46,7 +46,7 @@ def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
 
 def count_params(config: TrainConfig) -> int:
     """Trainable parameters of the student a resolved config builds (on the meta device)."""
-    from kdsweep import data, models
+    from kdsweep.core import data, models
 
     splits = data.load_splits(config.data)  # cached in this process; train() reuses it
     model_cfg = dataclasses.replace(config.model, weights="none")  # weights do not change the count
@@ -72,7 +72,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         space = self.study.space_for(self.preset, self.overrides)
         params = sp.sample(trial, space)
-        # A seed-verification run (kdsweep/verify.py) re-trains fixed params with its own seed.
+        # A seed-verification run (kdsweep/service/verify.py) re-trains fixed params with its own seed.
         fixed_seed = trial.user_attrs.get("verify.seed")
         try:
             config = self.config(params)
@@ -93,7 +93,7 @@ class Objective:
         checkpoint = self._checkpoint(trial)
         writer = None
         if self.tensorboard is not None:
-            from kdsweep.tboard import TrialWriter
+            from kdsweep.service.tensorboard import TrialWriter
 
             writer = TrialWriter(self.tensorboard / f"trial-{trial.number:04d}")
         start = time.perf_counter()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from kdsweep.worker import Counts, counts
+from kdsweep.service.worker import Counts, counts
 
 
 def cpu_cores() -> int:

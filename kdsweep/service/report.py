@@ -10,7 +10,7 @@ the trials hold, so any study file gets the generic ones and q1/q2 get theirs:
 * `model.family` (q1): validation accuracy of MLP vs CNN (by regulariser) at the matched budget;
 * `dropblock.size` (q1): validation accuracy by DropBlock block size.
 
-A sibling `<study>.verify` study (see kdsweep/verify.py) adds its seed statistics to the summary.
+A sibling `<study>.verify` study (see kdsweep/service/verify.py) adds its seed statistics to the summary.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-log = logging.getLogger("kdsweep.report")
+log = logging.getLogger("kdsweep.service.report")
 
 PNG_SIZE = (8.0, 5.0)  # inches; at PNG_DPI the images are 800 x 500 pixels
 PNG_DPI = 100

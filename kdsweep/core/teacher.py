@@ -24,12 +24,12 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from kdsweep import data, models
-from kdsweep.config import OptimConfig, TrainConfig, to_dict
-from kdsweep.devices import autocast, cpu_cores
-from kdsweep.logit_cache import LogitCache
+from kdsweep.core import data, models
+from kdsweep.core.config import OptimConfig, TrainConfig, to_dict
+from kdsweep.core.devices import autocast, cpu_cores
+from kdsweep.core.logit_cache import LogitCache
 
-log = logging.getLogger("kdsweep.teacher")
+log = logging.getLogger("kdsweep.core.teacher")
 
 # Teachers already loaded in this process, by content key: trials in one worker share them.
 _LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
@@ -76,7 +76,7 @@ def load_teacher(
     config: TrainConfig, splits: data.Splits, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
-    from kdsweep.train import cache_root, input_shape, train
+    from kdsweep.core.train import cache_root, input_shape, train
 
     tconfig = teacher_config(config)
     key = teacher_key(tconfig, splits)
@@ -153,7 +153,7 @@ def logits_source(
     to its own input size. With `kd.cache_logits`, logits are cached per (image, view) on disk
     and computed lazily, so no (image, view) pair is ever run through the teacher twice.
     """
-    from kdsweep.train import cache_root
+    from kdsweep.core.train import cache_root
 
     kd = config.kd
     model, info = load_teacher(config, splits, device)

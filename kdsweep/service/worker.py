@@ -32,12 +32,12 @@ from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
-from kdsweep.objective import INFEASIBLE, UID, Objective
-from kdsweep.progress import trial_tag
-from kdsweep.studies import Study, StudyError, diff_definitions
-from kdsweep.train import polling_stop
+from kdsweep.core.progress import trial_tag
+from kdsweep.core.train import polling_stop
+from kdsweep.service.objective import INFEASIBLE, UID, Objective
+from kdsweep.service.spec import Study, StudyError, diff_definitions
 
-log = logging.getLogger("kdsweep.worker")
+log = logging.getLogger("kdsweep.service.worker")
 
 DEFINITION = "kdsweep.definition"  # study user attr: what defines the study (JSON)
 MAX_FAILURES = "kdsweep.max_failures"  # study user attr: failed trials replaced, at most
@@ -112,7 +112,7 @@ def top_up(study: optuna.Study) -> int:
     Under the study's lock (every worker on every host), so that between them they never make
     more than N: the count and the enqueue happen as one step.
     """
-    from kdsweep.storage import study_lock
+    from kdsweep.service.storage import study_lock
 
     with study_lock(study._storage, study._study_id):
         c = counts(study)

@@ -41,9 +41,9 @@ def export_weights(trial: FrozenTrial, doc: Mapping[str, Any], dest: Path) -> No
 
 def load_model(path: Path | str) -> torch.nn.Module:
     """Rebuild the exported model from its own config and load its weights (eval mode)."""
-    from kdsweep import data, models
-    from kdsweep.config import TrainConfig, from_dict
-    from kdsweep.train import input_shape
+    from kdsweep.core import data, models
+    from kdsweep.core.config import TrainConfig, from_dict
+    from kdsweep.core.train import input_shape
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
     config = from_dict(TrainConfig, blob["config"])

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsweep import budget, data, models, progress
-from kdsweep.config import TrainConfig, validate
-from kdsweep.devices import autocast, resolve_device, set_threads
-from kdsweep.distill import kd_loss
+from kdsweep.core import budget, data, models, progress
+from kdsweep.core.config import TrainConfig, validate
+from kdsweep.core.devices import autocast, resolve_device, set_threads
+from kdsweep.core.distill import kd_loss
 
-log = logging.getLogger("kdsweep.train")
+log = logging.getLogger("kdsweep.core.train")
 
 Report = Callable[[int, dict[str, float]], None]
 
@@ -241,7 +241,7 @@ def train(
     teacher_fn = None
     teacher_info = None
     if config.kd is not None and config.kd.alpha > 0:
-        from kdsweep import teacher as teacher_mod
+        from kdsweep.core import teacher as teacher_mod
 
         teacher_fn, teacher_info = teacher_mod.logits_source(config, splits, device)
 
