@@ -531,6 +531,7 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     kdsweep train --config best.yaml --device cuda
     """
     from kdsweep.core.config import TrainConfig, from_dict, replace
+    from kdsweep.core.teacher import prepare
     from kdsweep.core.train import train
 
     config = from_dict(TrainConfig, _read_doc(config_file).get("config", None) or _read_doc(config_file))
@@ -541,7 +542,8 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
         changes["data.root"] = data
     if seed is not None:
         changes["seed"] = seed
-    result = train(replace(config, **changes))
+    config = replace(config, **changes)
+    result = train(config, teacher=prepare(config))
     click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
 
