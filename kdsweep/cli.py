@@ -104,31 +104,34 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-def _open(storage: str, heartbeat: bool = True, wait: bool = False):
+def _open(storage: str, heartbeat: bool = True, wait: bool = False, create: bool = True):
     from kdsweep.service.storage import open_storage
 
-    return open_storage(storage, heartbeat=heartbeat, wait=wait)
+    return open_storage(storage, heartbeat=heartbeat, wait=wait, create=create)
 
 
-def _sqlite_path(storage: str) -> Path | None:
-    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
-        return Path(storage[len("sqlite:///"):]).expanduser()
-    return None
+def _open_read_only(storage: str):
+    """Open a storage to read it: never creates a file, a schema or a row (NoStudies if empty)."""
+    from kdsweep.service.storage import NoStudies
+
+    try:
+        return _open(storage, heartbeat=False, create=False)
+    except NoStudies as exc:
+        raise click.UsageError(f"{exc}; pass the --storage the study was launched with.") from None
 
 
 def _load_existing(storage: str, study_name: str):
     """Load a study to read it; a missing SQLite file is reported, not created."""
     import optuna
 
-    from kdsweep.service.storage import study_names
+    from kdsweep.service.storage import NoStudies, study_names
 
-    path = _sqlite_path(storage)
-    if path is not None and not path.exists():
+    try:
+        st = _open(storage, heartbeat=False, create=False)
+    except NoStudies as exc:
         raise click.UsageError(
-            f"no study named {study_name!r}: the SQLite file {path} does not exist; "
-            "pass the --storage the study was launched with."
-        )
-    st = _open(storage, heartbeat=False)
+            f"no study named {study_name!r}: {exc}; pass the --storage the study was launched with."
+        ) from None
     try:
         return optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
@@ -662,7 +665,7 @@ def dashboard(storage: str, host: str, port: int) -> None:
     """
     from optuna_dashboard import run_server
 
-    st = _open(storage, heartbeat=False)
+    st = _open_read_only(storage)
     click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
     run_server(st, host=host, port=port)
 

@@ -301,3 +301,43 @@ def test_launch_pins_workers_round_robin_and_splits_the_cores(monkeypatch: pytes
     assert {p.device for p in cpu} == {"cpu"} and all(p.env["KDSWEEP_THREADS"] == "4" for p in cpu)
     monkeypatch.setattr(launch, "cpu_cores", lambda: 2)
     assert launch.plan_workers(4, "cpu", "sqlite:///x.db")[0].env["KDSWEEP_THREADS"] == "1"
+
+
+# ---------------------------------------------------------------- read commands never write
+
+READ_COMMANDS = [["status", "q2"], ["best", "q2"], ["report", "q2"], ["dashboard"]]
+
+
+def _tables(url: str) -> set[str]:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        return set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
+def test_read_commands_create_no_tables_in_postgres(command: list[str]) -> None:
+    """`kdsweep status q2 --storage postgresql+psycopg://.../postgres` once created Optuna's 13
+    tables there; a read command on a database without them says so and creates nothing."""
+    from pgcluster import machine_database
+
+    with machine_database() as url:
+        user_error(run(*command, "--storage", url), 2, "holds no Optuna study")
+        assert _tables(url) == set()
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
+def test_read_commands_create_no_tables_in_sqlite(in_tmp: Path, command: list[str]) -> None:
+    import sqlite3
+
+    path = in_tmp / "other.db"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE notes (text TEXT)")
+    before = path.read_bytes()
+    user_error(run(*command, "--storage", f"sqlite:///{path}"), 2, "holds no Optuna study")
+    assert _tables(f"sqlite:///{path}") == {"notes"} and path.read_bytes() == before
+    user_error(run(*command, "--storage", f"sqlite:///{in_tmp / 'none.db'}"), 2, "does not exist")
+    assert not (in_tmp / "none.db").exists()
