@@ -18,39 +18,61 @@ from typing import Any
 import click
 
 import kdsweep
-from kdsweep.core.config import ConfigError
-from kdsweep.core.devices import DeviceError
-from kdsweep.service.space import SpaceError
-from kdsweep.service.spec import StudyError
-from kdsweep.service.storage import DEFAULT_URL, StorageError, redact, redact_text
 
+# Nothing heavy is imported at module level: `--help`, usage errors and read commands answer
+# without loading torch (and parsing errors without Optuna); see benchmarks `cli_startup_s`.
+
+DEFAULT_URL = "sqlite:///kdsweep.db"  # kdsweep.service.storage.DEFAULT_URL (a test keeps them equal)
 # The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
 URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
-USAGE_ERRORS = (StudyError, SpaceError, ConfigError, DeviceError)
+# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only in
+# modules already imported (an error cannot come from a module that was never loaded).
+USAGE_ERRORS = (("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
+                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"))
+RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
+                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
+                  ("kdsweep.core.train", "TrainingError"))
 
 
-def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from kdsweep.core.budget import BudgetError
-    from kdsweep.core.data import DataError
-    from kdsweep.core.resnets import ModelError
-    from kdsweep.core.train import TrainingError
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
-    return (StorageError, BudgetError, DataError, ModelError, TrainingError)
+
+def redact(url: str) -> str:
+    from kdsweep.service.storage import redact as hide
+
+    return hide(url)
+
+
+def redact_text(text: str, url: str | None) -> str:
+    from kdsweep.service.storage import redact_text as hide
+
+    return hide(text, url)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise."""
+    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
+
+    Also sets Optuna's log level, here rather than in the group so that `--help` and parsing
+    errors (handled by click before this runs) never import Optuna.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        url = click.get_current_context().params.get("storage")
+        ctx = click.get_current_context()
+        url = ctx.params.get("storage")
+        _optuna_logging((ctx.find_root().obj or {}).get("verbose", 0))
         try:
             return fn(*args, **kwargs)
-        except USAGE_ERRORS as exc:
-            raise click.UsageError(redact_text(str(exc), url)) from None
-        except _runtime_errors() as exc:
-            raise click.ClickException(redact_text(str(exc), url)) from None
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if isinstance(exc, _loaded(USAGE_ERRORS)):
+                raise click.UsageError(redact_text(str(exc), url)) from None
+            if isinstance(exc, _loaded(RUNTIME_ERRORS)):
+                raise click.ClickException(redact_text(str(exc), url)) from None
+            raise
 
     return wrapper
 
@@ -81,10 +103,12 @@ def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None
 
     install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
     logging.getLogger("kdsweep").setLevel(level)
-    optuna_level = logging.WARNING if verbose < 2 else logging.INFO
+
+
+def _optuna_logging(verbose: int) -> None:
     import optuna
 
-    optuna.logging.set_verbosity(optuna_level)
+    optuna.logging.set_verbosity(logging.WARNING if verbose < 2 else logging.INFO)
 
 
 @click.group(context_settings=CONTEXT)
@@ -709,7 +733,7 @@ def list_studies() -> None:
         try:
             s = studies.load(str(path))
             click.echo(f"{name:10s} {', '.join(s.presets):24s} {s.description}  ({path})")
-        except StudyError as exc:
+        except studies.StudyError as exc:
             click.echo(f"{name:10s} (broken: {exc})")
 
 

@@ -341,3 +341,28 @@ def test_read_commands_create_no_tables_in_sqlite(in_tmp: Path, command: list[st
     assert _tables(f"sqlite:///{path}") == {"notes"} and path.read_bytes() == before
     user_error(run(*command, "--storage", f"sqlite:///{in_tmp / 'none.db'}"), 2, "does not exist")
     assert not (in_tmp / "none.db").exists()
+
+
+# ---------------------------------------------------------------- fast to answer
+
+
+@pytest.mark.parametrize("args", [["--help"], ["launch", "--help"], ["launch", "q2", "--workers", "0"],
+                                  ["status", "-h"], ["best", "q2", "--format", "xml"]])
+def test_help_and_usage_errors_import_neither_torch_nor_optuna(args: list[str]) -> None:
+    """What click answers by itself (help, parsing errors) loads no heavy library: 0.2 s, not 3 s
+    (the time itself is benchmarks' `cli_startup_s`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kdsweep.cli import main\ntry:\n    main(sys.argv[1:], prog_name='kdsweep')\n"
+            "except SystemExit as e:\n    print('exit', e.code, sorted({'torch', 'optuna'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip().splitlines()[-1] in ("exit 0 []", "exit 2 []"), out.stdout + out.stderr
+
+
+def test_default_storage_url_matches_the_storage_module() -> None:
+    from kdsweep import cli
+    from kdsweep.service import storage
+
+    assert cli.DEFAULT_URL == storage.DEFAULT_URL
