@@ -366,3 +366,18 @@ def test_default_storage_url_matches_the_storage_module() -> None:
     from kdsweep.service import storage
 
     assert cli.DEFAULT_URL == storage.DEFAULT_URL
+
+
+@pytest.mark.parametrize("study, setting, expected", [
+    ("q2", "epochs=two", "epochs takes a whole number, not 'two'"),
+    ("q2", "data.val_size=1.5", "data.val_size takes a whole number"),
+    ("q2", "data.flip=maybe", "data.flip takes true or false"),
+    ("q1", "cnn.width=32", "'cnn.width' is sampled by study 'q1'"),
+    ("q1", "model.width=99", "'cnn.width' is sampled by study 'q1'"),
+    ("q2", "data.foo=1", "unknown setting 'foo' in data"),
+    ("q2", "epochs.x=1", "'epochs' has no sub-settings"),
+])
+def test_set_errors_are_one_sentence(in_tmp: Path, study: str, setting: str, expected: str) -> None:
+    user_error(run("launch", study, "--preset", "smoke", "--set", setting), 2, f"--set {setting.split('=')[0]}",
+               expected)
+    assert not (in_tmp / "kdsweep.db").exists()
