@@ -303,6 +303,12 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
     click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
                f"{n_trials} trials, {workers} worker(s)")
+    from kdsweep.service.worker import counts
+
+    now = counts(sweep)
+    if now.waiting == 0 and now.running == 0:  # finished already: nothing for workers to do
+        click.echo(f"{launcher.progress_line(now, n_trials, sweep)}\n{launcher.summary_table(sweep)}")
+        return
     plans = launcher.plan_workers(workers, device, storage)
     args = [study_def.source, "--study-name", study_name, "--seed", str(seed)]
     if data:
@@ -323,7 +329,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         return
     if final.finished < n_trials:
         raise click.ClickException(
-            f"the study has {final.finished} of {n_trials} finished trials after {final.failed} "
+            f"the study has {final.finished} of {n_trials} finished trials after {final.failed_for_good} "
             "failures; see `kdsweep status` for their reasons."
         )
 
@@ -465,7 +471,8 @@ def status(study_name: str, storage: str) -> None:
 
     sweep = _load_existing(storage, study_name)
     c = counts(sweep)
-    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed, "
+    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed_for_good} failed, "
+               + (f"{c.requeued} re-queued, " if c.requeued else "") +
                f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting")
     click.echo(best_line(sweep))
     import optuna
@@ -477,14 +484,23 @@ def status(study_name: str, storage: str) -> None:
         click.echo(f"  failed trial {t.number}: {t.user_attrs.get('fail_reason', 'worker died (heartbeat)')}")
 
 
-def export_best(sweep: Any) -> dict[str, Any]:
-    """The winning trial as a runnable document: value, trial number, params and full config."""
+def _best_trial(sweep: Any) -> Any:
+    """The best COMPLETE trial (a failed or pruned one never wins); exit 1 when there is none,
+    with or without --verify."""
     try:
-        best = sweep.best_trial  # COMPLETE trials only: a failed or pruned one never wins
+        return sweep.best_trial
     except ValueError:
         raise click.ClickException(
             f"study {sweep.study_name!r} has no complete trial yet; run `kdsweep launch` first."
         ) from None
+
+
+def export_best(sweep: Any) -> dict[str, Any]:
+    """The winning trial as a runnable document: value, trial number, params and full config
+    (without the model fields its architecture never reads; `train --config` defaults them)."""
+    from kdsweep.core.config import compact
+
+    best = _best_trial(sweep)
     return {
         "study": sweep.study_name,
         "trial": best.number,
@@ -492,7 +508,7 @@ def export_best(sweep: Any) -> dict[str, Any]:
         "metric": (sweep.user_attrs.get("kdsweep.definition") or {}).get("metric", "val_acc"),
         "params": best.params,
         "kdsweep_version": best.user_attrs.get("kdsweep_version", kdsweep.__version__),
-        "config": best.user_attrs["config"],
+        "config": compact(best.user_attrs["config"]),
     }
 
 
@@ -507,7 +523,8 @@ def _dump(doc: Any, fmt: str) -> str:
 @main.command()
 @click.argument("study_name")
 @storage_option
-@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default=None,
+              help="yaml or json (default: from the -o suffix, .json for JSON; else yaml).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write here instead of standard output.")
 @click.option("--weights", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -523,7 +540,7 @@ def _dump(doc: Any, fmt: str) -> str:
 @click.option("--no-run", is_flag=True,
               help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
 @friendly
-def best(study_name: str, storage: str, fmt: str, output: str | None, weights: str | None,
+def best(study_name: str, storage: str, fmt: str | None, output: str | None, weights: str | None,
          verify_: bool, seeds: int, top: int, workers: int, device: str, data: str | None,
          no_run: bool) -> None:
     """Export the winning trial as a complete, runnable config, or verify it over seeds.
@@ -535,7 +552,9 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
     from kdsweep.service import verify
 
     sweep = _load_existing(storage, study_name)
+    fmt = fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
     if verify_:
+        _best_trial(sweep)  # the same error and exit code as without --verify
         try:
             text = verify.run(sweep, _open(storage), storage, top, seeds, workers, device, data,
                               click.echo, start_workers=not no_run)
@@ -708,16 +727,13 @@ def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, po
     \b
     kdsweep tensorboard q2 --storage sqlite:///sweeps/kd.db
     """
-    import subprocess
-
-    from kdsweep.service.tensorboard import runs_root
+    from kdsweep.service.tensorboard import runs_root, serve
 
     folder = runs_root(storage, logdir) / study_name
     if not folder.is_dir():
         raise click.UsageError(f"no TensorBoard runs in {folder}; give --logdir or the --storage the study ran on.")
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host, "--port", str(port)]
     click.echo(f"TensorBoard on http://{host}:{port} for {folder}")
-    sys.exit(subprocess.call(cmd))
+    sys.exit(serve(folder, host, port))
 
 
 @main.command("studies")
