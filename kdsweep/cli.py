@@ -319,7 +319,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         args += ["--artifacts", artifacts]
     if not tensorboard:
         args.append("--no-tensorboard")
-    final, how = launcher.run(sweep, args, plans, n_trials, click.echo, timeout=timeout)
+    final, how = launcher.run(sweep, args, plans, n_trials, _status_echo, timeout=timeout)
     click.echo(launcher.summary_table(sweep))
     if how == "interrupted":
         click.echo("interrupted: run the same command again to finish the study.")
@@ -332,6 +332,12 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
             f"the study has {final.finished} of {n_trials} finished trials after {final.failed_for_good} "
             "failures; see `kdsweep status` for their reasons."
         )
+
+
+def _status_echo(line: str) -> None:
+    """A status line; on a terminal it first clears the line, where a worker's progress bar may
+    stand half-drawn (the bar redraws itself below), so the two never run together."""
+    click.echo(("\r\x1b[K" if sys.stdout.isatty() else "") + line)
 
 
 def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any],

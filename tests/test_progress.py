@@ -66,3 +66,21 @@ def test_log_lines_carry_worker_and_trial(monkeypatch: pytest.MonkeyPatch) -> No
     untagged = handler.format(record)
     assert tagged.endswith(" [w1 t12] epoch 2")
     assert untagged.endswith(" [w1] epoch 2")
+
+
+def test_a_verification_run_is_named_as_such(caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own number (the sibling study's) would read as the sweep's trial of that number."""
+    monkeypatch.setattr(progress, "LINE_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="kdsweep"), progress.trial_tag(3, "verify run 3 (sweep trial 29)"):
+        list(progress.track(range(1), 1, "mlp epoch 1/2", "batch"))
+    assert [r.getMessage() for r in caplog.records] == ["verify run 3 (sweep trial 29): mlp epoch 1/2: 1/1 batch"]
+
+
+def test_one_launched_worker_draws_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launch -w 1 > log` once forced bars on its worker, so they landed in the log file."""
+    from kdsweep.service import launch
+
+    (plan,) = launch.plan_workers(1, "cpu", "sqlite:///x.db")
+    assert "KDSWEEP_PROGRESS" not in plan.env  # the worker checks its own stderr (launch's)
+    assert all(p.env["KDSWEEP_PROGRESS"] == "lines" for p in launch.plan_workers(2, "cpu", "sqlite:///x.db"))

@@ -27,17 +27,24 @@ log = logging.getLogger("kdsweep.core.progress")
 
 LINE_S = 30.0  # seconds between the plain log lines of a step that is still running
 _TRIAL: ContextVar[int | None] = ContextVar("kdsweep_trial", default=None)
+_LABEL: ContextVar[str | None] = ContextVar("kdsweep_label", default=None)  # how bars name the run
 T = TypeVar("T")
 
 
 @contextmanager
-def trial_tag(number: int) -> Iterator[None]:
-    """Tag log lines (and progress bars) written inside the block with trial `number`."""
-    token = _TRIAL.set(number)
+def trial_tag(number: int | None, label: str | None = None) -> Iterator[None]:
+    """Tag log lines (and progress bars) written inside the block with trial `number`.
+
+    `label` replaces "trial N" in progress lines, e.g. "verify run 3 (sweep trial 29)" for a
+    seed-verification run, whose own number means nothing next to the sweep's trials, or
+    "teacher" for the build every trial waits on (log lines then read `[w1 teacher]`).
+    """
+    token, label_token = _TRIAL.set(number), _LABEL.set(label)
     try:
         yield
     finally:
         _TRIAL.reset(token)
+        _LABEL.reset(label_token)
 
 
 def current_trial() -> int | None:
@@ -46,8 +53,8 @@ def current_trial() -> int | None:
 
 class _TrialFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        n = _TRIAL.get()
-        record.trial = f" t{n}" if n is not None else ""
+        n, label = _TRIAL.get(), _LABEL.get()
+        record.trial = f" {label.split(' ')[0]}" if label and n is None else (f" t{n}" if n is not None else "")
         return True
 
 
@@ -77,8 +84,9 @@ class Bar:
     """Progress of one step of `total` units; use as a context manager, call `update()`."""
 
     def __init__(self, total: int, desc: str, unit: str = "batch") -> None:
-        trial = _TRIAL.get()
-        self.desc = f"trial {trial}: {desc}" if trial is not None else desc
+        trial, label = _TRIAL.get(), _LABEL.get()
+        name = label or (f"trial {trial}" if trial is not None else None)
+        self.desc = f"{name}: {desc}" if name else desc
         self.total, self.unit, self.done = total, unit, 0
         self.mode = mode()
         self._bar = None

@@ -59,7 +59,10 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
         env["OMP_NUM_THREADS"] = str(threads)
         env["PYTHONUNBUFFERED"] = "1"
         # Several workers share one terminal: log lines, not bars that overwrite each other.
-        env.setdefault("KDSWEEP_PROGRESS", "bars" if workers == 1 else "lines")
+        # One worker decides by itself (bars only when its stderr, launch's, is a terminal),
+        # so a launch whose output goes to a log file never writes bars into it.
+        if workers > 1:
+            env.setdefault("KDSWEEP_PROGRESS", "lines")
         level = logging.getLogger("kdsweep").getEffectiveLevel()  # -q / -vv reach the workers
         if level >= logging.WARNING:
             env["KDSWEEP_QUIET"] = "1"
@@ -85,8 +88,9 @@ def _fmt(v: object) -> str:
 
 
 def progress_line(c: Counts, n_trials: int, study: optuna.Study) -> str:
+    requeued = f", re-queued {c.requeued}" if c.requeued else ""  # interrupted, not failed
     return (f"[{c.finished}/{n_trials}] complete {c.complete}, pruned {c.pruned}, "
-            f"failed {c.failed}, running {c.running} | {best_line(study)}")
+            f"failed {c.failed_for_good}{requeued}, running {c.running} | {best_line(study)}")
 
 
 def summary_table(study: optuna.Study, top: int = 5) -> str:
@@ -167,5 +171,7 @@ def run(
         for s, h in old.items():
             signal.signal(s, h)
     final = counts(study)
-    echo(progress_line(final, n_trials, study))
+    line = progress_line(final, n_trials, study)
+    if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
+        echo(line)
     return final, stop["why"] or "done"

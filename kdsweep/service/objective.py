@@ -103,7 +103,7 @@ class Objective:
             trial.set_user_attr("epochs_run", epoch)
             if writer is not None:
                 writer.epoch(epoch, metrics)
-            log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
+            log.debug("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
                      metrics[self.study.metric])
             # Never at the last epoch: the trial has paid for all of it, and pruning it then would
             # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in

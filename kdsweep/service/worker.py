@@ -62,10 +62,16 @@ class Counts:
     running: int = 0
     waiting: int = 0  # trials still to start: WAITING ones, and slots of N not yet made
     unmade: int = 0  # of those, the slots not yet made (see top_up)
+    requeued: int = 0  # of the failed, attempts that were re-queued (interrupt, dead worker)
 
     @property
     def finished(self) -> int:
         return self.complete + self.pruned
+
+    @property
+    def failed_for_good(self) -> int:
+        """Failed attempts that used up a slot; re-queued ones (interrupts) are not failures."""
+        return self.failed - self.requeued
 
 
 def _genuine_failure(trial: optuna.trial.FrozenTrial) -> bool:
@@ -86,7 +92,9 @@ def counts(study: optuna.Study) -> Counts:
                 c.pruned += 1
         elif t.state == TrialState.FAIL:
             c.failed += 1
-            failures += _genuine_failure(t)
+            genuine = _genuine_failure(t)
+            failures += genuine
+            c.requeued += not genuine
         elif t.state == TrialState.RUNNING:
             c.running += 1
         elif t.state == TrialState.WAITING:
@@ -143,6 +151,9 @@ def create_or_resume(
             load_if_exists=True,
         )
         study.set_user_attr(DEFINITION, definition)
+        with warnings.catch_warnings():  # experimental in Optuna; names the dashboard's axis
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([study_def.metric])
         study.set_user_attr(UID, uuid.uuid4().hex)  # tells its checkpoints from a namesake's
         study.set_user_attr("kdsweep.seed", seed)
         study.set_user_attr("description", study_def.description)
@@ -242,6 +253,10 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -
     ))
 
 
+def _ignore(signum: int, frame: Any) -> None:
+    """A second SIGTERM/SIGINT while the first is being handled: nothing more to do."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, delivered as an exception so the running trial can be re-queued cleanly."""
 
@@ -278,8 +293,11 @@ def run_worker(
     def on_term(signum: int, frame: Any) -> None:
         # Ctrl-C reaches launch and every worker at once, and launch then sends SIGTERM too:
         # only the first signal counts, so re-queuing the running trial is never cut short.
+        # A no-op handler, not SIG_IGN: the second signal may already be pending, and CPython
+        # raises "OSError: Signal 15 ignored due to race condition" (from wherever the main
+        # thread is, e.g. inside autograd) for a pending signal whose handler became SIG_IGN.
         for s in handled:
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, _ignore)
         stop.set()
         # An exception raised here lands wherever the main thread happens to be. Inside the
         # objective that is safe (the trial is re-queued) and needed (a teacher may take
@@ -341,8 +359,10 @@ def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: 
 def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage,
                interruptible: threading.Event) -> TrialState:
     trial = optuna.trial.Trial(study, trial_id)
+    source = study._storage.get_trial(trial_id).user_attrs.get("verify.source_trial")
+    label = None if source is None else f"verify run {trial.number} (sweep trial {source})"
     try:
-        with heartbeat(storage, trial_id, study), trial_tag(trial.number):
+        with heartbeat(storage, trial_id, study), trial_tag(trial.number, label):
             interruptible.set()
             try:
                 if objective.stop is not None and objective.stop.is_set():
