@@ -1,7 +1,12 @@
 """The kdsweep command line: thin click commands over the library.
 
-Every option can also come from the environment as KDSWEEP_<OPTION> (e.g. KDSWEEP_STORAGE,
-KDSWEEP_WORKERS), which is how docker-compose and Slurm scripts configure workers.
+Each command parses its options, opens one handle (a `Sweep`, or a storage), makes one call
+and prints. Every option can also come from the environment as KDSWEEP_<OPTION> (e.g.
+KDSWEEP_STORAGE, KDSWEEP_WORKERS), which is how docker-compose and Slurm scripts configure
+workers. Exit codes: 0 ok, 1 a runtime failure, 2 a usage error, 130 interrupted.
+
+Nothing heavy is imported at module level: `--help`, usage errors and `status` answer without
+loading torch (and parsing errors without Optuna); see the benchmark `cli_startup_s`.
 """
 
 from __future__ import annotations
@@ -19,20 +24,19 @@ import click
 
 import kdsweep
 
-# Nothing heavy is imported at module level: `--help`, usage errors and read commands answer
-# without loading torch (and parsing errors without Optuna); see benchmarks `cli_startup_s`.
-
 DEFAULT_URL = "sqlite:///kdsweep.db"  # kdsweep.service.storage.DEFAULT_URL (a test keeps them equal)
 # The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
 URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
-# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only in
+# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only among
 # modules already imported (an error cannot come from a module that was never loaded).
 USAGE_ERRORS = (("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
-                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"))
+                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
+                ("kdsweep.service.verify", "VerifyError"))
 RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
                   ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
-                  ("kdsweep.core.train", "TrainingError"))
+                  ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
+                  ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
 
 
 def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
@@ -45,21 +49,17 @@ def redact(url: str) -> str:
     return hide(url)
 
 
-def redact_text(text: str, url: str | None) -> str:
-    from kdsweep.service.storage import redact_text as hide
-
-    return hide(text, url)
-
-
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
 
-    Also sets Optuna's log level, here rather than in the group so that `--help` and parsing
-    errors (handled by click before this runs) never import Optuna.
+    Also sets Optuna's log level: here, not in the group, so that `--help` and parsing errors
+    (answered by click before this runs) never import Optuna.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kdsweep.service.storage import redact_text
+
         ctx = click.get_current_context()
         url = ctx.params.get("storage")
         _optuna_logging((ctx.find_root().obj or {}).get("verbose", 0))
@@ -96,6 +96,9 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+
+
 def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, force=True)
@@ -128,50 +131,45 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-def _open(storage: str, heartbeat: bool = True, wait: bool = False, create: bool = True):
+def _open(storage: str, wait: bool = False):
+    """The storage, to write (its schema is created if missing)."""
     from kdsweep.service.storage import open_storage
 
-    return open_storage(storage, heartbeat=heartbeat, wait=wait, create=create)
+    return open_storage(storage, wait=wait)
 
 
-def _open_read_only(storage: str):
-    """Open a storage to read it: never creates a file, a schema or a row (NoStudies if empty)."""
-    from kdsweep.service.storage import NoStudies
+def _read(storage: str):
+    """The storage, to read: never creates a file, a schema or a row."""
+    from kdsweep.service.storage import NoStudies, open_storage
 
     try:
-        return _open(storage, heartbeat=False, create=False)
+        return open_storage(storage, heartbeat=False, create=False)
     except NoStudies as exc:
         raise click.UsageError(f"{exc}; pass the --storage the study was launched with.") from None
 
 
-def _load_existing(storage: str, study_name: str):
-    """Load a study to read it; a missing SQLite file is reported, not created."""
-    import optuna
+def _sweep(storage: str, study_name: str, write: bool = False):
+    """The sweep `study_name`; a missing one is a usage error naming the studies there. Opened
+    read-only first, so a command never creates the storage of a study that is not there."""
+    from kdsweep.service.storage import study_names
+    from kdsweep.service.sweep import Sweep, SweepNotFound
 
-    from kdsweep.service.storage import NoStudies, study_names
-
+    st = _read(storage)
     try:
-        st = _open(storage, heartbeat=False, create=False)
-    except NoStudies as exc:
-        raise click.UsageError(
-            f"no study named {study_name!r}: {exc}; pass the --storage the study was launched with."
-        ) from None
-    try:
-        return optuna.load_study(study_name=study_name, storage=st)
-    except KeyError:
-        names = ", ".join(study_names(st)) or "none"
-        raise click.UsageError(
-            f"no study named {study_name!r} in {redact(storage)}; studies there: {names}."
-        ) from None
+        Sweep.load(st, study_name)
+    except SweepNotFound:
+        raise click.UsageError(f"no study named {study_name!r} in {redact(storage)}; studies there: "
+                               f"{', '.join(study_names(st)) or 'none'}.") from None
+    return Sweep.load(_open(storage) if write else st, study_name)
 
 
-def _runtime(device: str, data: str | None, download: bool = False,
-             threads: int | None = None) -> dict[str, Any]:
-    """Per-host settings of a trial's config: device, data folder, CPU threads.
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
 
-    `threads` is this process's share of the cores (launch gives each of W workers
-    cores // W through KDSWEEP_THREADS); a worker started by hand takes every core.
-    """
+
+def _runtime(device: str, data: str | None, download: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Per-host settings of a trial's config: device, data folder, CPU threads (this process's
+    share of the cores: launch gives each of W workers cores // W; by hand, every core)."""
     from kdsweep.service.launch import cpu_cores
 
     runtime: dict[str, Any] = {"device": device, "threads": threads or cpu_cores()}
@@ -182,34 +180,12 @@ def _runtime(device: str, data: str | None, download: bool = False,
     return runtime
 
 
-def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any]) -> None:
-    """Load the preset's data once, so missing data is one sentence before anything is stored."""
-    from kdsweep.core.data import load_splits
-
-    load_splits(study_def.config_for(preset, {}, overrides, **runtime).data)
-
-
-def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
-    import torch
-
-    from kdsweep.core.devices import resolve_device
-
-    resolve_device(device)  # DeviceError for cuda without CUDA
-    if needs_gpu and not torch.cuda.is_available() and not force:
-        raise click.UsageError(
-            f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
-            "use --preset smoke, or add --force to run it on the CPU anyway."
-        )
-
-
 def _artifacts(storage: str, study_name: str, artifacts: str | None) -> Path:
     if artifacts:
-        base = Path(artifacts)
-    elif storage.startswith("sqlite:///"):
-        base = Path(storage[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts"
-    else:
-        base = Path("kdsweep-artifacts")
-    return base / study_name
+        return Path(artifacts) / study_name
+    if storage.startswith("sqlite:///"):
+        return Path(storage[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts" / study_name
+    return Path("kdsweep-artifacts") / study_name
 
 
 # ---------------------------------------------------------------- launch / create / worker
@@ -240,35 +216,46 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def set_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
-        help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
-             "recorded in the study, so its workers use it too.",
-    )(fn)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
+    help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
+         "recorded in the study, so its workers use it too.")
+n_trials_option = click.option(
+    "-n", "--n-trials", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_N_TRIALS",
+    help="COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a new study, "
+         "the stored N on resume; lower it while no more have run; env KDSWEEP_N_TRIALS).")
 
 
-N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all workers (env KDSWEEP_N_TRIALS)."
+def _spec(study: str, preset: str, overrides: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """The study file, checked with its preset and `--set` overrides."""
+    from kdsweep.service import spec as specs
+
+    spec = specs.load(study)
+    spec.preset(preset)
+    changes = specs.parse_overrides(overrides)
+    spec.check_overrides(preset, changes)
+    spec.space_for(preset, changes)
+    return spec, changes
 
 
 @main.command()
 @sweep_options
 @set_option
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
-              envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
+@n_trials_option
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_WORKERS",
               help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
 @click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials run at once on each GPU (small models cannot fill one).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
 @click.option("--dry-run", is_flag=True,
-              help="Print the resolved config and parameter count of 4 sampled points; store nothing.")
+              help="Print 4 sampled points: values, resolved widths, parameter count; needs no data, stores nothing.")
 @click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
+@json_option
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], n_trials: int, workers: int | None, trials_per_device: int,
-           timeout: float | None, dry_run: bool, force: bool) -> None:
+           overrides: tuple[str, ...], n_trials: int | None, workers: int | None, trials_per_device: int,
+           timeout: float | None, dry_run: bool, force: bool, as_json: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -281,57 +268,40 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     kdsweep launch q1 --storage postgresql+psycopg://kd@db/kd --workers 8
     """
     from kdsweep.service import launch as launcher
-    from kdsweep.service import spec as studies
 
-    study_def = studies.load(study)
-    p = study_def.preset(preset)
-    changes = studies.parse_overrides(overrides)
-    study_def.check_overrides(preset, changes)
-    study_def.space_for(preset, changes)
-    study_name = study_name or study_def.name
+    spec, changes = _spec(study, preset, overrides)
     if dry_run:
-        _dry_run(study_def, preset, changes, _runtime("cpu", data, download))
-        return
-    _check_device(device, p.needs_gpu, preset, force)
-    if workers is None:
-        gpus = launcher.visible_gpus() if device != "cpu" else []
-        workers = len(gpus) * trials_per_device if gpus else 1
-    _preflight(study_def, preset, changes, _runtime(device, data, download))
-    from kdsweep.service.worker import create_or_resume
+        from kdsweep.service.preview import preview
 
-    st = _open(storage)
-    sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
-    click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
-               f"{n_trials} trials, {workers} worker(s)")
-    from kdsweep.service.worker import counts
+        _print_preview(spec.name, preset, changes, preview(spec, preset, changes, _runtime("cpu", data, download)))
+        return
+    launcher.check_device(device, spec.preset(preset).needs_gpu, preset, force)
+    workers = workers or launcher.default_workers(device, trials_per_device)
+    launcher.preflight(spec, preset, changes, _runtime(device, data, download))
+    from kdsweep.service.sweep import Sweep
 
-    now = counts(sweep)
-    if now.waiting == 0 and now.running == 0:  # finished already: nothing for workers to do
-        click.echo(f"{launcher.progress_line(now, n_trials, sweep)}\n{launcher.summary_table(sweep)}")
+    sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
+    if sweep.counts().waiting + sweep.counts().running == 0:  # finished already: no workers to start
+        click.echo(f"{sweep.progress_line()}\n{sweep.summary_table()}")
         return
-    plans = launcher.plan_workers(workers, device, storage)
-    args = [study_def.source, "--study-name", study_name, "--seed", str(seed)]
-    if data:
-        args += ["--data", data]
-    if download:
-        args.append("--download")
-    if artifacts:
-        args += ["--artifacts", artifacts]
-    if not tensorboard:
-        args.append("--no-tensorboard")
-    final, how = launcher.run(sweep, args, plans, n_trials, _status_echo, timeout=timeout)
-    click.echo(launcher.summary_table(sweep))
-    if how == "interrupted":
-        click.echo("interrupted: run the same command again to finish the study.")
-        sys.exit(130)
-    if how == "timeout":
-        click.echo("timeout: run the same command again to finish the study.")
-        return
-    if final.finished < n_trials:
+    click.echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(storage)}: "
+               f"{sweep.n_trials} trials, {workers} worker(s)")
+    args = launcher.worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard)
+    final, how = launcher.run(sweep, args, launcher.plan_workers(workers, device, storage), _status_echo,
+                              timeout=timeout)
+    click.echo(sweep.summary_table())
+    if as_json:
+        _echo_json({**sweep.summary(), "ended": how})
+    if how == "done" and sweep.stop_requested:
+        click.echo("stopped by `kdsweep stop`: run the same command again to finish the study.")
+    elif how in ("interrupted", "timeout"):
+        click.echo(f"{how}: run the same command again to finish the study.")
+        if how == "interrupted":
+            sys.exit(130)
+    elif final.finished < (sweep.n_trials or 0):
         raise click.ClickException(
-            f"the study has {final.finished} of {n_trials} finished trials after {final.failed_for_good} "
-            "failures; see `kdsweep status` for their reasons."
-        )
+            f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
+            "failures; see `kdsweep status` for their reasons.")
 
 
 def _status_echo(line: str) -> None:
@@ -340,64 +310,49 @@ def _status_echo(line: str) -> None:
     click.echo(("\r\x1b[K" if sys.stdout.isatty() else "") + line)
 
 
-def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any],
-             points: int = 4) -> None:
-    """Print the resolved config and parameter count of a few randomly sampled points."""
-    import optuna
-
-    from kdsweep.core.budget import BudgetError
-    from kdsweep.core.config import to_dict
-    from kdsweep.core.train import resolve
-    from kdsweep.service import space as sp
-    from kdsweep.service.objective import count_params
-
-    space = study_def.space_for(preset, overrides)
-    click.echo(f"study {study_def.name}, preset {preset}, overrides {json.dumps(overrides)}: "
-               f"{len(space)} parameters: {', '.join(p.name for p in space)}")
-    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for i in range(points):
-        params = sp.sample(probe.ask(), space)
-        click.echo(f"--- point {i}: {json.dumps(params)}")
-        try:
-            config = resolve(study_def.config_for(preset, params, overrides, **runtime))
-        except BudgetError as exc:
-            click.echo(f"infeasible: {exc}")
-            continue
-        click.echo(f"parameters: {count_params(config):,}")
-        click.echo(f"config: {json.dumps(to_dict(config))}")
+def _print_preview(name: str, preset: str, overrides: dict[str, Any], points: list[Any]) -> None:
+    click.echo(f"study {name}, preset {preset}" + (f", --set {json.dumps(overrides)}" if overrides else "")
+               + f": {len(points)} sampled points (nothing stored)")
+    rows = [["point", "parameter", "sampled value", "resolved", "parameters"]]
+    for i, p in enumerate(points):
+        resolved = p.infeasible or " ".join(f"{k}={v}" for k, v in p.resolved.items())
+        count = f"{p.param_count:,}" if p.param_count is not None else "infeasible"
+        for j, (k, v) in enumerate(p.params.items()):
+            value = f"{v:.4g}" if isinstance(v, float) else str(v)
+            rows.append([str(i) if j == 0 else "", k, value, resolved if j == 0 else "", count if j == 0 else ""])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 @main.command()
 @sweep_options
 @set_option
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
-              envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
+@n_trials_option
 @friendly
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], n_trials: int) -> None:
-    """Create STUDY (or raise its N) to finish N trials, without running workers.
+           overrides: tuple[str, ...], n_trials: int | None) -> None:
+    """Create STUDY (or raise or lower its N) to finish N trials, without running workers.
 
-    For many hosts: create once, then run `kdsweep worker` on each GPU host.
+    For many hosts: create once, then run `kdsweep worker` on each GPU host. N can be
+    lowered while no more than N trials have finished or are running.
 
     \b
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
-    from kdsweep.service import spec as studies
-    from kdsweep.service.worker import counts, create_or_resume
+    from kdsweep.service.sweep import Sweep
 
-    study_def = studies.load(study)
-    changes = studies.parse_overrides(overrides)
-    study_def.check_overrides(preset, changes)
-    sweep = create_or_resume(study_def, preset, _open(storage), study_name or study_def.name, n_trials,
-                             seed=seed, overrides=changes)
-    c = counts(sweep)
-    click.echo(f"study {sweep.study_name!r}: {c.waiting} waiting, {c.running} running, {c.finished} finished")
+    spec, changes = _spec(study, preset, overrides)
+    sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
+    c = sweep.counts()
+    click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
+               f"{c.finished} finished")
 
 
 @main.command()
 @sweep_options
-@click.option("--worker-index", type=int, default=0, help="Offsets the sampler seed per worker.")
+@click.option("--worker-index", type=int, default=0, help="Tags this worker's log lines (launch numbers its workers).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
               help="CPU threads of this worker (default: all cores; launch sets its share; env KDSWEEP_THREADS).")
 @friendly
@@ -412,49 +367,22 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     KDSWEEP_STORAGE=postgresql+psycopg://kd@db/kd kdsweep worker q2
     """
-    import optuna
-
-    from kdsweep.service import spec as studies
-    from kdsweep.service.objective import Objective
+    from kdsweep.service import spec as specs
+    from kdsweep.service.launch import start_worker
     from kdsweep.service.tensorboard import runs_root
-    from kdsweep.service.worker import DEFINITION, run_worker
 
     ctx = click.get_current_context()
     _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
-    study_def = studies.load(study)
-    study_name = study_name or study_def.name
-    st = _open(storage, wait=True)  # a worker started during a database restart waits for it
-    try:
-        stored = optuna.load_study(study_name=study_name, storage=st).user_attrs.get(DEFINITION) or {}
-    except KeyError:
-        raise click.UsageError(
-            f"no study named {study_name!r} in {redact(storage)}; create it with `kdsweep create` or `kdsweep launch`."
-        ) from None
+    spec = specs.load(study)
     given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
-    if given and stored.get("preset") not in (None, preset):
-        raise click.UsageError(
-            f"study {study_name!r} was created with preset {stored['preset']!r}, not {preset!r}; "
-            "drop --preset (workers read it from the study) or use another --study-name."
-        )
-    preset = stored.get("preset", preset)
-    overrides = stored.get("overrides") or {}
-    runtime = _runtime(device, data, download, threads)
-    from kdsweep.core.devices import resolve_device
-
-    resolve_device(device)
-    from kdsweep.service.worker import check_definition
-
-    check_definition(optuna.load_study(study_name=study_name, storage=st),
-                     study_def.definition(preset, overrides), study_name)
-    _preflight(study_def, preset, overrides, runtime)
-    objective = Objective(
-        study_def, preset, runtime, _artifacts(storage, study_name, artifacts),
-        tensorboard=runs_root(storage) / study_name if tensorboard else None, overrides=overrides,
-    )
-    summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
+    study_name = study_name or spec.name
+    summary = start_worker(
+        _open(storage, wait=True), spec, study_name, preset if given else None, _runtime(device, data, download, threads),
+        _artifacts(storage, study_name, artifacts), runs_root(storage) / study_name if tensorboard else None)
     logging.getLogger("kdsweep").info(
-        "worker %d done: %d trials (%d complete, %d pruned, %d failed)%s", worker_index, summary.ran,
-        summary.complete, summary.pruned, summary.failed, " - interrupted" if summary.interrupted else "")
+        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
+        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
+        " - interrupted" if summary.interrupted else (" - stopped" if summary.stopped else ""))
     if summary.interrupted:
         sys.exit(130)
 
@@ -465,65 +393,113 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
 @main.command()
 @click.argument("study_name")
 @storage_option
+@json_option
 @friendly
-def status(study_name: str, storage: str) -> None:
-    """Counts by state, the best trial, and the trials running now.
+def status(study_name: str, storage: str, as_json: bool) -> None:
+    """Counts by state, the best trial, the trials running now, the last failures.
 
     \b
     kdsweep status q2
+    kdsweep status q2 --json
     """
-    from kdsweep.service.launch import best_line
-    from kdsweep.service.worker import counts
-
-    sweep = _load_existing(storage, study_name)
-    c = counts(sweep)
-    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed_for_good} failed, "
-               + (f"{c.requeued} re-queued, " if c.requeued else "") +
-               f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting")
-    click.echo(best_line(sweep))
-    import optuna
-
-    for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        last = max(t.intermediate_values) if t.intermediate_values else 0
-        click.echo(f"  running trial {t.number}: epoch {last}, {json.dumps(t.params)}")
-    for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-5:]:
-        click.echo(f"  failed trial {t.number}: {t.user_attrs.get('fail_reason', 'worker died (heartbeat)')}")
+    sweep = _sweep(storage, study_name)
+    if as_json:
+        _echo_json(sweep.status())
+    else:
+        click.echo(sweep.status_text())
 
 
-def _best_trial(sweep: Any) -> Any:
-    """The best COMPLETE trial (a failed or pruned one never wins); exit 1 when there is none,
-    with or without --verify."""
-    try:
-        return sweep.best_trial
-    except ValueError:
-        raise click.ClickException(
-            f"study {sweep.study_name!r} has no complete trial yet; run `kdsweep launch` first."
-        ) from None
+@main.command()
+@click.argument("study_name")
+@click.argument("number", type=int)
+@storage_option
+@json_option
+@friendly
+def trial(study_name: str, number: int, storage: str, as_json: bool) -> None:
+    """One trial: parameters, config, curve, state and reason, timings, seed, host, files.
+
+    \b
+    kdsweep trial q2 29
+    kdsweep trial q2 29 --json
+    """
+    from kdsweep.service.inspect import trial_record, trial_text
+
+    record = trial_record(_sweep(storage, study_name), number)
+    if as_json:
+        _echo_json(record)
+    else:
+        click.echo(trial_text(record))
 
 
-def export_best(sweep: Any) -> dict[str, Any]:
-    """The winning trial as a runnable document: value, trial number, params and full config
-    (without the model fields its architecture never reads; `train --config` defaults them)."""
-    from kdsweep.core.config import compact
+@main.command("ls")
+@storage_option
+@json_option
+@friendly
+def list_sweeps(storage: str, as_json: bool) -> None:
+    """The studies in a storage: counts, N, best value, last activity.
 
-    best = _best_trial(sweep)
-    return {
-        "study": sweep.study_name,
-        "trial": best.number,
-        "value": best.value,
-        "metric": (sweep.user_attrs.get("kdsweep.definition") or {}).get("metric", "val_acc"),
-        "params": best.params,
-        "kdsweep_version": best.user_attrs.get("kdsweep_version", kdsweep.__version__),
-        "config": compact(best.user_attrs["config"]),
-    }
+    \b
+    kdsweep ls --storage sqlite:///sweeps/kd.db
+    kdsweep ls --json
+    """
+    from kdsweep.service.sweep import all_sweeps
+
+    rows = [s.summary() for s in all_sweeps(_read(storage))]
+    if as_json:
+        _echo_json(rows)
+        return
+    from kdsweep.service.inspect import ls_table
+
+    click.echo(ls_table(rows) if rows else f"no studies in {redact(storage)}.")
 
 
-def _dump(doc: Any, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(doc, indent=2) + "\n"
-    import yaml
+@main.command()
+@click.argument("study_name")
+@storage_option
+@click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
+              help="Where its checkpoints and kept weights are (default: beside the SQLite file).")
+@click.option("--logdir", default=None, metavar="DIR", help="Root of its TensorBoard runs (default: runs/ beside the SQLite file).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly
+def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None, yes: bool) -> None:
+    """Delete a study, its verify sibling, its checkpoints, runs and kept weights.
 
-    return yaml.safe_dump(doc, sort_keys=False)
+    \b
+    kdsweep rm q2            # asks first
+    kdsweep rm q2 --yes
+    """
+    from kdsweep.service.inspect import remove_files
+    from kdsweep.service.tensorboard import runs_root
+
+    sweep = _sweep(storage, study_name, write=True)
+    folders = [_artifacts(storage, study_name, artifacts), runs_root(storage, logdir) / study_name,
+               _artifacts(storage, study_name + ".verify", artifacts), runs_root(storage, logdir) / (study_name + ".verify")]
+    c = sweep.counts()
+    what = (f"study {study_name!r} ({c.complete} complete, {c.pruned} pruned, {c.running} running) and its "
+            f"verify sibling in {redact(storage)}, and {', '.join(str(f) for f in folders if f.exists()) or 'no files'}")
+    if not yes:
+        click.confirm(f"delete {what}?", abort=True)
+    names = sweep.delete()
+    remove_files(folders)
+    click.echo(f"deleted {', '.join(names)} and their files.")
+
+
+@main.command()
+@click.argument("study_name")
+@storage_option
+@friendly
+def stop(study_name: str, storage: str) -> None:
+    """Drain a study: every worker, on every host, re-queues its running trial and leaves.
+
+    Workers read the flag at their next heartbeat (KDSWEEP_HEARTBEAT, 10 s), so they stop
+    within seconds without a database read per batch; `launch` or `create` resumes the study.
+
+    \b
+    kdsweep stop q2
+    """
+    running = _sweep(storage, study_name, write=True).request_stop()
+    click.echo(f"study {study_name!r} stopped: {running} running trial(s) will be re-queued within a "
+               "heartbeat and their workers leave; `kdsweep launch` resumes it.")
 
 
 @main.command()
@@ -545,11 +521,14 @@ def _dump(doc: Any, fmt: str) -> str:
 @click.option("--data", default=None, metavar="DIR", help="Data directory of the --verify workers.")
 @click.option("--no-run", is_flag=True,
               help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @friendly
 def best(study_name: str, storage: str, fmt: str | None, output: str | None, weights: str | None,
          verify_: bool, seeds: int, top: int, workers: int, device: str, data: str | None,
-         no_run: bool) -> None:
+         no_run: bool, as_json: bool) -> None:
     """Export the winning trial as a complete, runnable config, or verify it over seeds.
+
+    With no complete trial yet it exits 1, with or without --verify.
 
     \b
     kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
@@ -557,31 +536,27 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     """
     from kdsweep.service import verify
 
-    sweep = _load_existing(storage, study_name)
-    fmt = fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
+    sweep = _sweep(storage, study_name, write=verify_)
+    if sweep.best_trial is None:  # a runtime state, not a usage error: exit 1 in both cases
+        raise click.ClickException(f"study {study_name!r} has no complete trial yet; run `kdsweep launch` first.")
     if verify_:
-        _best_trial(sweep)  # the same error and exit code as without --verify
-        try:
-            text = verify.run(sweep, _open(storage), storage, top, seeds, workers, device, data,
-                              click.echo, start_workers=not no_run)
-        except verify.VerifyError as exc:
-            raise click.UsageError(str(exc)) from None
-        except verify.VerifyIncomplete as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(text)
+        click.echo(verify.run(sweep, storage, top, seeds, workers, device, data, click.echo, start_workers=not no_run))
         return
     checked = verify.summary_text(sweep)
     if checked:
         click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
-    doc = export_best(sweep)
+    doc = sweep.export_best()
     if weights:
-        from kdsweep.service.weights import WeightsError, export_weights
+        from kdsweep.service.weights import export_weights
 
-        try:
-            export_weights(sweep.best_trial, doc, Path(weights))
-        except WeightsError as exc:
-            raise click.ClickException(str(exc)) from None
-    text = _dump(doc, fmt)
+        export_weights(sweep.best_trial, doc, Path(weights))
+    fmt = "json" if as_json else fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
+    if fmt == "json":
+        text = json.dumps(doc, indent=2) + "\n"
+    else:
+        import yaml
+
+        text = yaml.safe_dump(doc, sort_keys=False)
     if output:
         Path(output).write_text(text)
         click.echo(f"trial {doc['trial']} ({doc['metric']} {doc['value']:.4f}) written to {output}", err=True)
@@ -605,14 +580,12 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     from kdsweep.core.config import TrainConfig, from_dict, replace
     from kdsweep.core.train import train
 
-    config = from_dict(TrainConfig, _read_doc(config_file).get("config", None) or _read_doc(config_file))
+    doc = _read_doc(config_file)
+    config = from_dict(TrainConfig, doc.get("config", None) or doc)
     changes: dict[str, Any] = {"evaluate_test": True}
-    if device:
-        changes["device"] = device
-    if data:
-        changes["data.root"] = data
-    if seed is not None:
-        changes["seed"] = seed
+    for key, value in (("device", device), ("data.root", data), ("seed", seed)):
+        if value is not None:
+            changes[key] = value
     result = train(replace(config, **changes))
     click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
@@ -648,31 +621,21 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     kdsweep enqueue q2 --baselines
     """
     from kdsweep.service import space as sp
-    from kdsweep.service import spec as studies
-    from kdsweep.service.worker import DEFINITION
+    from kdsweep.service import spec as specs
 
-    sweep = _load_existing(storage, study_name)
-    definition = sweep.user_attrs.get(DEFINITION) or {}
-    study_def = studies.load(study_file or definition.get("study", study_name))
-    space = study_def.space_for(definition.get("preset", "paper"))
-    points: list[dict[str, Any]] = [dict(p) for p in study_def.baselines] if baselines else []
-    if values:
-        point = {}
-        for item in values:
-            key, eq, raw = item.partition("=")
-            if not eq:
-                raise click.UsageError(f"{item!r} is not key=value.")
-            point[key] = sp.parse_value(raw)
-        points.append(point)
+    sweep = _sweep(storage, study_name, write=True)
+    sweep.spec = specs.load(study_file or sweep.spec_name)
+    points: list[dict[str, Any]] = [dict(p) for p in sweep.spec.baselines] if baselines else []
+    pairs = [item.partition("=") for item in values]
+    bad = [k for k, eq, _ in pairs if not eq]
+    if bad:
+        raise click.UsageError(f"{bad[0]!r} is not key=value.")
+    if pairs:
+        points.append({k: sp.parse_value(v) for k, _, v in pairs})
     if not points:
         raise click.UsageError("give key=value pairs or --baselines.")
-    checked = [sp.validate_point(space, p) for p in points]  # all checked before any is stored
-    from kdsweep.service.storage import study_lock
-
-    with study_lock(sweep._storage, sweep._study_id):  # not counted twice by a worker's top-up
-        for p in checked:
-            sweep.enqueue_trial(p, skip_if_exists=True)
-            click.echo(f"enqueued {json.dumps(p)}")
+    for p in sweep.enqueue(points):  # every point checked before any is stored
+        click.echo(f"enqueued {json.dumps(p)}")
 
 
 @main.command()
@@ -690,12 +653,9 @@ def report(study_name: str, storage: str, out: str | None) -> None:
     from kdsweep.service import report as rep
     from kdsweep.service import verify
 
-    sweep = _load_existing(storage, study_name)
+    sweep = _sweep(storage, study_name)
     folder = Path(out) if out else Path("reports") / study_name
-    try:
-        files = rep.write_report(sweep, folder, verify.summary_text(sweep))
-    except rep.ReportError as exc:
-        raise click.ClickException(str(exc)) from None
+    files = rep.write_report(sweep, folder, verify.summary_text(sweep))
     for name, names in files.items():
         click.echo(f"{name:12s} {', '.join(names)}")
     click.echo(f"report written to {folder}/summary.md")
@@ -714,7 +674,7 @@ def dashboard(storage: str, host: str, port: int) -> None:
     """
     from optuna_dashboard import run_server
 
-    st = _open_read_only(storage)
+    st = _read(storage)
     click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
     run_server(st, host=host, port=port)
 
@@ -743,19 +703,20 @@ def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, po
 
 
 @main.command("studies")
+@friendly
 def list_studies() -> None:
     """List the study files kdsweep can find, with their presets.
 
     \b
     kdsweep studies
     """
-    from kdsweep.service import spec as studies
+    from kdsweep.service import spec as specs
 
-    for name, path in studies.available().items():
+    for name, path in specs.available().items():
         try:
-            s = studies.load(str(path))
+            s = specs.load(str(path))
             click.echo(f"{name:10s} {', '.join(s.presets):24s} {s.description}  ({path})")
-        except studies.StudyError as exc:
+        except specs.StudyError as exc:
             click.echo(f"{name:10s} (broken: {exc})")
 
 

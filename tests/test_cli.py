@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from kdsweep.cli import main
 from kdsweep.service import spec as studies
-from kdsweep.service.worker import counts
+from kdsweep.service.sweep import Sweep
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
@@ -80,7 +80,7 @@ def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
         assert command.help and command.help.strip(), name
         examples = [line for line in result.output.splitlines() if f"kdsweep {name}" in line]
         assert examples, f"`kdsweep {name} --help` shows no example"
-        assert f"kdsweep {name}" in readme, f"README.md does not mention `kdsweep {name}`"
+        assert re.search(rf"^\| `kdsweep {name}\b", readme, re.M), f"README.md's command table lacks `kdsweep {name}`"
     top = run("--help")
     assert top.exit_code == 0 and "kdsweep launch q2" in top.output
 
@@ -229,7 +229,7 @@ def test_create_records_overrides_and_resumes(created: str) -> None:
     definition = study.user_attrs["kdsweep.definition"]
     assert definition["overrides"] == {"epochs": 2} and definition["preset"] == "smoke"
     result = run("create", "q2", "--preset", "smoke", "--set", "epochs=2", "-n", "2", "--storage", created)
-    assert result.exit_code == 0 and counts(study).waiting == 2  # resumed, not doubled
+    assert result.exit_code == 0 and Sweep(study).counts().waiting == 2  # resumed, not doubled
 
 
 def test_status_reads_the_storage_from_the_environment(created: str) -> None:
@@ -238,13 +238,27 @@ def test_status_reads_the_storage_from_the_environment(created: str) -> None:
     assert "0 complete, 0 pruned, 0 failed, 0 infeasible, 0 running, 2 waiting" in result.output
 
 
-def test_dry_run_prints_points_and_stores_nothing(in_tmp: Path) -> None:
+def test_dry_run_prints_a_table_and_stores_nothing(in_tmp: Path) -> None:
     result = run("launch", "q1", "--preset", "smoke", "--dry-run")
     assert result.exit_code == 0, result.output
-    counts = [int(m.replace(",", "")) for m in re.findall(r"^parameters: ([\d,]+)$", result.output, re.M)]
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["point", "parameter", "sampled", "value", "resolved", "parameters"]
+    counts = [int(m.replace(",", "")) for m in re.findall(r" ([\d,]{5,})$", result.output, re.M)]
     assert len(counts) == 4
     assert all(abs(n - 30_000) <= 300 for n in counts), counts  # the smoke preset's matched budget
-    assert result.output.count("config: {") == 4
+    assert "channels=" in result.output and "model.family" in result.output
+    assert max(len(line) for line in lines) < 160  # a table, not JSON blobs
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+@pytest.mark.parametrize("study", ["q1", "q2"])
+def test_dry_run_needs_no_data(in_tmp: Path, study: str) -> None:
+    """The default preset is `paper` (CIFAR-10): its dry run once failed offline without the data."""
+    empty = in_tmp / "data"
+    empty.mkdir()
+    result = run("launch", study, "--dry-run", "--data", str(empty))
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(r"^\d ", result.output, re.M)) == 4
     assert not (in_tmp / "kdsweep.db").exists()
 
 

@@ -126,8 +126,7 @@ def test_launch_prints_the_last_progress_line_once(tmp_path: Path, tiny_npz: Pat
 
 
 def test_interrupted_attempts_are_re_queued_not_failed(tmp_path: Path) -> None:
-    from kdsweep.service.launch import progress_line
-    from kdsweep.service.worker import counts
+    from kdsweep.service.sweep import Sweep
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/i.db")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
@@ -135,7 +134,7 @@ def test_interrupted_attempts_are_re_queued_not_failed(tmp_path: Path) -> None:
                    "RuntimeError: boom"):
         study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.FAIL, params={"x": 0.1},
                                             distributions=dist, user_attrs={"fail_reason": reason}))
-    line = progress_line(counts(study), 5, study)
+    line = Sweep(study).progress_line()
     assert "failed 1, re-queued 2" in line, line
 
 
@@ -147,7 +146,8 @@ def test_a_second_signal_during_the_first_raises_no_race_oserror(
     from kdsweep.service import spec as studies
     from kdsweep.service.objective import Objective
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume, run_worker
+    from kdsweep.service.sweep import Sweep
+    from kdsweep.service.worker import run_worker
 
     def both_signals(self: Objective, trial: optuna.Trial) -> float:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -165,9 +165,9 @@ def test_a_second_signal_during_the_first_raises_no_race_oserror(
     monkeypatch.setattr(Objective, "__call__", both_signals)
     study_def = studies.load(str(write_study(tmp_path, tiny_npz)))
     storage = open_storage(f"sqlite:///{tmp_path}/s.db")
-    create_or_resume(study_def, "smoke", storage, "tiny", 2, seed=0)
+    Sweep.create(storage, study_def, "smoke", "tiny", 2, seed=0)
     objective = Objective(study_def, "smoke", {"device": "cpu", "threads": 1}, tmp_path / "a")
-    summary = run_worker(objective, storage, "tiny", seed=0)
+    summary = run_worker(Sweep.join(storage, "tiny", study_def), objective)
     assert summary.interrupted
     assert not unraisable, unraisable
     err = capfd.readouterr().err

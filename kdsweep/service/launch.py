@@ -17,10 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import optuna
-from optuna.trial import TrialState
-
-from kdsweep.service.worker import Counts, counts
+from kdsweep.service.sweep import Counts, Sweep
 
 
 def cpu_cores() -> int:
@@ -74,46 +71,10 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
     return plans
 
 
-def best_line(study: optuna.Study) -> str:
-    try:
-        best = study.best_trial
-    except ValueError:
-        return "no finished trial yet"
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
-    return f"best {best.value:.4f} (trial {best.number}: {params})"
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def progress_line(c: Counts, n_trials: int, study: optuna.Study) -> str:
-    requeued = f", re-queued {c.requeued}" if c.requeued else ""  # interrupted, not failed
-    return (f"[{c.finished}/{n_trials}] complete {c.complete}, pruned {c.pruned}, "
-            f"failed {c.failed_for_good}{requeued}, running {c.running} | {best_line(study)}")
-
-
-def summary_table(study: optuna.Study, top: int = 5) -> str:
-    """The best `top` trials as a fixed-width table."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    done.sort(key=lambda t: t.value, reverse=maximize)
-    if not done:
-        return "no complete trials."
-    keys = sorted({k for t in done[:top] for k in t.params})
-    header = ["trial", "value", "epochs"] + keys
-    rows = [[str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", ""))]
-            + [_fmt(t.params.get(k, "-")) for k in keys] for t in done[:top]]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header] + rows]
-    return "\n".join(lines)
-
-
 def run(
-    study: optuna.Study,
+    sweep: Sweep,
     worker_args: list[str],
     plans: list[WorkerPlan],
-    n_trials: int,
     echo: Callable[[str], None],
     timeout: float | None = None,
     poll: float = 2.0,
@@ -146,7 +107,7 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = progress_line(counts(study), n_trials, study)
+            line = sweep.progress_line()
             if line != last:
                 echo(line)
                 last = line
@@ -170,8 +131,78 @@ def run(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    final = counts(study)
-    line = progress_line(final, n_trials, study)
+    final = sweep.counts()
+    line = sweep.progress_line(final)
     if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
         echo(line)
     return final, stop["why"] or "done"
+
+
+# ---------------------------------------------------------------- what launch and worker check first
+
+
+def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
+    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced)."""
+    import torch
+
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.service.spec import StudyError
+
+    resolve_device(device)
+    if needs_gpu and not torch.cuda.is_available() and not force:
+        raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
+                         "use --preset smoke, or add --force to run it on the CPU anyway.")
+
+
+def default_workers(device: str, trials_per_device: int) -> int:
+    """One worker per visible GPU (times `trials_per_device`), or 1 on the CPU."""
+    gpus = visible_gpus() if device != "cpu" else []
+    return len(gpus) * trials_per_device if gpus else 1
+
+
+def preflight(spec, preset: str, overrides: Mapping[str, object], runtime: Mapping[str, object]) -> None:
+    """Load the preset's data once, so missing data is one sentence before anything is stored."""
+    from kdsweep.core.data import load_splits
+
+    load_splits(spec.config_for(preset, {}, overrides, **runtime).data)
+
+
+def worker_args(source: str, study_name: str, data: str | None, download: bool, artifacts: str | None,
+                tensorboard: bool) -> list[str]:
+    """The `kdsweep worker` arguments launch gives each of its workers."""
+    args = [source, "--study-name", study_name]
+    if data:
+        args += ["--data", data]
+    if download:
+        args.append("--download")
+    if artifacts:
+        args += ["--artifacts", artifacts]
+    if not tensorboard:
+        args.append("--no-tensorboard")
+    return args
+
+
+def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Mapping[str, object],
+                 artifacts, tensorboard):
+    """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
+    run its waiting trials; returns the worker's summary."""
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.spec import StudyError
+    from kdsweep.service.sweep import SweepNotFound
+    from kdsweep.service.worker import run_worker
+
+    try:
+        found = Sweep.load(storage, study_name, spec)
+    except SweepNotFound:
+        raise StudyError(f"no study named {study_name!r} in this storage; "
+                         "create it with `kdsweep create` or `kdsweep launch`.") from None
+    if preset is not None and found.definition.get("preset") not in (None, preset):
+        raise StudyError(f"study {study_name!r} was created with preset {found.preset!r}, not {preset!r}; "
+                         "drop --preset (workers read it from the study) or use another --study-name.")
+    sweep = Sweep.join(storage, study_name, spec)
+    resolve_device(str(runtime["device"]))
+    preflight(spec, sweep.preset, sweep.overrides, runtime)
+    objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
+                          overrides=sweep.overrides)
+    return run_worker(sweep, objective)
