@@ -62,7 +62,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         ctx = click.get_current_context()
         url = ctx.params.get("storage")
-        _optuna_logging((ctx.find_root().obj or {}).get("verbose", 0))
+        import optuna
+
+        optuna.logging.set_verbosity(logging.INFO if (ctx.find_root().obj or {}).get("verbose", 0) > 1
+                                     else logging.WARNING)
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
@@ -99,21 +102,6 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 
 
-def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, force=True)
-    from kdsweep.core.progress import install_log_format
-
-    install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
-    logging.getLogger("kdsweep").setLevel(level)
-
-
-def _optuna_logging(verbose: int) -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(logging.WARNING if verbose < 2 else logging.INFO)
-
-
 @click.group(context_settings=CONTEXT)
 @click.version_option(kdsweep.__version__, prog_name="kdsweep")
 @click.option("-v", "--verbose", count=True, help="More log lines (-vv: also Optuna's).")
@@ -127,8 +115,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     kdsweep status q2
     kdsweep best q2 -o best.yaml
     """
+    from kdsweep.core.progress import setup_logging
+
     ctx.obj = {"verbose": verbose, "quiet": quiet}
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
 
 
 def _open(storage: str, wait: bool = False):
@@ -165,27 +155,6 @@ def _sweep(storage: str, study_name: str, write: bool = False):
 
 def _echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
-
-
-def _runtime(device: str, data: str | None, download: bool = False, threads: int | None = None) -> dict[str, Any]:
-    """Per-host settings of a trial's config: device, data folder, CPU threads (this process's
-    share of the cores: launch gives each of W workers cores // W; by hand, every core)."""
-    from kdsweep.service.launch import cpu_cores
-
-    runtime: dict[str, Any] = {"device": device, "threads": threads or cpu_cores()}
-    if data:
-        runtime["data.root"] = data
-    if download:
-        runtime["data.download"] = True
-    return runtime
-
-
-def _artifacts(storage: str, study_name: str, artifacts: str | None) -> Path:
-    if artifacts:
-        return Path(artifacts) / study_name
-    if storage.startswith("sqlite:///"):
-        return Path(storage[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts" / study_name
-    return Path("kdsweep-artifacts") / study_name
 
 
 # ---------------------------------------------------------------- launch / create / worker
@@ -271,13 +240,14 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
 
     spec, changes = _spec(study, preset, overrides)
     if dry_run:
-        from kdsweep.service.preview import preview
+        from kdsweep.service.preview import preview, preview_table
 
-        _print_preview(spec.name, preset, changes, preview(spec, preset, changes, _runtime("cpu", data, download)))
+        points = preview(spec, preset, changes, launcher.runtime("cpu", data, download))
+        click.echo(preview_table(spec.name, preset, changes, points))
         return
     launcher.check_device(device, spec.preset(preset).needs_gpu, preset, force)
     workers = workers or launcher.default_workers(device, trials_per_device)
-    launcher.preflight(spec, preset, changes, _runtime(device, data, download))
+    launcher.preflight(spec, preset, changes, launcher.runtime(device, data, download))
     from kdsweep.service.sweep import Sweep
 
     sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
@@ -308,21 +278,6 @@ def _status_echo(line: str) -> None:
     """A status line; on a terminal it first clears the line, where a worker's progress bar may
     stand half-drawn (the bar redraws itself below), so the two never run together."""
     click.echo(("\r\x1b[K" if sys.stdout.isatty() else "") + line)
-
-
-def _print_preview(name: str, preset: str, overrides: dict[str, Any], points: list[Any]) -> None:
-    click.echo(f"study {name}, preset {preset}" + (f", --set {json.dumps(overrides)}" if overrides else "")
-               + f": {len(points)} sampled points (nothing stored)")
-    rows = [["point", "parameter", "sampled value", "resolved", "parameters"]]
-    for i, p in enumerate(points):
-        resolved = p.infeasible or " ".join(f"{k}={v}" for k, v in p.resolved.items())
-        count = f"{p.param_count:,}" if p.param_count is not None else "infeasible"
-        for j, (k, v) in enumerate(p.params.items()):
-            value = f"{v:.4g}" if isinstance(v, float) else str(v)
-            rows.append([str(i) if j == 0 else "", k, value, resolved if j == 0 else "", count if j == 0 else ""])
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 @main.command()
@@ -367,22 +322,20 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     KDSWEEP_STORAGE=postgresql+psycopg://kd@db/kd kdsweep worker q2
     """
+    from kdsweep.core.progress import setup_logging
     from kdsweep.service import spec as specs
-    from kdsweep.service.launch import start_worker
+    from kdsweep.service.launch import artifacts_folder, runtime, start_worker
     from kdsweep.service.tensorboard import runs_root
 
     ctx = click.get_current_context()
-    _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
+    setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
     spec = specs.load(study)
     given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
     study_name = study_name or spec.name
     summary = start_worker(
-        _open(storage, wait=True), spec, study_name, preset if given else None, _runtime(device, data, download, threads),
-        _artifacts(storage, study_name, artifacts), runs_root(storage) / study_name if tensorboard else None)
-    logging.getLogger("kdsweep").info(
-        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
-        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
-        " - interrupted" if summary.interrupted else (" - stopped" if summary.stopped else ""))
+        _open(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
+        artifacts_folder(storage, study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
+        worker_index)
     if summary.interrupted:
         sys.exit(130)
 
@@ -468,12 +421,10 @@ def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None,
     kdsweep rm q2            # asks first
     kdsweep rm q2 --yes
     """
-    from kdsweep.service.inspect import remove_files
-    from kdsweep.service.tensorboard import runs_root
+    from kdsweep.service.inspect import remove_files, study_folders
 
     sweep = _sweep(storage, study_name, write=True)
-    folders = [_artifacts(storage, study_name, artifacts), runs_root(storage, logdir) / study_name,
-               _artifacts(storage, study_name + ".verify", artifacts), runs_root(storage, logdir) / (study_name + ".verify")]
+    folders = study_folders(storage, study_name, artifacts, logdir)
     c = sweep.counts()
     what = (f"study {study_name!r} ({c.complete} complete, {c.pruned} pruned, {c.running} running) and its "
             f"verify sibling in {redact(storage)}, and {', '.join(str(f) for f in folders if f.exists()) or 'no files'}")
@@ -551,17 +502,18 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
 
         export_weights(sweep.best_trial, doc, Path(weights))
     fmt = "json" if as_json else fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
-    if fmt == "json":
-        text = json.dumps(doc, indent=2) + "\n"
-    else:
-        import yaml
-
-        text = yaml.safe_dump(doc, sort_keys=False)
+    text = json.dumps(doc, indent=2) + "\n" if fmt == "json" else _yaml(doc)
     if output:
         Path(output).write_text(text)
         click.echo(f"trial {doc['trial']} ({doc['metric']} {doc['value']:.4f}) written to {output}", err=True)
     else:
         click.echo(text, nl=False)
+
+
+def _yaml(doc: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 @main.command("train")
@@ -577,30 +529,13 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     \b
     kdsweep train --config best.yaml --device cuda
     """
-    from kdsweep.core.config import TrainConfig, from_dict, replace
+    from kdsweep.core.config import read_config, replace
     from kdsweep.core.train import train
 
-    doc = _read_doc(config_file)
-    config = from_dict(TrainConfig, doc.get("config", None) or doc)
-    changes: dict[str, Any] = {"evaluate_test": True}
-    for key, value in (("device", device), ("data.root", data), ("seed", seed)):
-        if value is not None:
-            changes[key] = value
-    result = train(replace(config, **changes))
+    changes = {k: v for k, v in (("device", device), ("data.root", data), ("seed", seed)) if v is not None}
+    result = train(replace(read_config(config_file), evaluate_test=True, **changes))
     click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
-
-
-def _read_doc(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise click.UsageError(f"{path} is not valid YAML or JSON: {str(exc).splitlines()[0]}.") from None
-    if not isinstance(doc, dict):
-        raise click.UsageError(f"{path} must hold a mapping (a config or an export of `kdsweep best`).")
-    return doc
 
 
 @main.command()
@@ -625,13 +560,7 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
 
     sweep = _sweep(storage, study_name, write=True)
     sweep.spec = specs.load(study_file or sweep.spec_name)
-    points: list[dict[str, Any]] = [dict(p) for p in sweep.spec.baselines] if baselines else []
-    pairs = [item.partition("=") for item in values]
-    bad = [k for k, eq, _ in pairs if not eq]
-    if bad:
-        raise click.UsageError(f"{bad[0]!r} is not key=value.")
-    if pairs:
-        points.append({k: sp.parse_value(v) for k, _, v in pairs})
+    points = ([dict(p) for p in sweep.spec.baselines] if baselines else []) + ([sp.parse_point(values)] if values else [])
     if not points:
         raise click.UsageError("give key=value pairs or --baselines.")
     for p in sweep.enqueue(points):  # every point checked before any is stored

@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -220,3 +221,17 @@ def replace(config: Any, **changes: Any) -> Any:
                 f"unknown setting {key!r} in {type(config).__name__}; valid: {', '.join(sorted(names))}."
             )
     return dataclasses.replace(config, **flat)
+
+
+def read_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig in a YAML or JSON file: an export of `kdsweep best` (its `config`) or a
+    bare config. ConfigError (one sentence) for a file that is not one."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML or JSON: {str(exc).splitlines()[0]}.") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping (a config or an export of `kdsweep best`).")
+    return from_dict(TrainConfig, doc.get("config", None) or doc)

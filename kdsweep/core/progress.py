@@ -58,6 +58,14 @@ class _TrialFilter(logging.Filter):
         return True
 
 
+def setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
+    """kdsweep's log lines on stderr: INFO by default, WARNING with -q, DEBUG with -vv."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
+    logging.getLogger("kdsweep").setLevel(level)
+
+
 def install_log_format(worker: int | None) -> None:
     """Prefix every root-handler log line with the worker index and the current trial."""
     tag = f" [w{worker}%(trial)s]" if worker is not None else "%(trial)s"

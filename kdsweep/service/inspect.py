@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from kdsweep.core.config import compact
 from kdsweep.service import keys
-from kdsweep.service.sweep import Sweep, is_requeued
+from kdsweep.service.sweep import VERIFY_SUFFIX, Sweep, is_requeued
 
 CHART_WIDTH = 40  # characters of the curve's bars
 
@@ -112,6 +112,18 @@ def ls_table(rows: Sequence[Mapping[str, Any]]) -> str:
                       (r["last_activity"] or "-").replace("T", " ")])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+def study_folders(storage_url: str, study_name: str, artifacts: str | None = None,
+                  logdir: str | None = None) -> list[Path]:
+    """The folders a study and its verify sibling fill: artifacts (checkpoints, kept weights)
+    and TensorBoard runs."""
+    from kdsweep.service.launch import artifacts_folder
+    from kdsweep.service.tensorboard import runs_root
+
+    names = (study_name, study_name + VERIFY_SUFFIX)
+    return ([artifacts_folder(storage_url, n, artifacts) for n in names]
+            + [runs_root(storage_url, logdir) / n for n in names])
 
 
 def remove_files(folders: Iterable[Path]) -> None:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from kdsweep.service.sweep import Counts, Sweep
 
@@ -141,6 +142,26 @@ def run(
 # ---------------------------------------------------------------- what launch and worker check first
 
 
+def runtime(device: str, data: str | None, download: bool = False, threads: int | None = None) -> dict[str, object]:
+    """Per-host settings of a trial's config: device, data folder, CPU threads (this process's
+    share of the cores: launch gives each of W workers cores // W; by hand, every core)."""
+    out: dict[str, object] = {"device": device, "threads": threads or cpu_cores()}
+    if data:
+        out["data.root"] = data
+    if download:
+        out["data.download"] = True
+    return out
+
+
+def artifacts_folder(storage_url: str, study_name: str, explicit: str | None = None) -> Path:
+    """Checkpoints and kept weights of a study: --artifacts, else beside the SQLite file."""
+    if explicit:
+        return Path(explicit) / study_name
+    if storage_url.startswith("sqlite:///"):
+        return Path(storage_url[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts" / study_name
+    return Path("kdsweep-artifacts") / study_name
+
+
 def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
     """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced)."""
     import torch
@@ -183,7 +204,7 @@ def worker_args(source: str, study_name: str, data: str | None, download: bool, 
 
 
 def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Mapping[str, object],
-                 artifacts, tensorboard):
+                 artifacts, tensorboard, worker_index: int = 0):
     """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
     run its waiting trials; returns the worker's summary."""
     from kdsweep.core.devices import resolve_device
@@ -205,4 +226,9 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
     preflight(spec, sweep.preset, sweep.overrides, runtime)
     objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
                           overrides=sweep.overrides)
-    return run_worker(sweep, objective)
+    summary = run_worker(sweep, objective)
+    logging.getLogger("kdsweep").info(
+        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
+        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
+        " - interrupted" if summary.interrupted else (" - stopped" if summary.stopped else ""))
+    return summary

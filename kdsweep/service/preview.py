@@ -69,3 +69,21 @@ def preview(spec: StudySpec, preset: str, overrides: Mapping[str, Any], runtime:
             resolved["block_sizes"] = list(m.block_sizes)
         out.append(Point(params, resolved, count_params(config, shape)))
     return out
+
+
+def preview_table(name: str, preset: str, overrides: Mapping[str, Any], points: list[Point]) -> str:
+    """The points as a table: parameter, sampled value, resolved widths, parameter count."""
+    import json
+
+    title = (f"study {name}, preset {preset}" + (f", --set {json.dumps(dict(overrides))}" if overrides else "")
+             + f": {len(points)} sampled points (nothing stored)")
+    rows = [["point", "parameter", "sampled value", "resolved", "parameters"]]
+    for i, p in enumerate(points):
+        resolved = p.infeasible or " ".join(f"{k}={v}" for k, v in p.resolved.items())
+        count = f"{p.param_count:,}" if p.param_count is not None else "infeasible"
+        for j, (k, v) in enumerate(p.params.items()):
+            value = f"{v:.4g}" if isinstance(v, float) else str(v)
+            rows.append([str(i) if j == 0 else "", k, value, resolved if j == 0 else "", count if j == 0 else ""])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                                for r in rows])
