@@ -175,3 +175,116 @@ def test_a_second_signal_during_the_first_raises_no_race_oserror(
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert [t.state for t in study.get_trials()][:2] == [optuna.trial.TrialState.FAIL,
                                                          optuna.trial.TrialState.WAITING]
+
+
+# ---------------------------------------------------------------- new commands: trial, ls, rm, stop, create -n
+
+
+def test_status_does_not_import_torch(tiny: tuple[Path, str, optuna.Study]) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kdsweep.cli import main\ntry:\n    main(sys.argv[1:], prog_name='kdsweep')\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "status", "tiny", "--storage", tiny[1]],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert "3 complete" in out.stdout and out.stdout.strip().endswith("exit 0 False"), out.stdout + out.stderr
+
+
+def test_status_json(tiny: tuple[Path, str, optuna.Study]) -> None:
+    result = run("status", "tiny", "--storage", tiny[1], "--json")
+    doc = json.loads(result.output)
+    assert doc["complete"] == 3 and doc["n_trials"] == 3 and doc["best"]["trial"] == tiny[2].best_trial.number
+
+
+def test_trial_shows_everything_stored_about_it(tiny: tuple[Path, str, optuna.Study]) -> None:
+    folder, url, study = tiny
+    n = study.best_trial.number
+    result = run("trial", "tiny", str(n), "--storage", url)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert f"trial {n}: COMPLETE, val_acc {study.best_value:.4f}" in text
+    assert "optim.lr = " in text and re.search(r"epoch +2 +0\.\d{4} +#+", text)  # the curve
+    assert "host " in text and "seed 0" in text and "arch: mlp" in text
+    doc = json.loads(run("trial", "tiny", str(n), "--storage", url, "--json").output)
+    assert doc["curve"] == {str(k): v for k, v in study.best_trial.intermediate_values.items()}
+    log_file = Path(doc["log_file"])
+    assert log_file.parent == folder / "runs" / "tiny" / f"trial-{n:04d}" and log_file.is_file()
+    assert "epoch 2/2 val_acc" in log_file.read_text()  # the trial's own log lines
+    assert doc["weights"] and Path(doc["weights"]).is_file()
+    user_error = run("trial", "tiny", "99", "--storage", url)
+    assert user_error.exit_code == 2 and "has no trial 99" in user_error.output
+
+
+def test_ls_lists_the_studies_of_a_storage(tiny: tuple[Path, str, optuna.Study]) -> None:
+    _, url, study = tiny
+    rows = json.loads(run("ls", "--storage", url, "--json").output)
+    (row,) = [r for r in rows if r["study"] == "tiny"]
+    assert (row["complete"], row["n_trials"], row["best"]["value"]) == (3, 3, study.best_value)
+    assert row["last_activity"].startswith(str(study.trials[-1].datetime_complete.date()))
+    table = run("ls", "--storage", url).output
+    assert re.search(r"^tiny +tiny/smoke +3 +3 ", table, re.M), table
+
+
+def test_rm_deletes_the_study_its_sibling_and_files(tmp_path: Path, tiny_npz: Path) -> None:
+    study_file = write_study(tmp_path, tiny_npz)
+    url = f"sqlite:///{tmp_path}/r.db"
+    run_tiny_sweep(study_file, url, 1, tmp_path)
+    assert (tmp_path / "runs" / "tiny").is_dir() and (tmp_path / "kdsweep-artifacts" / "tiny").is_dir()
+    refused = CliRunner().invoke(main, ["rm", "tiny", "--storage", url], input="n\n")
+    assert refused.exit_code == 1 and optuna.get_all_study_names(url) == ["tiny"]
+    result = run("rm", "tiny", "--storage", url, "--yes")
+    assert result.exit_code == 0, result.output
+    assert optuna.get_all_study_names(url) == []
+    assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "kdsweep-artifacts" / "tiny").exists()
+
+
+def test_create_lowers_n_only_while_nothing_beyond_it_ran(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/n.db"
+    assert run("create", "q2", "--preset", "smoke", "-n", "10", "--storage", url).exit_code == 0
+    study = optuna.load_study(study_name="q2", storage=url)
+    for _ in range(3):  # three slots made; two of them finished
+        study.enqueue_trial({})
+    for t in study.get_trials()[:2]:
+        trial = optuna.Trial(study, t._trial_id)
+        study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING)
+        study.tell(trial, 0.5)
+    lowered = run("create", "q2", "--preset", "smoke", "-n", "2", "--storage", url)
+    assert lowered.exit_code == 0 and "(N=2): 0 waiting, 0 running, 2 finished" in lowered.output, lowered.output
+    refused = run("create", "q2", "--preset", "smoke", "-n", "1", "--storage", url)
+    assert refused.exit_code == 2 and "cannot lower N" in refused.output and "-n 2" in refused.output
+
+
+def test_stop_drains_the_workers(tmp_path: Path, tiny_npz: Path) -> None:
+    """`kdsweep stop`: the worker's heartbeat reads the flag, its trial is re-queued, it leaves;
+    the next launch clears the flag and finishes the study."""
+    import subprocess
+    import sys
+    import time
+
+    study_file = write_study(tmp_path, tiny_npz)
+    url = f"sqlite:///{tmp_path}/s.db"
+    slow = ["--set", "epochs=40", "--set", "data.val_size=300"]
+    assert run("create", str(study_file), "--preset", "smoke", *slow, "-n", "3", "--storage", url).exit_code == 0
+    env = {**os.environ, "KDSWEEP_HEARTBEAT": "1", "KDSWEEP_GRACE": "5", "KDSWEEP_STORAGE": url}
+    proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "worker", str(study_file), "--device", "cpu",
+                             "--threads", "1", "--no-tensorboard"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not optuna.load_study(study_name="tiny", storage=url).get_trials(
+                states=(optuna.trial.TrialState.RUNNING,)):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.5)
+        result = run("stop", "tiny", "--storage", url)
+        assert result.exit_code == 0 and "1 running trial(s)" in result.output, result.output
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "re-queuing this trial and leaving" in out and "stopped" in out
+    study = optuna.load_study(study_name="tiny", storage=url)
+    states = [t.state for t in study.get_trials()]
+    assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.WAITING in states
+    assert "stopped" in run("status", "tiny", "--storage", url).output
