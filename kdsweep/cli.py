@@ -122,35 +122,21 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 def _open(storage: str, wait: bool = False):
-    """The storage, to write (its schema is created if missing)."""
     from kdsweep.service.storage import open_storage
 
     return open_storage(storage, wait=wait)
 
 
 def _read(storage: str):
-    """The storage, to read: never creates a file, a schema or a row."""
-    from kdsweep.service.storage import NoStudies, open_storage
+    from kdsweep.service.sweep import read_storage
 
-    try:
-        return open_storage(storage, heartbeat=False, create=False)
-    except NoStudies as exc:
-        raise click.UsageError(f"{exc}; pass the --storage the study was launched with.") from None
+    return read_storage(storage)
 
 
 def _sweep(storage: str, study_name: str, write: bool = False):
-    """The sweep `study_name`; a missing one is a usage error naming the studies there. Opened
-    read-only first, so a command never creates the storage of a study that is not there."""
-    from kdsweep.service.storage import study_names
-    from kdsweep.service.sweep import Sweep, SweepNotFound
+    from kdsweep.service.sweep import Sweep
 
-    st = _read(storage)
-    try:
-        Sweep.load(st, study_name)
-    except SweepNotFound:
-        raise click.UsageError(f"no study named {study_name!r} in {redact(storage)}; studies there: "
-                               f"{', '.join(study_names(st)) or 'none'}.") from None
-    return Sweep.load(_open(storage) if write else st, study_name)
+    return Sweep.open(storage, study_name, write=write)
 
 
 def _echo_json(doc: Any) -> None:

@@ -84,3 +84,48 @@ def test_one_launched_worker_draws_bars_only_on_a_terminal(monkeypatch: pytest.M
     (plan,) = launch.plan_workers(1, "cpu", "sqlite:///x.db")
     assert "KDSWEEP_PROGRESS" not in plan.env  # the worker checks its own stderr (launch's)
     assert all(p.env["KDSWEEP_PROGRESS"] == "lines" for p in launch.plan_workers(2, "cpu", "sqlite:///x.db"))
+
+
+def test_the_teacher_build_is_tagged_as_the_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its epochs once read `[w1 t0] epoch 1/4`, as if they were trial 0's."""
+    handler = logging.StreamHandler()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    progress.install_log_format(worker=1)
+    record = logging.LogRecord("kdsweep.core.train", logging.INFO, __file__, 1, "epoch %d/4", (1,), None)
+    with progress.trial_tag(0), progress.trial_tag(None, "teacher"):
+        handler.filter(record)
+        assert handler.format(record).endswith(" [w1 teacher] epoch 1/4")
+
+
+def test_build_status_says_what_a_first_run_waits_for(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import subprocess
+    import sys
+
+    now = 1_000_000.0
+    monkeypatch.setattr(time, "time", lambda: now)
+    assert progress.build_status(tmp_path) is None
+    # The builder holds the teacher's lock (another process: filelock is re-entrant within one).
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(tmp_path / 'abc.lock')!r}); lock.acquire(); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        progress.write_build_progress(tmp_path / "abc.progress.json", 0, 4, now)
+        assert progress.build_status(tmp_path) == "building the teacher, once: epoch 0/4"
+        progress.write_build_progress(tmp_path / "abc.progress.json", 2, 4, now - 40)  # 20 s an epoch
+        for pid in (11, 12, 13):
+            (tmp_path / f"abc.waiting-{pid}").touch()
+        assert progress.build_status(tmp_path) == (
+            "building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert progress.build_status(tmp_path) is None  # its builder is gone: no longer shown
+
+
+def test_eta_from_finished_trials() -> None:
+    assert progress.eta([], 10, 2) == ""
+    assert progress.eta([30.0, 50.0], 9, 2) == "~3 min left"  # 9 trials x 40 s / 2 workers
+    assert progress.eta([10.0], 3, 1) == "~30 s left"

@@ -14,6 +14,7 @@ running (`[w1 t12]`), through `trial_tag` and the formatter `install_log_format`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -133,3 +134,88 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "item") -> Iter
         for item in items:
             yield item
             bar.update()
+
+
+# ---------------------------------------------------------------- a shared build others wait for
+# The teacher of a Q2 study is built once, by the first worker that needs it, while the others
+# wait on its file lock. The builder writes `<key>.progress.json` beside the lock after every
+# epoch, and each waiter a `<key>.waiting-<pid>` file, so `kdsweep launch` can say what is
+# happening ("building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it").
+
+
+
+def cache_dir() -> str:
+    """Where teachers are cached by default: $KDSWEEP_CACHE, else ~/.cache/kdsweep (a config's
+    own cache_dir overrides it; see kdsweep.core.train.cache_root)."""
+    return os.path.expanduser(os.environ.get("KDSWEEP_CACHE") or "~/.cache/kdsweep")
+
+
+def write_build_progress(path: str | os.PathLike, epoch: int, epochs: int, started: float,
+                         done: bool = False) -> None:
+    """Record a build's progress (epochs finished of `epochs`, wall-clock start) in `path`."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"epoch": epoch, "epochs": epochs, "started": started, "updated": time.time(),
+                   "done": done}, f)
+    os.replace(tmp, path)
+
+
+def build_status(folder: str | os.PathLike) -> str | None:
+    """'building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it' for a build
+    in progress under `folder` (the teacher cache), else None."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    now = time.time()
+    for name in names:
+        if not name.endswith(".progress.json"):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                p = json.load(f)
+        except (OSError, ValueError):
+            continue
+        key = name[: -len(".progress.json")]
+        if p.get("done") or not _held(os.path.join(folder, f"{key}.lock")):
+            continue  # finished, or its builder died (the OS released its lock)
+        waiting = sum(n.startswith(f"{key}.waiting-") for n in names)
+        epoch, epochs = int(p["epoch"]), int(p["epochs"])
+        left = ""
+        if epoch > 0:
+            per_epoch = (p["updated"] - p["started"]) / epoch
+            left = f", ~{_duration(per_epoch * (epochs - epoch) - (now - p['updated']))} left"
+        others = f"; {waiting} worker{'s' if waiting != 1 else ''} waiting for it" if waiting else ""
+        return f"building the teacher, once: epoch {epoch}/{epochs}{left}{others}"
+    return None
+
+
+def _held(lock_path: str) -> bool:
+    """Whether another process holds the file lock at `lock_path` (a build in progress)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def eta(done_seconds: list[float], left: float, workers: int) -> str:
+    """'~3 min left' from the wall times of finished trials and `left` trials (a running one
+    counts half) shared by `workers`; '' before any trial finished."""
+    if not done_seconds:
+        return ""
+    mean = sum(done_seconds) / len(done_seconds)
+    return f"~{_duration(mean * left / max(1, workers))} left"

@@ -72,6 +72,25 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
     return plans
 
 
+def status_line(sweep: Sweep, workers: int) -> str:
+    """The progress line, with what a first run spends its first minutes on (the teacher's
+    build, which the other workers wait for) and the sweep's ETA."""
+    from optuna.trial import TrialState
+
+    from kdsweep.core import progress
+    from kdsweep.service import keys
+
+    c = sweep.counts()
+    line = sweep.progress_line(c)
+    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"))
+    if building:
+        return f"{line} | {building}"
+    walls = [t.user_attrs[keys.WALL_TIME] for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
+             if keys.WALL_TIME in t.user_attrs]
+    left = progress.eta(walls, c.waiting + 0.5 * c.running, min(workers, max(1, c.waiting + c.running)))
+    return f"{line} | {left}" if left else line
+
+
 def run(
     sweep: Sweep,
     worker_args: list[str],
@@ -108,7 +127,7 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = sweep.progress_line()
+            line = status_line(sweep, len(procs))
             if line != last:
                 echo(line)
                 last = line

@@ -214,6 +214,21 @@ class Sweep:
         return cls(study, spec)
 
     @classmethod
+    def open(cls, url: str, name: str, write: bool = False) -> Sweep:
+        """The sweep `name` in the storage at `url`, for a command: opened read-only first, so
+        asking for a study that is not there never creates a file or a schema; StudyError
+        (naming the studies there) when it is missing. `write` reopens it to change it."""
+        from kdsweep.service.storage import open_storage, redact, study_names
+
+        storage = read_storage(url)
+        try:
+            sweep = cls.load(storage, name)
+        except SweepNotFound:
+            raise StudyError(f"no study named {name!r} in {redact(url)}; studies there: "
+                             f"{', '.join(study_names(storage)) or 'none'}.") from None
+        return cls.load(open_storage(url), name) if write else sweep
+
+    @classmethod
     def join(cls, storage: BaseStorage, name: str, spec: StudySpec) -> Sweep:
         """The stored study `name`, checked against `spec` and ready to run its trials."""
         sweep = cls.load(storage, name, spec)
@@ -713,6 +728,17 @@ class Sweep:
             # Its own N: every run asked for so far that has not failed for good.
             study.set_user_attr(keys.N_TRIALS, len(present))
         return sibling, len(best) * len(seeds)
+
+
+def read_storage(url: str) -> BaseStorage:
+    """The storage at `url`, to read: never creates a file, a schema or a row; StudyError (a
+    usage error: the wrong --storage) when it holds no Optuna study."""
+    from kdsweep.service.storage import NoStudies, open_storage
+
+    try:
+        return open_storage(url, heartbeat=False, create=False)
+    except NoStudies as exc:
+        raise StudyError(f"{exc}; pass the --storage the study was launched with.") from None
 
 
 def all_sweeps(storage: BaseStorage) -> list[Sweep]:
