@@ -98,10 +98,9 @@ def test_the_teacher_build_is_tagged_as_the_teacher(monkeypatch: pytest.MonkeyPa
 
 
 def test_build_status_says_what_a_first_run_waits_for(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
     import subprocess
     import sys
+    import time
 
     now = 1_000_000.0
     monkeypatch.setattr(time, "time", lambda: now)
