@@ -1,19 +1,13 @@
-"""The kdsweep command line: thin click commands over the library.
-
-Each command parses its options, opens one handle (a `Sweep`, or a storage), makes one call
-and prints. Every option can also come from the environment as KDSWEEP_<OPTION> (e.g.
-KDSWEEP_STORAGE, KDSWEEP_WORKERS), which is how docker-compose and Slurm scripts configure
-workers. Exit codes: 0 ok, 1 a runtime failure, 2 a usage error, 130 interrupted.
-
-Nothing heavy is imported at module level: `--help`, usage errors and `status` answer without
-loading torch (and parsing errors without Optuna); see the benchmark `cli_startup_s`.
+"""The kdsweep command line: each command parses, opens one handle (a `Sweep` or a storage),
+makes one call and prints. Options also come from the environment (KDSWEEP_<OPTION>). Exit
+codes: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted. Nothing heavy is imported at
+module level, so `--help` and usage errors answer without torch or Optuna (`cli_startup_s`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable
@@ -62,10 +56,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         ctx = click.get_current_context()
         url = ctx.params.get("storage")
-        import optuna
+        from kdsweep.service.sweep import optuna_verbosity
 
-        optuna.logging.set_verbosity(logging.INFO if (ctx.find_root().obj or {}).get("verbose", 0) > 1
-                                     else logging.WARNING)
+        optuna_verbosity((ctx.find_root().obj or {}).get("verbose", 0))
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
@@ -181,18 +174,6 @@ n_trials_option = click.option(
          "the stored N on resume; lower it while no more have run; env KDSWEEP_N_TRIALS).")
 
 
-def _spec(study: str, preset: str, overrides: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
-    """The study file, checked with its preset and `--set` overrides."""
-    from kdsweep.service import spec as specs
-
-    spec = specs.load(study)
-    spec.preset(preset)
-    changes = specs.parse_overrides(overrides)
-    spec.check_overrides(preset, changes)
-    spec.space_for(preset, changes)
-    return spec, changes
-
-
 @main.command()
 @sweep_options
 @set_option
@@ -224,40 +205,25 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     """
     from kdsweep.service import launch as launcher
 
-    spec, changes = _spec(study, preset, overrides)
+    spec, changes = launcher.load_spec(study, preset, overrides)
     if dry_run:
         from kdsweep.service.preview import preview, preview_table
 
         points = preview(spec, preset, changes, launcher.runtime("cpu", data, download))
         click.echo(preview_table(spec.name, preset, changes, points))
         return
-    launcher.check_device(device, spec.preset(preset).needs_gpu, preset, force)
-    workers = workers or launcher.default_workers(device, trials_per_device)
-    launcher.preflight(spec, preset, changes, launcher.runtime(device, data, download))
-    from kdsweep.service.sweep import Sweep
-
-    sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
-    if sweep.counts().waiting + sweep.counts().running == 0:  # finished already: no workers to start
-        click.echo(f"{sweep.progress_line()}\n{sweep.summary_table()}")
-        return
-    click.echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(storage)}: "
-               f"{sweep.n_trials} trials, {workers} worker(s)")
-    args = launcher.worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard)
-    final, how = launcher.run(sweep, args, launcher.plan_workers(workers, device, storage), _status_echo,
-                              timeout=timeout)
-    click.echo(sweep.summary_table())
+    sweep, final, how = launcher.launch(storage, spec, preset, changes, study_name, n_trials, seed, device, force,
+                                        workers, trials_per_device, data, download, artifacts, tensorboard,
+                                        timeout, _status_echo)
     if as_json:
         _echo_json({**sweep.summary(), "ended": how})
-    if how == "done" and sweep.stop_requested:
-        click.echo("stopped by `kdsweep stop`: run the same command again to finish the study.")
-    elif how in ("interrupted", "timeout"):
-        click.echo(f"{how}: run the same command again to finish the study.")
-        if how == "interrupted":
-            sys.exit(130)
-    elif final.finished < (sweep.n_trials or 0):
-        raise click.ClickException(
-            f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
-            "failures; see `kdsweep status` for their reasons.")
+    message, code = launcher.ending(sweep, final, how)
+    if code == 1:
+        raise click.ClickException(message)
+    if message:
+        click.echo(message)
+    if code:
+        sys.exit(code)
 
 
 def _status_echo(line: str) -> None:
@@ -282,9 +248,10 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
+    from kdsweep.service.launch import load_spec
     from kdsweep.service.sweep import Sweep
 
-    spec, changes = _spec(study, preset, overrides)
+    spec, changes = load_spec(study, preset, overrides)
     sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
     c = sweep.counts()
     click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
@@ -411,11 +378,9 @@ def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None,
 
     sweep = _sweep(storage, study_name, write=True)
     folders = study_folders(storage, study_name, artifacts, logdir)
-    c = sweep.counts()
-    what = (f"study {study_name!r} ({c.complete} complete, {c.pruned} pruned, {c.running} running) and its "
-            f"verify sibling in {redact(storage)}, and {', '.join(str(f) for f in folders if f.exists()) or 'no files'}")
     if not yes:
-        click.confirm(f"delete {what}?", abort=True)
+        click.confirm(f"delete {sweep.progress_line()}, its verify sibling and "
+                      f"{', '.join(str(f) for f in folders if f.exists()) or 'no files'}?", abort=True)
     names = sweep.delete()
     remove_files(folders)
     click.echo(f"deleted {', '.join(names)} and their files.")
@@ -487,19 +452,14 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
         from kdsweep.service.weights import export_weights
 
         export_weights(sweep.best_trial, doc, Path(weights))
-    fmt = "json" if as_json else fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
-    text = json.dumps(doc, indent=2) + "\n" if fmt == "json" else _yaml(doc)
+    from kdsweep.service.inspect import dump
+
+    text = dump(doc, "json" if as_json else fmt, output)
     if output:
         Path(output).write_text(text)
         click.echo(f"trial {doc['trial']} ({doc['metric']} {doc['value']:.4f}) written to {output}", err=True)
     else:
         click.echo(text, nl=False)
-
-
-def _yaml(doc: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(doc, sort_keys=False)
 
 
 @main.command("train")
@@ -625,14 +585,9 @@ def list_studies() -> None:
     \b
     kdsweep studies
     """
-    from kdsweep.service import spec as specs
+    from kdsweep.service.inspect import studies_table
 
-    for name, path in specs.available().items():
-        try:
-            s = specs.load(str(path))
-            click.echo(f"{name:10s} {', '.join(s.presets):24s} {s.description}  ({path})")
-        except specs.StudyError as exc:
-            click.echo(f"{name:10s} (broken: {exc})")
+    click.echo(studies_table())
 
 
 if __name__ == "__main__":

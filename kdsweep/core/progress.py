@@ -215,7 +215,7 @@ def _duration(seconds: float) -> str:
 def eta(done_seconds: list[float], left: float, workers: int) -> str:
     """'~3 min left' from the wall times of finished trials and `left` trials (a running one
     counts half) shared by `workers`; '' before any trial finished."""
-    if not done_seconds:
+    if not done_seconds or left <= 0:
         return ""
     mean = sum(done_seconds) / len(done_seconds)
     return f"~{_duration(mean * left / max(1, workers))} left"

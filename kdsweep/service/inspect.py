@@ -126,6 +126,30 @@ def study_folders(storage_url: str, study_name: str, artifacts: str | None = Non
             + [runs_root(storage_url, logdir) / n for n in names])
 
 
+def studies_table() -> str:
+    """`kdsweep studies`: the study files found, with their presets (a broken one says why)."""
+    from kdsweep.service import spec as specs
+
+    lines = []
+    for name, path in specs.available().items():
+        try:
+            s = specs.load(str(path))
+            lines.append(f"{name:10s} {', '.join(s.presets):24s} {s.description}  ({path})")
+        except specs.StudyError as exc:
+            lines.append(f"{name:10s} (broken: {exc})")
+    return "\n".join(lines)
+
+
+def dump(doc: Any, fmt: str | None, output: str | None = None) -> str:
+    """`doc` as JSON or YAML: `fmt` if given, else JSON for an `output` ending in .json."""
+    import json
+
+    import yaml
+
+    fmt = fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
+    return json.dumps(doc, indent=2) + "\n" if fmt == "json" else yaml.safe_dump(doc, sort_keys=False)
+
+
 def remove_files(folders: Iterable[Path]) -> None:
     """Delete a study's folders (checkpoints, kept weights, TensorBoard runs) where they exist."""
     for folder in folders:

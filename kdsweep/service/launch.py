@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdsweep.service.spec import StudySpec
 from kdsweep.service.sweep import Counts, Sweep
 
 
@@ -72,6 +74,10 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
     return plans
 
 
+ETA_EVERY_S = 30.0  # seconds between status lines that differ only in their time left
+_ETA = re.compile(r"~[^;|]* left")
+
+
 def status_line(sweep: Sweep, workers: int) -> str:
     """The progress line, with what a first run spends its first minutes on (the teacher's
     build, which the other workers wait for) and the sweep's ETA."""
@@ -119,7 +125,7 @@ def run(
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.monotonic()
-    last = ""
+    last, last_news, shown_at = "", "", 0.0
     try:
         while any(p.poll() is None for p in procs):
             if stop["why"]:
@@ -128,9 +134,11 @@ def run(
                 stop["why"] = "timeout"
                 break
             line = status_line(sweep, len(procs))
-            if line != last:
+            # A new line when something happened; a countdown alone only every ETA_EVERY_S.
+            news = _ETA.sub("", line)
+            if news != last_news or (line != last and time.monotonic() - shown_at >= ETA_EVERY_S):
                 echo(line)
-                last = line
+                last, last_news, shown_at = line, news, time.monotonic()
             # Short naps: time.sleep resumes after a signal handler, and Ctrl-C should stop
             # the workers at once, not after a whole polling period.
             nap_until = time.monotonic() + poll
@@ -152,7 +160,7 @@ def run(
         for s, h in old.items():
             signal.signal(s, h)
     final = sweep.counts()
-    line = sweep.progress_line(final)
+    line = status_line(sweep, len(procs))
     if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
         echo(line)
     return final, stop["why"] or "done"
@@ -179,6 +187,18 @@ def artifacts_folder(storage_url: str, study_name: str, explicit: str | None = N
     if storage_url.startswith("sqlite:///"):
         return Path(storage_url[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts" / study_name
     return Path("kdsweep-artifacts") / study_name
+
+
+def load_spec(study: str, preset: str, overrides: Sequence[str]) -> tuple[StudySpec, dict[str, object]]:
+    """The study file (by name or path), checked with its preset and `--set` overrides."""
+    from kdsweep.service import spec as specs
+
+    spec = specs.load(study)
+    spec.preset(preset)
+    changes = specs.parse_overrides(overrides)
+    spec.check_overrides(preset, changes)
+    spec.space_for(preset, changes)
+    return spec, changes
 
 
 def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
@@ -251,3 +271,42 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
         summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
         " - interrupted" if summary.interrupted else (" - stopped" if summary.stopped else ""))
     return summary
+
+
+def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_name: str | None,
+           n_trials: int | None, seed: int, device: str, force: bool, workers: int | None,
+           trials_per_device: int, data: str | None, download: bool, artifacts: str | None,
+           tensorboard: bool, timeout: float | None, echo: Callable[[str], None]) -> tuple[Sweep, Counts, str]:
+    """`kdsweep launch`: check the device and the data, create or resume the sweep, run its
+    workers; (sweep, final counts, how it ended: done, finished, timeout or interrupted).
+
+    A sweep that has nothing left to run prints its summary and starts no worker ('finished').
+    """
+    from kdsweep.service.storage import open_storage, redact
+
+    check_device(device, spec.preset(preset).needs_gpu, preset, force)
+    workers = workers or default_workers(device, trials_per_device)
+    preflight(spec, preset, overrides, runtime(device, data, download))  # before anything is stored
+    sweep = Sweep.create(open_storage(url), spec, preset, study_name, n_trials, seed=seed, overrides=overrides)
+    c = sweep.counts()
+    if c.waiting + c.running == 0:
+        echo(f"{sweep.progress_line(c)}\n{sweep.summary_table()}")
+        return sweep, c, "finished"
+    echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(url)}: "
+         f"{sweep.n_trials} trials, {workers} worker(s)")
+    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard)
+    final, how = run(sweep, args, plan_workers(workers, device, url), echo, timeout=timeout)
+    echo(sweep.summary_table())
+    return sweep, final, how
+
+
+def ending(sweep: Sweep, final: Counts, how: str) -> tuple[str, int]:
+    """The closing sentence of a launch and its exit code (0, 1 a study short of N, 130)."""
+    if how == "done" and sweep.stop_requested:
+        return "stopped by `kdsweep stop`: run the same command again to finish the study.", 0
+    if how in ("interrupted", "timeout"):
+        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else 0
+    if how == "done" and final.finished < (sweep.n_trials or 0):
+        return (f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
+                "failures; see `kdsweep status` for their reasons."), 1
+    return "", 0

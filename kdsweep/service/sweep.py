@@ -730,6 +730,11 @@ class Sweep:
         return sibling, len(best) * len(seeds)
 
 
+def optuna_verbosity(verbose: int) -> None:
+    """Optuna's own log lines: warnings only, unless -vv."""
+    optuna.logging.set_verbosity(logging.INFO if verbose > 1 else logging.WARNING)
+
+
 def read_storage(url: str) -> BaseStorage:
     """The storage at `url`, to read: never creates a file, a schema or a row; StudyError (a
     usage error: the wrong --storage) when it holds no Optuna study."""
