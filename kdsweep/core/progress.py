@@ -212,10 +212,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def eta(done_seconds: list[float], left: float, workers: int) -> str:
-    """'~3 min left' from the wall times of finished trials and `left` trials (a running one
-    counts half) shared by `workers`; '' before any trial finished."""
-    if not done_seconds or left <= 0:
+def eta(finished_at: list[float], wall_times: list[float], left: float, workers: int) -> str:
+    """'~3 min left' for `left` trials (a running one counts half).
+
+    From the pace of completions (`finished_at`, epoch seconds) once two differ: that pace
+    already reflects the workers and the pruning rate, and it leaves out the first minutes a
+    first run spends building the teacher. Before that, from the mean of `wall_times` (seconds
+    per finished trial) shared by `workers`. '' before any trial finished or when none is left.
+    """
+    if not wall_times or left <= 0:
         return ""
-    mean = sum(done_seconds) / len(done_seconds)
-    return f"~{_duration(mean * left / max(1, workers))} left"
+    stamps = sorted(finished_at)
+    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
+        return f"~{_duration(left * (stamps[-1] - stamps[0]) / (len(stamps) - 1))} left"
+    return f"~{_duration(sum(wall_times) / len(wall_times) * left / max(1, workers))} left"
