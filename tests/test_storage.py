@@ -246,3 +246,11 @@ def test_compose_client_needs_the_compose_plugin(tmp_path: Path, monkeypatch: py
     assert compose_command() is None
     fake.write_text('#!/bin/sh\necho "Docker Compose version v2.29.0"\n')
     assert compose_command() == ["docker", "compose"]
+
+
+def test_git_ignores_the_sqlite_slot_lock_files() -> None:
+    """study_lock leaves `<file>.db.slots-<id>.lock` beside a SQLite file; git must not offer it."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "sweeps/kdsweep.db.slots-1.lock"], cwd=ROOT)
+    assert result.returncode == 0
