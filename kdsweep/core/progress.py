@@ -212,17 +212,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def eta(finished_at: list[float], wall_times: list[float], left: float, workers: int) -> str:
-    """'~3 min left' for `left` trials (a running one counts half).
+def eta(wall_times: list[float], left: float, workers: int) -> str:
+    """'~3 min left' for `left` trials (a running one counts half) shared by `workers`.
 
-    From the pace of completions (`finished_at`, epoch seconds) once two differ: that pace
-    already reflects the workers and the pruning rate, and it leaves out the first minutes a
-    first run spends building the teacher. Before that, from the mean of `wall_times` (seconds
-    per finished trial) shared by `workers`. '' before any trial finished or when none is left.
+    `wall_times` are the finished trials' seconds in the order they finished. The first wave
+    (one trial per worker) includes the minutes a first run spends building the teacher, so
+    once later trials have finished only theirs count. '' before any trial finished or when
+    none is left.
     """
     if not wall_times or left <= 0:
         return ""
-    stamps = sorted(finished_at)
-    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
-        return f"~{_duration(left * (stamps[-1] - stamps[0]) / (len(stamps) - 1))} left"
-    return f"~{_duration(sum(wall_times) / len(wall_times) * left / max(1, workers))} left"
+    later = wall_times[workers:] or wall_times
+    return f"~{_duration(sum(later) / len(later) * left / max(1, workers))} left"

@@ -91,10 +91,9 @@ def status_line(sweep: Sweep, workers: int) -> str:
     building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"))
     if building:
         return f"{line} | {building}"
-    done = [t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED) if keys.WALL_TIME in t.user_attrs]
-    left = progress.eta([t.datetime_complete.timestamp() for t in done if t.datetime_complete],
-                        [t.user_attrs[keys.WALL_TIME] for t in done], c.waiting + 0.5 * c.running,
-                        min(workers, max(1, c.waiting + c.running)))
+    done = sorted((t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
+                   if keys.WALL_TIME in t.user_attrs and t.datetime_complete), key=lambda t: t.datetime_complete)
+    left = progress.eta([t.user_attrs[keys.WALL_TIME] for t in done], c.waiting + 0.5 * c.running, workers)
     return f"{line} | {left}" if left else line
 
 
