@@ -29,6 +29,8 @@ WHAT = {
     "worker (goal >= 0.85); 4 workers vs 2 in the details (goal >= 0.9).",
     "storage_overhead_ms": "Optuna + storage ms per trial (pop, sample, 10 x report + prune check, "
     "tell; 4 workers, trivial objective), the worse of SQLite and PostgreSQL. Goal < 50 ms.",
+    "cli_startup_s": "seconds of a fresh `kdsweep launch q2 --workers 0` (a usage error) over a bare "
+    "`python -c pass`; `--help` timings in the details. Goal: under 0.5 s.",
     "gpu_resnet18_train_32px": "ResNet18 (CIFAR stem) 32 px training images/s through `train()`, "
     "with model FLOP utilisation against 989 TFLOP/s dense bf16 (H100).",
     "gpu_resnet50_teacher_224px": "ResNet50 inference images/s at 224 px as the logit cache runs it.",
