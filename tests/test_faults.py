@@ -392,7 +392,10 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
     study = create(url, "faults", 4, max_failures=3)
     good = {"optim.lr": 0.05, "mlp.depth": 1, "mlp.dropout": 0.0}
     points = [good, {**good, "optim.lr": 5000.0}, {**good, "optim.lr": OOM_LR}, {**good, "optim.lr": DATA_LR}]
-    for p in points:  # they take the places of the study's 4 trials
+    # They take the places of the study's 4 trials; the failed ones' replacements are three more
+    # good points (sampled ones could diverge in this wide space and pass the failure limit).
+    replacements = [{**good, "optim.lr": lr} for lr in (0.06, 0.07, 0.08)]
+    for p in points + replacements:
         study.enqueue_trial(p, skip_if_exists=False)
     study_def = studies.load(str(TINY))
     objective = Objective(study_def, "faults", {"device": "cpu", "threads": 1}, tmp_path / "artifacts")

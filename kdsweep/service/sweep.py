@@ -156,6 +156,7 @@ class Sweep:
         self.stop_event: threading.Event | None = None
         self.study = study
         self.spec = spec
+        self._numbers: dict[int, int] = {}  # trial id -> number of the trials pop() took
 
     # ------------------------------------------------------------------ opening
 
@@ -376,7 +377,8 @@ class Sweep:
         return c
 
     def failure_limit_passed(self) -> bool:
-        return self.counts().failed > self.max_failures
+        failed = self._storage.get_all_trials(self._id, deepcopy=False, states=(TrialState.FAIL,))
+        return sum(map(failed_for_good, failed)) > self.max_failures
 
     def _add_slots(self, n: int) -> None:
         """Enqueue `n` empty WAITING trials; user-enqueued points are WAITING too and count alike."""
@@ -406,6 +408,7 @@ class Sweep:
         for t in storage.get_all_trials(self._id, deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    self._numbers[t._trial_id] = t.number  # start() needs no extra read
                     return t._trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
@@ -413,7 +416,9 @@ class Sweep:
 
     def start(self, trial_id: int) -> optuna.Trial:
         """The taken trial as an optuna.Trial, its sampler seeded for this trial (recorded)."""
-        number = self._storage.get_trial_number_from_id(trial_id)
+        number = self._numbers.pop(trial_id, None)
+        if number is None:
+            number = self._storage.get_trial_number_from_id(trial_id)
         seed = sampler_seed(self.seed, number)
         if self.spec is not None:
             self.study.sampler = self.spec.sampler(seed)
