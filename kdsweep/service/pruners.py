@@ -11,11 +11,12 @@ trial when that chance is small. Domhan et al. fit an ensemble of parametric cur
 their stopping criterion and forecasts from the study's own finished curves instead:
 
 * **neighbours**: the `neighbours` complete curves of the study whose last `window` epochs up to
-  epoch t are closest (RMS) to the trial's, each shifted to pass through the trial's value y_t:
-  forecast_i = final_i - value_i(t) + y_t (the trial gains what a curve of that shape gained);
+  epoch t are closest (RMS) to the trial's; each forecasts final_i - mean_i + mean, where mean_i
+  and mean are the neighbour's and the trial's average over those epochs (the trial gains what
+  a curve of that shape gained; averaging keeps one noisy epoch from moving the anchor much);
 * **its own slope** as `prior_curves` pseudo-curves: y_t + slope_weight * max(d_t, 0) * (T - t),
-  with d_t = y_t - y_{t-1} (a slow starter still rising is forecast to keep rising; a dip is
-  noise, not a trend). With few complete curves these dominate, so the rule works from the
+  with d_t the trial's average improvement per epoch over the window (a slow starter still
+  rising is forecast to keep rising; a fall is noise, not a trend). With few complete curves these dominate, so the rule works from the
   study's second trial on, without a startup population;
 * the forecast is normal with the mean of these values and their spread (floored by
   `prior_spread` with the weight of `prior_curves`); the trial is stopped when
@@ -145,8 +146,12 @@ class CurvePruner(optuna.pruners.BasePruner):
         if not finals:
             return None  # no incumbent yet
         y *= sign
-        prev = values.get(t - 1)
-        slope = max(sign * (values[t] - prev), 0.0) if prev is not None and math.isfinite(prev) else 0.0
+        # The slope over the window, not the last step: validation values at a high learning rate
+        # dip and jump by a point or two from one epoch to the next.
+        back = min(self.window - 1, t - 1)
+        prev = values.get(t - back) if back > 0 else None
+        slope = (max(sign * (values[t] - prev), 0.0) / back
+                 if prev is not None and math.isfinite(prev) else 0.0)
         own = y + self.slope_weight * slope * (self.max_epochs - t)
 
         forecasts = np.empty(0)
@@ -155,12 +160,15 @@ class CurvePruner(optuna.pruners.BasePruner):
             lo = max(1, t - self.window + 1)
             mine = np.array([sign * values.get(e, math.nan) for e in range(lo, t + 1)])
             known = np.isfinite(mine)
-            diff = curves[:, lo - 1:t][:, known] - mine[known]
+            theirs = curves[:, lo - 1:t][:, known]
+            diff = theirs - mine[known]
             dist = np.sqrt((diff * diff).mean(axis=1))
             k = min(self.neighbours, len(curves))
             # Ties broken by position (the order trials completed in): deterministic.
             near = np.argsort(dist, kind="stable")[:k]
-            forecasts = curves[near, -1] - curves[near, t - 1] + y
+            # Each neighbour's gain from its window's mean to its end, added to the trial's
+            # window mean: one noisy epoch moves the anchor by a third, not fully.
+            forecasts = curves[near, -1] - theirs[near].mean(axis=1) + mine[known].mean()
         w = len(forecasts) + self.prior_curves
         mean = (forecasts.sum() + self.prior_curves * own) / w
         var = (self.prior_curves * (self.prior_spread**2 + (own - mean) ** 2)
