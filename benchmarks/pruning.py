@@ -419,6 +419,9 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN) -> tuple[
     seqs = sequences(test_half, n_score, seed=2, length=sequence_len)
     name = "curve (tuned)"
     makers = {name: lambda: CurvePruner(epochs, margin=MARGIN, **tuned), **stock(epochs)}
+    study = studies.load(meta["study"])  # what the study file uses today, on the table's config
+    makers[f"studies/{meta['study']}.py's pruner"] = lambda: study.pruner(
+        study.base_config(meta["preset"], meta["overrides"]))
     scores = {k: evaluate(seqs, m) for k, m in makers.items()}
     clock["score_s"] = round(time.perf_counter() - start - clock["tune_s"], 1)
     results = {k: summary(s) for k, s in scores.items()}
@@ -467,7 +470,9 @@ def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
         live_rows[label]["per_seed_100%"] = [r[0][2] for r in runs]
     live_s = round(time.perf_counter() - t0, 1)
     cost = per_call_ms(CurvePruner(epochs, margin=MARGIN, **tuned), configs)
-    q2_out = assess(Q2_TABLE, quick, sequence_len=Q2_SEQUENCE_LEN)[0] if Q2_TABLE.exists() else None
+    q2_out = None
+    if Q2_TABLE.exists() and len(load(Q2_TABLE)[1]) == load(Q2_TABLE)[0]["n"]:  # only a finished table
+        q2_out = assess(Q2_TABLE, quick, sequence_len=Q2_SEQUENCE_LEN)[0]
 
     ours, hb = q1_out["pruners"]["curve (tuned)"], q1_out["pruners"][HB]
     goal_met = (ours["mean_ratio"] >= 1.8 and ours["miss_rate"] <= 0.02 and q1_out["beats_hyperband_on_both"])
