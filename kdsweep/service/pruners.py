@@ -62,6 +62,7 @@ class _Curves:
     seen: set[int] = field(default_factory=set)  # trial ids already looked at
     rows: list[list[float]] = field(default_factory=list)
     array: np.ndarray | None = None  # rows as (n, T), rebuilt when rows grow
+    best: float | None = None  # the incumbent: the best finite value of a complete trial (maximised)
 
 
 class CurvePruner(optuna.pruners.BasePruner):
@@ -107,7 +108,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         self.prior_curves = prior_curves
         self.neighbours = neighbours
         self.window = window
-        self._curves: dict[tuple[int, int], _Curves] = {}  # (storage, study id) -> curves
+        self._curves: dict[tuple[int, int, str], _Curves] = {}  # (storage, study id, name) -> curves
 
     def __repr__(self) -> str:
         return (f"CurvePruner(max_epochs={self.max_epochs}, margin={self.margin}, confidence={self.confidence}, "
@@ -115,21 +116,28 @@ class CurvePruner(optuna.pruners.BasePruner):
                 f"prior_spread={self.prior_spread}, prior_curves={self.prior_curves}, "
                 f"neighbours={self.neighbours}, window={self.window})")
 
-    def _study_curves(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> np.ndarray | None:
-        cache = self._curves.setdefault((id(study._storage), study._study_id), _Curves())
+    def _study_curves(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> _Curves:
+        # The study's name in the key: an in-memory storage's id can be reused once it is freed.
+        key = (id(study._storage), study._study_id, study.study_name)
+        cache = self._curves.get(key)
+        if cache is None or len(cache.seen) > len(complete):  # new, or not the study it was
+            cache = self._curves[key] = _Curves()
         if len(cache.seen) != len(complete):  # trials never leave COMPLETE: only new ones to add
             grew = False
             for ft in complete:
                 if ft._trial_id in cache.seen:
                     continue
                 cache.seen.add(ft._trial_id)
+                if ft.value is not None and math.isfinite(ft.value):
+                    value = sign * ft.value
+                    cache.best = value if cache.best is None else max(cache.best, value)
                 row = [ft.intermediate_values.get(e, math.nan) for e in range(1, self.max_epochs + 1)]
                 if all(math.isfinite(v) for v in row):
                     cache.rows.append([sign * v for v in row])
                     grew = True
             if grew:
                 cache.array = np.asarray(cache.rows, dtype=float)
-        return cache.array
+        return cache
 
     def chance(self, study: optuna.Study, trial: FrozenTrial) -> float | None:
         """P(the trial's final value >= incumbent - margin) under the forecast; None: no forecast."""
@@ -141,9 +149,8 @@ class CurvePruner(optuna.pruners.BasePruner):
         y = values[t]
         if not math.isfinite(y):
             return None  # NaN or inf: the objective fails (or completes) it, not the pruner
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        finals = [sign * ft.value for ft in complete if ft.value is not None and math.isfinite(ft.value)]
-        if not finals:
+        cache = self._study_curves(study, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), sign)
+        if cache.best is None:
             return None  # no incumbent yet
         y *= sign
         # The slope over the window, not the last step: validation values at a high learning rate
@@ -155,7 +162,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         own = y + self.slope_weight * slope * (self.max_epochs - t)
 
         forecasts = np.empty(0)
-        curves = self._study_curves(study, complete, sign)
+        curves = cache.array
         if curves is not None:
             lo = max(1, t - self.window + 1)
             mine = np.array([sign * values.get(e, math.nan) for e in range(lo, t + 1)])
@@ -174,7 +181,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         var = (self.prior_curves * (self.prior_spread**2 + (own - mean) ** 2)
                + float(((forecasts - mean) ** 2).sum())) / w
         sd = math.sqrt(var * (1 + 1 / w))  # a new curve: the spread plus the mean's uncertainty
-        target = max(finals) - self.margin
+        target = cache.best - self.margin
         return 0.5 * math.erfc((target - mean) / (sd * math.sqrt(2)))
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
