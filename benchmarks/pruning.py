@@ -471,7 +471,7 @@ def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
     live_s = round(time.perf_counter() - t0, 1)
     cost = per_call_ms(CurvePruner(epochs, margin=MARGIN, **tuned), configs)
     q2_out = None
-    if Q2_TABLE.exists() and len(load(Q2_TABLE)[1]) == load(Q2_TABLE)[0]["n"]:  # only a finished table
+    if Q2_TABLE.exists() and len(load(Q2_TABLE)[1]) >= 4 * Q2_SEQUENCE_LEN:  # enough for two halves
         q2_out = assess(Q2_TABLE, quick, sequence_len=Q2_SEQUENCE_LEN)[0]
 
     ours, hb = q1_out["pruners"]["curve (tuned)"], q1_out["pruners"][HB]

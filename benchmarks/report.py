@@ -105,7 +105,7 @@ def write_json(path: Path, entries: Sequence[dict[str, Any]], meta: dict[str, An
     tmp.replace(path)
 
 
-BULKY = ("curves", "params")  # per-trial data: in the JSON, too long for the page
+BULKY = ("curves", "params", "tune_ids", "score_ids")  # per-trial data: in the JSON, too long for the page
 
 
 def _brief(value: Any) -> Any:
