@@ -76,3 +76,24 @@ def test_a_miss_is_charged_as_a_loss_and_the_oracle_is_a_ceiling() -> None:
     hit = score(curves, [(3, 0.7), (1, None), (3, 0.9)])
     assert hit.e_pruned == 7 and math.isclose(hit.ratio, 9 / 7)
     assert oracle(curves, 1).e_pruned == 1 + 1 + 3
+
+
+@pytest.mark.slow
+def test_curve_recording_resumes_and_refuses_another_draw(tmp_path: Path, fmnist_dir: Path) -> None:
+    from benchmarks import curves
+
+    study = str(Path(__file__).parent / "studies" / "tiny.py")
+    out = tmp_path / "t.json"
+    args = ["--study", study, "--preset", "quick", "--n", "2", "--out", str(out)]
+    first = CliRunner().invoke(curves.main, [*args, "--limit", "1"])
+    assert first.exit_code == 0, first.output
+    assert [c["id"] for c in json.loads(out.read_text())["configs"]] == [0]
+    again = CliRunner().invoke(curves.main, args)  # an interrupted recording goes on where it was
+    assert again.exit_code == 0, again.output
+    table = json.loads(out.read_text())
+    assert [c["id"] for c in table["configs"]] == [0, 1]
+    assert all(len(c["curve"]) == 2 and not c["diverged"] for c in table["configs"])
+    assert table["configs"][0]["params"] != table["configs"][1]["params"]
+    other = CliRunner().invoke(curves.main, [*args, "--seed", "1"])
+    assert other.exit_code == 2 and "another study definition or seed" in other.output
+    assert [c["id"] for c in json.loads(out.read_text())["configs"]] == [0, 1]  # nothing changed
