@@ -48,6 +48,7 @@ is one distance computation over it (measured at 2,000 trials in docs/benchmarks
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +110,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         self.neighbours = neighbours
         self.window = window
         self._curves: dict[tuple[int, int, str], _Curves] = {}  # (storage, study id, name) -> curves
+        self._lock = threading.Lock()  # trials of one worker process may share this pruner in threads
 
     def __repr__(self) -> str:
         return (f"CurvePruner(max_epochs={self.max_epochs}, margin={self.margin}, confidence={self.confidence}, "
@@ -117,6 +119,10 @@ class CurvePruner(optuna.pruners.BasePruner):
                 f"neighbours={self.neighbours}, window={self.window})")
 
     def _study_curves(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> _Curves:
+        with self._lock:
+            return self._update(study, complete, sign)
+
+    def _update(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> _Curves:
         # The study's name in the key: an in-memory storage's id can be reused once it is freed.
         key = (id(study._storage), study._study_id, study.study_name)
         cache = self._curves.get(key)
