@@ -46,7 +46,7 @@ from kdsweep.service import space as sp
 from kdsweep.service import spec as studies
 
 
-def sample_params(study: studies.Study, preset: str, overrides: dict[str, Any], n: int, seed: int
+def sample_params(study: studies.StudySpec, preset: str, overrides: dict[str, Any], n: int, seed: int
                   ) -> list[dict[str, Any]]:
     """n parameter sets drawn at random from the study's (narrowed) space; same seed, same list."""
     space = study.space_for(preset, overrides)
@@ -90,7 +90,7 @@ def _merge(path: Path, meta: dict[str, Any], row: dict[str, Any] | None) -> dict
         return table
 
 
-def record_one(study: studies.Study, preset: str, overrides: dict[str, Any], params: dict[str, Any],
+def record_one(study: studies.StudySpec, preset: str, overrides: dict[str, Any], params: dict[str, Any],
                metric: str) -> dict[str, Any]:
     """Train one configuration to the end; its per-epoch metric, rounded to 1e-4 (0.01 points)."""
     config = study.config_for(preset, params, overrides, device="cpu", threads=1)
