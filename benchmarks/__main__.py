@@ -23,7 +23,7 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "core_vs_reference": (core.run, 180),
     "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 300),
     "teacher_setups": (q2.teacher_setups, 120),
-    "pruning_epoch_savings": (pruning.run, 360),
+    "pruning_epoch_savings": (pruning.run, 180),  # replay only: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "cli_startup_s": (cli.run, 30),
