@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
@@ -27,7 +28,7 @@ from pgcluster import Cluster, free_port, pg_cluster, wait_until  # noqa: F401
 
 from kdsweep.cli import main
 from kdsweep.service import storage
-from kdsweep.service.storage import StorageError, password_of, redact, redact_text
+from kdsweep.service.storage import StorageError, open_storage, password_of, redact, redact_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
@@ -87,6 +88,7 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_dashboard_binds_to_loopback_by_default(tmp_path: Path) -> None:
     port = free_port()
     url = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=False))  # reads need one
     proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "dashboard", "--port", str(port), "--storage", url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
