@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +21,15 @@ from kdsweep.core.config import ConfigError
 from kdsweep.core.devices import DeviceError
 from kdsweep.service.space import SpaceError
 from kdsweep.service.spec import StudyError
-from kdsweep.service.storage import DEFAULT_URL, StorageError, redact, redact_text
+from kdsweep.service.storage import (
+    DEFAULT_URL,
+    StorageError,
+    StorageURLError,
+    location,
+    redact,
+    redact_text,
+)
 
-# The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
-URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 USAGE_ERRORS = (StudyError, SpaceError, ConfigError, DeviceError)
 
@@ -57,11 +61,21 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_url(ctx: click.Context, param: click.Parameter, url: str) -> str:
     """A malformed storage URL is a usage error (exit 2), caught before anything is opened."""
-    if not URL_PATTERN.match(url or ""):
-        raise click.BadParameter(
-            f"{redact(url)!r} is not a storage URL; use sqlite:///FILE.db or "
-            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB.", ctx, param)
+    try:
+        location(url).sqlalchemy_url()
+    except StorageURLError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
     return url
+
+
+def _check_study_name(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
+    """A study name names folders too: an unsafe one is a usage error before anything is stored."""
+    from kdsweep.service.storage import check_study_name
+
+    try:
+        return None if name is None else check_study_name(name)
+    except StorageURLError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,15 +119,11 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 def _open(storage: str, heartbeat: bool = True, wait: bool = False):
-    from kdsweep.service.storage import open_storage
-
-    return open_storage(storage, heartbeat=heartbeat, wait=wait)
+    return location(storage).open(heartbeat=heartbeat, wait=wait)
 
 
 def _sqlite_path(storage: str) -> Path | None:
-    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
-        return Path(storage[len("sqlite:///"):]).expanduser()
-    return None
+    return location(storage).sqlite_path
 
 
 def _load_existing(storage: str, study_name: str):
@@ -128,7 +138,7 @@ def _load_existing(storage: str, study_name: str):
             f"no study named {study_name!r}: the SQLite file {path} does not exist; "
             "pass the --storage the study was launched with."
         )
-    st = _open(storage, heartbeat=False)
+    st = location(storage).open(heartbeat=False, create=False)  # a read creates nothing
     try:
         return optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
@@ -176,13 +186,7 @@ def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> Non
 
 
 def _artifacts(storage: str, study_name: str, artifacts: str | None) -> Path:
-    if artifacts:
-        base = Path(artifacts)
-    elif storage.startswith("sqlite:///"):
-        base = Path(storage[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts"
-    else:
-        base = Path("kdsweep-artifacts")
-    return base / study_name
+    return location(storage).artifacts(study_name, artifacts)
 
 
 # ---------------------------------------------------------------- launch / create / worker
@@ -194,7 +198,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         storage_option,
         click.option("--preset", default="paper", show_default=True, envvar="KDSWEEP_PRESET",
                      help="Preset of the study file (env KDSWEEP_PRESET)."),
-        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME",
+        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME", callback=_check_study_name,
                      help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
         click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
                      help="Data directory (env KDSWEEP_DATA)."),
