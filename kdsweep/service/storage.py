@@ -303,6 +303,8 @@ _PERMANENT = (
     _Cause(("database or disk is full", "no space left on device", "could not extend file",
             "disk full", "diskfull"),
            "the disk holding the database is full", "free space there, then run the command again"),
+    _Cause(("disk i/o error",),
+           "the disk holding the database failed a read or write", "check that disk (is it full, or failing?)"),
     _Cause(("attempt to write a readonly database", "read-only transaction", "read-only file system",
             "readonly database"),
            "the database is read-only", "give this user write access to it (for SQLite: to the file "
@@ -401,10 +403,32 @@ def _reason(exc: BaseException) -> str:
     return (str(root).strip().splitlines() or [type(root).__name__])[0]
 
 
+def _read_only_folder(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.expanduser().resolve().parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path.expanduser().resolve().parent)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 1 << 62
+
+
 def storage_error(exc: BaseException, where: StorageLocation, retried: bool = False) -> StorageError:
     """One sentence for a storage failure: its cause in words, the driver's own, what to do."""
     reason = where.hide(_reason(exc))
     cause = _permanent(exc)
+    if cause is not None and where.sqlite_path is not None and _read_only_folder(where.sqlite_path):
+        cause = next(c for c in _PERMANENT if c.what == "the database is read-only")
+        reason += ", on a file system mounted read-only"
+    elif cause is not None and cause.what.startswith("the disk holding") and where.sqlite_path is not None \
+            and _free_bytes(where.sqlite_path) < 1 << 16:
+        cause = _PERMANENT[1]  # SQLite says "disk I/O error" where a write found no space
+        reason += f", {_free_bytes(where.sqlite_path)} bytes free"
     if cause is not None:
         return StorageError(f"{cause.what} ({where.shown}: {reason}); {cause.todo}.")
     if any(p in _message(exc) for p in _SLOTS):
