@@ -664,7 +664,7 @@ def _open(where: StorageLocation, heartbeat: bool, wait: bool, create: bool) -> 
             raise AssertionError("unreachable")
 
     try:
-        rdb = _retrying(connect, "connect")() if wait else connect()
+        rdb = _retrying(connect, "connect", where)() if wait else connect()
     except StorageError:
         raise
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, sqlite3.Error) as exc:
