@@ -101,7 +101,7 @@ def test_sixteen_workers_on_twenty_slots(tmp_path: Path, fmnist_dir: Path, small
     with ConnectionWatch(url) as watch:
         procs = [start_worker(tmp_path, url, i, KDSWEEP_GRACE="20") for i in range(workers)]
         try:
-            finish([p for p, _ in procs], timeout=300)
+            finish([p for p, _ in procs], timeout=900)
         finally:
             for p, _ in procs:
                 if p.poll() is None:
@@ -135,7 +135,7 @@ def test_launch_stops_its_workers_when_the_database_stays_down(tmp_path: Path, f
                 return False
             return any(len(t.intermediate_values) >= 1 for t in study.trials)
 
-        wait_until(mid_trial, 120, 0.2, "a trial of the launch to report an epoch")
+        wait_until(mid_trial, 300, 0.2, "a trial of the launch to report an epoch")
         assert len(children) == 2, children
         small_server.stop("fast")
         out, _ = launch.communicate(timeout=150)
@@ -245,7 +245,7 @@ def test_through_pgbouncer_in_transaction_mode(tmp_path: Path, fmnist_dir: Path,
     with ConnectionWatch(direct) as watch:
         procs = [start_worker(tmp_path, url, i, KDSWEEP_GRACE="20") for i in range(workers)]
         try:
-            finish([p for p, _ in procs], timeout=300)
+            finish([p for p, _ in procs], timeout=900)
         finally:
             for p, _ in procs:
                 if p.poll() is None:
