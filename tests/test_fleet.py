@@ -171,7 +171,7 @@ def test_a_full_server_is_named_after_the_retries(tmp_path: Path, small_server: 
         proc, log = start_worker(tmp_path, url, 0, KDSWEEP_RETRIES="2")
         assert proc.wait(timeout=120) == 1
         status = subprocess.run([sys.executable, "-m", "kdsweep", "status", "tiny", "--storage", url],
-                                capture_output=True, text=True, env=worker_env(url), timeout=120)
+                                capture_output=True, text=True, env=worker_env(url), timeout=120, cwd=tmp_path)
     finally:
         for con in hogs:
             con.close()

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -416,7 +417,9 @@ def test_sqlite_readers_never_take_the_write_lock(tmp_path: Path) -> None:
 LOCK_HOLDER = """
 import sys, time
 import optuna
+from kdsweep.service import storage
 from kdsweep.service.storage import open_storage, study_lock
+storage.LOCK_IDLE_S = float(sys.argv[3])
 st = open_storage(sys.argv[1], heartbeat=False)
 study = optuna.load_study(study_name="locked", storage=st)
 with study_lock(st, study._study_id):
@@ -427,7 +430,7 @@ print("released", flush=True)
 """
 
 
-def test_a_worker_waiting_for_the_study_lock_says_who_holds_it(pg_url: str, caplog: pytest.LogCaptureFixture,  # noqa: F811
+def test_a_worker_waiting_for_the_study_lock_says_who_holds_it(pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,  # noqa: F811
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
 
@@ -436,8 +439,8 @@ def test_a_worker_waiting_for_the_study_lock_says_who_holds_it(pg_url: str, capl
     monkeypatch.setattr(storage, "LOCK_LOG_S", 1.0, raising=False)
     st = storage.open_storage(pg_url, heartbeat=False)
     study = optuna.create_study(study_name="locked", storage=st)
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, pg_url, "6"], stdout=subprocess.PIPE,
-                              text=True, env=dict(os.environ))
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, pg_url, "6", "60"], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ), cwd=tmp_path)
     try:
         assert holder.stdout.readline().strip() == "held"
         with caplog.at_level(logging.WARNING, logger="kdsweep.service.storage"):
@@ -453,6 +456,36 @@ def test_a_worker_waiting_for_the_study_lock_says_who_holds_it(pg_url: str, capl
     waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
     assert len(waits) >= 2, waits  # every second (LOCK_LOG_S) while it waited
     assert f"kdsweep {socket.gethostname()} pid {holder.pid}" in waits[-1] and "since" in waits[-1], waits[-1]
+
+
+def test_a_stopped_lock_holder_does_not_stall_the_others(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """A holder stopped mid-block (SIGSTOP, a paused VM) loses the lock after LOCK_IDLE_S: the
+    server ends its transaction, its half-done block is not stored, and the others go on."""
+    import signal
+
+    import optuna
+
+    st = storage.open_storage(pg_url, heartbeat=False)
+    study = optuna.create_study(study_name="locked", storage=st)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, pg_url, "600", "4"], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ), cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)
+
+        def take() -> None:
+            with storage.study_lock(st, study._study_id):
+                pass
+
+        waiter = threading.Thread(target=take, daemon=True)
+        waiter.start()
+        waiter.join(timeout=150)  # a 4 s idle limit, with slack for a loaded machine
+        stalled = waiter.is_alive()
+    finally:
+        holder.kill()  # (its connection closes, so a stalled waiter gets the lock and ends)
+        holder.wait()
+    assert not stalled, "a stopped holder stalled the study lock"
+    assert "holder" not in optuna.load_study(study_name="locked", storage=st).user_attrs
 
 
 def test_the_study_lock_block_is_one_transaction(pg_url: str) -> None:  # noqa: F811

@@ -59,6 +59,9 @@ HEARTBEAT_S = 10  # seconds between a running trial's heartbeats (env KDSWEEP_HE
 GRACE_S = 30  # a RUNNING trial silent this long belongs to a dead worker (env KDSWEEP_GRACE)
 RETRIES = 12  # retries per call (env KDSWEEP_RETRIES); back-off doubles up to 10 s: about 75 s
 LOCK_LOG_S = 5.0  # a worker waiting for the study lock says who holds it this often (seconds)
+# PostgreSQL ends a study-lock transaction idle this long (its holder stopped: SIGSTOP, a paused
+# VM), which rolls its block back and frees the lock for the others (seconds).
+LOCK_IDLE_S = 30
 POOL_TIMEOUT_S = 60  # a thread waits this long for the process's one server connection
 URL_HELP = "use sqlite:///FILE.db or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
 # The schemes open() accepts; anything else is a usage error.
@@ -778,7 +781,9 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
     of the block stored; the caller may run the block again. MySQL: GET_LOCK; SQLite: an OS
     file lock beside the database file (SQLite is one host anyway); anything else (in-memory
     storage): a lock within this process. A worker that waits logs who holds the lock (host,
-    pid, since when) every LOCK_LOG_S seconds; it never takes the lock from its holder.
+    pid, since when) every LOCK_LOG_S seconds; it never takes the lock from its holder. On
+    PostgreSQL a holder that stops (SIGSTOP, a paused VM) mid-block loses it after LOCK_IDLE_S
+    seconds idle: the server ends its transaction, so nothing of its block is stored.
     """
     rdb = _rdb(storage)
     engine = rdb.engine if rdb is not None else None
@@ -865,6 +870,7 @@ def _pg_lock(rdb: RDBStorage, study_id: int) -> Iterator[None]:
         try:
             conn.begin()
             if conn.execute(sqlalchemy.text("SELECT pg_try_advisory_xact_lock(:a, :b)"), key).scalar():
+                conn.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {int(LOCK_IDLE_S * 1000)}")
                 return conn, None
             holder = conn.execute(_PG_HOLDER, key).first()
         except BaseException:
