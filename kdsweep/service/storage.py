@@ -112,7 +112,8 @@ class StorageError(RuntimeError):
 
 
 class StorageURLError(StorageError):
-    """The storage URL itself is malformed: a usage error, found before anything is opened."""
+    """The storage URL, or a study name (it names folders beside the storage), is malformed:
+    a usage error, found before anything is opened."""
 
 
 class StorageUnavailable(StorageError):
@@ -280,7 +281,8 @@ STUDY_NAME_MAX = 100
 
 def check_study_name(name: str) -> str:
     """Return `name` if it is a safe study name, else raise StorageURLError (a usage error)."""
-    if not STUDY_NAME.fullmatch(name or "") or len(name) > STUDY_NAME_MAX:
+    # `kdsweep best --verify` runs NAME.verify beside NAME: that suffix does not count.
+    if not STUDY_NAME.fullmatch(name or "") or len(name.removesuffix(".verify")) > STUDY_NAME_MAX:
         shown = name if len(name or "") <= 40 else name[:40] + "..."
         raise StorageURLError(
             f"study name {shown!r} is not allowed: use at most {STUDY_NAME_MAX} letters, digits, "
@@ -897,7 +899,9 @@ def _pg_lock(rdb: RDBStorage, study_id: int) -> Iterator[None]:
             log.warning("waiting %.0f s for the study lock, held by %s", now - waited, who)
         time.sleep(nap)
         nap = min(nap * 2, 1.0)
-    session = sqlalchemy.orm.Session(bind=conn, join_transaction_mode="rollback_only")
+    # Each storage call of the block becomes a SAVEPOINT of the lock's transaction: one that
+    # fails (Optuna rolls back an IntegrityError it expects) undoes itself, not the lock.
+    session = sqlalchemy.orm.Session(bind=conn, join_transaction_mode="create_savepoint")
     registry = rdb.scoped_session.registry
     before = registry() if registry.has() else None
     registry.set(session)
