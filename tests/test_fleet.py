@@ -125,13 +125,28 @@ def test_launch_stops_its_workers_when_the_database_stays_down(tmp_path: Path, f
     launch = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                               start_new_session=True)
     children: set[int] = set()
+    opened: list = []  # one storage for every poll: a new one each time would hold a slot each
     try:
         def mid_trial() -> bool:
+            import optuna
+
+            from kdsweep.service.storage import open_storage
+
             try:
                 kids = Path(f"/proc/{launch.pid}/task/{launch.pid}/children").read_text().split()
                 children.update(map(int, kids))
-                study = load(url)
-            except (FileNotFoundError, KeyError, Exception):
+                if not opened:  # after launch made the schema (launch's first start is not under test)
+                    import psycopg
+
+                    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as con:
+                        if not con.execute("SELECT to_regclass('studies') IS NOT NULL").fetchone()[0]:
+                            return False
+                    opened.append(open_storage(url, heartbeat=False))
+                study = optuna.load_study(study_name="tiny", storage=opened[0])
+            except (FileNotFoundError, KeyError):
+                return False
+            except Exception as exc:  # the schema half made by launch as we looked
+                print("not yet:", type(exc).__name__)
                 return False
             return any(len(t.intermediate_values) >= 1 for t in study.trials)
 
