@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +17,20 @@ import click
 
 import kdsweep
 
-DEFAULT_URL = "sqlite:///kdsweep.db"  # kdsweep.service.storage.DEFAULT_URL (a test keeps them equal)
-# The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
-URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
+# The storage URL's one parser; light: it imports neither Optuna nor SQLAlchemy.
+from kdsweep.service.location import (
+    DEFAULT_URL,
+    StorageURLError,
+    check_study_name,
+    location,
+    redact,
+    redact_text,
+)
+
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
 # kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only among
 # modules already imported (an error cannot come from a module that was never loaded).
-USAGE_ERRORS = (("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
+USAGE_ERRORS = (("kdsweep.service.location", "StorageURLError"), ("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
                 ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
                 ("kdsweep.service.verify", "VerifyError"))
 RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
@@ -37,12 +43,6 @@ def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ..
     return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
 
-def redact(url: str) -> str:
-    from kdsweep.service.storage import redact as hide
-
-    return hide(url)
-
-
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
 
@@ -52,8 +52,6 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kdsweep.service.storage import redact_text
-
         ctx = click.get_current_context()
         url = ctx.params.get("storage")
         from kdsweep.service.sweep import optuna_verbosity
@@ -75,11 +73,19 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_url(ctx: click.Context, param: click.Parameter, url: str) -> str:
     """A malformed storage URL is a usage error (exit 2), caught before anything is opened."""
-    if not URL_PATTERN.match(url or ""):
-        raise click.BadParameter(
-            f"{redact(url)!r} is not a storage URL; use sqlite:///FILE.db or "
-            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB.", ctx, param)
+    try:
+        location(url)
+    except StorageURLError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
     return url
+
+
+def _check_study_name(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
+    """A study name names folders too: an unsafe one is a usage error before anything is stored."""
+    try:
+        return None if name is None else check_study_name(name)
+    except StorageURLError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,7 +151,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         storage_option,
         click.option("--preset", default="paper", show_default=True, envvar="KDSWEEP_PRESET",
                      help="Preset of the study file (env KDSWEEP_PRESET)."),
-        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME",
+        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME", callback=_check_study_name,
                      help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
         click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
                      help="Data directory (env KDSWEEP_DATA)."),
@@ -277,7 +283,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     """
     from kdsweep.core.progress import setup_logging
     from kdsweep.service import spec as specs
-    from kdsweep.service.launch import artifacts_folder, runtime, start_worker
+    from kdsweep.service.launch import runtime, start_worker
     from kdsweep.service.tensorboard import runs_root
 
     ctx = click.get_current_context()
@@ -287,7 +293,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     study_name = study_name or spec.name
     summary = start_worker(
         _open(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
-        artifacts_folder(storage, study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
+        location(storage).artifacts(study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
         worker_index)
     if summary.interrupted:
         sys.exit(130)

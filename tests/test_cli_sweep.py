@@ -264,7 +264,7 @@ def test_stop_drains_the_workers(tmp_path: Path, tiny_npz: Path) -> None:
 
     study_file = write_study(tmp_path, tiny_npz)
     url = f"sqlite:///{tmp_path}/s.db"
-    slow = ["--set", "epochs=40", "--set", "data.val_size=300"]
+    slow = ["--set", "epochs=400", "--set", "data.val_size=300"]  # seconds: long enough that the stop lands mid-trial
     assert run("create", str(study_file), "--preset", "smoke", *slow, "-n", "3", "--storage", url).exit_code == 0
     env = {**os.environ, "KDSWEEP_HEARTBEAT": "1", "KDSWEEP_GRACE": "5", "KDSWEEP_STORAGE": url}
     proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "worker", str(study_file), "--device", "cpu",

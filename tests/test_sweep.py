@@ -368,3 +368,23 @@ def test_a_study_written_by_kdsweep_0_1_is_read_but_not_resumed(tmp_path: Path) 
     assert launch.exit_code == 2 and "finish it with kdsweep 0.1.0" in launch.output
     after = Sweep.load(open_storage(url, heartbeat=False), "tiny")
     assert (after.attrs, [(t.number, t.state) for t in after.trials()]) == before  # nothing changed
+
+
+def test_a_create_racing_another_waits_for_its_definition(q2: studies.StudySpec, storage) -> None:
+    # Process A has just created the study and is about to record its definition when process B
+    # (another `launch`/`create` of the same sweep) loads it: B must not call it foreign.
+    import threading
+
+    bare = optuna.create_study(study_name="kd", storage=storage, direction="maximize")
+    definition = q2.definition("smoke")
+
+    def record() -> None:
+        time.sleep(0.5)
+        bare.set_user_attr(keys.DEFINITION, definition)
+        bare.set_user_attr(keys.SCHEMA, keys.SCHEMA_VERSION)
+
+    creator = threading.Thread(target=record)
+    creator.start()
+    sweep = Sweep.create(storage, q2, "smoke", "kd", 4)
+    creator.join()
+    assert sweep.definition == definition and sweep.n_trials == 4

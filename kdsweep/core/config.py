@@ -9,6 +9,7 @@ Units are given in the comments; "images" always means training images seen.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,8 +101,60 @@ class TrainConfig:
     cache_dir: str | None = None  # teacher probes and logit caches; None: $KDSWEEP_CACHE or ~/.cache
 
 
+# Lowest allowed value of numeric settings (inclusive unless marked), beyond their type;
+# an `upper` bound is exclusive. Settings not listed take any finite value of their type.
+_RANGES: dict[str, tuple[float, float | None, bool]] = {  # key: (lower, upper, lower inclusive)
+    "optim.lr": (0.0, None, False),
+    "optim.momentum": (0.0, 1.0, True),
+    "optim.weight_decay": (0.0, None, True),
+    "optim.label_smoothing": (0.0, 1.0, True),
+    "optim.warmup": (0.0, 1.0 + 1e-12, True),
+    "kd.teacher_lr": (0.0, None, False),
+    "kd.teacher_epochs": (0, None, True),
+    "data.train_subset": (1, None, True),
+    "data.test_subset": (1, None, True),
+    "data.image_size": (1, None, True),
+    "data.pad": (0, None, True),
+    "model.budget": (1, None, True),
+    "model.depth": (1, None, True),
+    "model.width": (1, None, True),
+    "model.block_size": (1, None, True),
+    "eval_batch_size": (1, None, True),
+    "threads": (1, None, True),
+}
+
+
+def _check_numbers(config: Any, where: str = "") -> None:
+    """Every int setting holds a whole number and every float one a finite number, in range.
+
+    `--set epochs=2.5`, `--set optim.lr=1e400` (inf) or `nan` would otherwise be stored in a
+    study and fail every trial (or make two workers disagree about its definition).
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = where + f.name
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # other types are from_dict's and the CLI's to check
+        hint = hints[f.name]
+        kinds = set(typing.get_args(hint)) or {hint}
+        if int in kinds and float not in kinds and not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}.")
+        if key in _RANGES:
+            low, high, inclusive = _RANGES[key]
+            if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+                bound = f"{'at least' if inclusive else 'above'} {low}"
+                raise ConfigError(f"{key} must be {bound}{f' and below {high:g}' if high else ''}, got {value!r}.")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Raise ConfigError for values no run could use; return the config unchanged."""
+    _check_numbers(config)
     if config.epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {config.epochs}.")
     if config.batch_size < 1:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,11 +187,26 @@ def _compiled(model: nn.Module) -> nn.Module:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # Write then rename, so a worker killed mid-write never leaves a torn checkpoint behind.
+    """Write `state` to `path` whole or not at all; TrainingError (saying why) if it cannot."""
+    # Write then rename, so a worker killed mid-write never leaves a torn checkpoint behind,
+    # and a write that fails (a full disk, a stop) leaves no temporary file either.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        why = ("its disk is full" if getattr(exc, "errno", None) == errno.ENOSPC or free < 16 << 20
+               else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise TrainingError(
+            f"cannot write the checkpoint {path}: {why} ({free >> 20} MiB free); free space there "
+            "or point --artifacts at another disk."
+        ) from None
 
 
 def _load_checkpoint(path: Path | None) -> dict[str, Any] | None:

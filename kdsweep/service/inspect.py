@@ -118,12 +118,11 @@ def study_folders(storage_url: str, study_name: str, artifacts: str | None = Non
                   logdir: str | None = None) -> list[Path]:
     """The folders a study and its verify sibling fill: artifacts (checkpoints, kept weights)
     and TensorBoard runs."""
-    from kdsweep.service.launch import artifacts_folder
-    from kdsweep.service.tensorboard import runs_root
+    from kdsweep.service.location import location
 
+    where = location(storage_url)
     names = (study_name, study_name + VERIFY_SUFFIX)
-    return ([artifacts_folder(storage_url, n, artifacts) for n in names]
-            + [runs_root(storage_url, logdir) / n for n in names])
+    return [where.artifacts(n, artifacts) for n in names] + [where.runs(logdir) / n for n in names]
 
 
 def studies_table() -> str:

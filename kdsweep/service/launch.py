@@ -8,6 +8,7 @@ the environment, never the command line, where `ps` would show its password.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from kdsweep.service.spec import StudySpec
 from kdsweep.service.sweep import Counts, Sweep
@@ -97,6 +97,46 @@ def status_line(sweep: Sweep, workers: int) -> str:
     return f"{line} | {left}" if left else line
 
 
+def _die_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when launch dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(procs: list[subprocess.Popen], group: int | None, grace: float) -> None:
+    """SIGTERM every worker (its running trial is re-queued), SIGKILL what is left after
+    `grace` seconds, and reap them all: no worker outlives launch."""
+
+    def signal_all(sig: int) -> None:
+        if group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)  # the workers and anything they started
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
+
+    if any(p.poll() is None for p in procs):
+        signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    if any(p.poll() is None for p in procs):
+        signal_all(signal.SIGKILL)
+    elif group is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)  # a straggler the workers started
+    for p in procs:
+        p.wait()
+
+
 def run(
     sweep: Sweep,
     worker_args: list[str],
@@ -105,28 +145,37 @@ def run(
     timeout: float | None = None,
     poll: float = 2.0,
     extra_env: Mapping[str, str] | None = None,
+    grace: float = 60.0,
 ) -> tuple[Counts, str]:
     """Start the workers and watch them; returns the final counts and how it ended.
 
-    Ends as 'done', 'timeout' or 'interrupted'. On Ctrl-C/SIGTERM (or the timeout) workers get
-    SIGTERM: each re-queues its running trial (with its checkpoint) and exits within seconds.
+    Ends as 'done', 'timeout' or 'interrupted'. On Ctrl-C/SIGTERM/SIGHUP (or the timeout)
+    workers get SIGTERM: each re-queues its running trial (with its checkpoint) and exits
+    within seconds. On every other way out (the storage unreachable past its retry budget, any
+    exception) they are stopped the same way before the exception goes on; a worker still
+    running `grace` seconds later is killed. The workers form one process group, and each
+    gets SIGTERM from the kernel if launch itself is killed, so none is ever left behind.
     """
     procs: list[subprocess.Popen] = []
-    for plan in plans:
-        env = {**plan.env, **(extra_env or {})}
-        cmd = [sys.executable, "-m", "kdsweep", "worker", *worker_args,
-               "--device", plan.device, "--worker-index", str(plan.index)]
-        procs.append(subprocess.Popen(cmd, env=env))
-
+    group: int | None = None
     stop = {"why": ""}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["why"] = "interrupted"
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in handled}
     start = time.monotonic()
     last, last_news, shown_at = "", "", 0.0
     try:
+        for plan in plans:
+            env = {**plan.env, **(extra_env or {})}
+            cmd = [sys.executable, "-m", "kdsweep", "worker", *worker_args,
+                   "--device", plan.device, "--worker-index", str(plan.index)]
+            # Their own group: a terminal's Ctrl-C reaches launch alone, which stops them.
+            procs.append(subprocess.Popen(cmd, env=env, process_group=group or 0,
+                                          preexec_fn=_die_with_parent))
+            group = group or procs[0].pid
         while any(p.poll() is None for p in procs):
             if stop["why"]:
                 break
@@ -146,19 +195,12 @@ def run(
                 time.sleep(0.1)
         if stop["why"]:
             echo(f"{stop['why']}: stopping {len(procs)} worker(s); their running trials are re-queued.")
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            for p in procs:
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        try:
+            _stop(procs, group, grace)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
     final = sweep.counts()
     line = status_line(sweep, len(procs))
     if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
@@ -178,15 +220,6 @@ def runtime(device: str, data: str | None, download: bool = False, threads: int 
     if download:
         out["data.download"] = True
     return out
-
-
-def artifacts_folder(storage_url: str, study_name: str, explicit: str | None = None) -> Path:
-    """Checkpoints and kept weights of a study: --artifacts, else beside the SQLite file."""
-    if explicit:
-        return Path(explicit) / study_name
-    if storage_url.startswith("sqlite:///"):
-        return Path(storage_url[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts" / study_name
-    return Path("kdsweep-artifacts") / study_name
 
 
 def load_spec(study: str, preset: str, overrides: Sequence[str]) -> tuple[StudySpec, dict[str, object]]:

@@ -37,6 +37,7 @@ import datetime
 import json
 import logging
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -177,11 +178,15 @@ class Sweep:
             sweep = cls.load(storage, name, spec)
         except SweepNotFound:
             sweep = None
+        if sweep is None:
+            try:
+                study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction)
+            except optuna.exceptions.DuplicatedStudyError:  # another create won the race
+                sweep = cls.load(storage, name, spec)
         if sweep is not None:
+            sweep._await_definition()
             sweep.check(spec, preset, overrides or {})
         else:
-            study = optuna.create_study(study_name=name, storage=storage, direction=spec.direction,
-                                        load_if_exists=True)
             sweep = cls(study, spec)
             study.set_user_attr(keys.DEFINITION, definition)
             study.set_user_attr(keys.SCHEMA, keys.SCHEMA_VERSION)
@@ -204,6 +209,17 @@ class Sweep:
         # the workers start take the places of N's first trials rather than running in addition.
         sweep.study.set_user_attr(keys.N_TRIALS, n)
         return sweep
+
+    def _await_definition(self, seconds: float = 5.0) -> None:
+        """Wait (briefly) for a study another process has just created to get its definition:
+        its creator records it right after creating the study, and a concurrent `create` or
+        `launch` must not take the study for a foreign one in between."""
+        if self.attrs or self.trials():  # made and recorded (a foreign study too): no wait
+            return
+        deadline = time.monotonic() + seconds
+        while not self.attrs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            self.study = optuna.load_study(study_name=self.name, storage=self._storage)
 
     @classmethod
     def load(cls, storage: BaseStorage, name: str, spec: StudySpec | None = None) -> Sweep:

@@ -9,7 +9,6 @@ config text, paths or storage URLs, so nothing secret ends up in event files.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -28,13 +27,9 @@ HPARAM_METRICS = ("hparam/val_acc", "hparam/epochs")
 
 def runs_root(storage_url: str | None, explicit: str | Path | None = None) -> Path:
     """Where a storage's studies keep their TensorBoard runs (see the module docstring)."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("KDSWEEP_RUNS"):
-        return Path(os.environ["KDSWEEP_RUNS"]).expanduser()
-    if storage_url and storage_url.startswith("sqlite:///") and not storage_url.endswith(":memory:"):
-        return Path(storage_url[len("sqlite:///"):]).expanduser().resolve().parent / "runs"
-    return Path("runs")
+    from kdsweep.service.storage import location
+
+    return location(storage_url).runs(explicit)
 
 
 def serve(folder: Path, host: str, port: int) -> int:
