@@ -476,10 +476,12 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     kdsweep train --config best.yaml --device cuda
     """
     from kdsweep.core.config import read_config, replace
+    from kdsweep.core.teacher import prepare
     from kdsweep.core.train import train
 
     changes = {k: v for k, v in (("device", device), ("data.root", data), ("seed", seed)) if v is not None}
-    result = train(replace(read_config(config_file), evaluate_test=True, **changes))
+    config = replace(read_config(config_file), evaluate_test=True, **changes)
+    result = train(config, teacher=prepare(config))
     click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
 

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,45 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 from kdsweep.core import data, models, progress
-from kdsweep.core.config import OptimConfig, TrainConfig, to_dict
-from kdsweep.core.devices import autocast, cpu_cores
+from kdsweep.core.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from kdsweep.core.devices import autocast, cpu_cores, resolve_device
 from kdsweep.core.logit_cache import LogitCache
+from kdsweep.core.train import cache_root, input_shape, train
 
 log = logging.getLogger("kdsweep.core.teacher")
 
 # Teachers already loaded in this process, by content key: trials in one worker share them.
 _LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A prepared teacher: trained (once per content key) and cached; `train(teacher=...)` takes it."""
+
+    info: dict[str, Any]  # content key, validation accuracy, mode, arch
+
+    def logits_source(self, config: TrainConfig, splits: data.Splits, device: torch.device
+                      ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                                 dict[str, Any]]:
+        """See the module function `logits_source`; refuses a config of another teacher."""
+        fn, info = logits_source(config, splits, device)
+        if info["key"] != self.info["key"]:
+            raise ConfigError("the teacher passed to train() was prepared for other kd settings; "
+                              "prepare it from the same config.")
+        return fn, info
+
+
+def prepare(config: TrainConfig) -> Teacher | None:
+    """Train (once per content key, under a file lock) or load the teacher `config` distils from.
+
+    None when it needs none (no `kd`, or α = 0). This is the step that can take minutes: on the
+    CPU it uses every core while the other workers of the host wait on the lock.
+    """
+    if config.kd is None or config.kd.alpha <= 0:
+        return None
+    splits = data.load_splits(config.data)
+    _, info = load_teacher(config, splits, resolve_device(config.device))
+    return Teacher(info)
 
 
 def teacher_config(config: TrainConfig) -> TrainConfig:
@@ -78,7 +110,6 @@ def load_teacher(
     config: TrainConfig, splits: data.Splits, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
-    from kdsweep.core.train import cache_root, input_shape, train
 
     tconfig = teacher_config(config)
     key = teacher_key(tconfig, splits)
@@ -188,8 +219,6 @@ def logits_source(
     to its own input size. With `kd.cache_logits`, logits are cached per (image, view) on disk
     and computed lazily, so no (image, view) pair is ever run through the teacher twice.
     """
-    from kdsweep.core.train import cache_root
-
     kd = config.kd
     model, info = load_teacher(config, splits, device)
     image_size = kd.teacher_image_size or config.data.image_size

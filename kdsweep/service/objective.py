@@ -23,6 +23,7 @@ import kdsweep
 from kdsweep.core.budget import BudgetError
 from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
+from kdsweep.core.teacher import prepare as prepare_teacher
 from kdsweep.core.train import input_shape, resolve, train
 from kdsweep.service import keys
 from kdsweep.service import space as sp
@@ -130,7 +131,9 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
-            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop)
+            # The teacher first (trained once per host and cached; minutes the first time).
+            teacher = prepare_teacher(config)
+            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
         except (optuna.TrialPruned, Exception):
