@@ -6,93 +6,28 @@ module level, so `--help` and usage errors answer without torch or Optuna (`cli_
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 import kdsweep
-
-DEFAULT_URL = "sqlite:///kdsweep.db"  # kdsweep.service.storage.DEFAULT_URL (a test keeps them equal)
-# The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
-URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
-CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
-# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only among
-# modules already imported (an error cannot come from a module that was never loaded).
-USAGE_ERRORS = (("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
-                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
-                ("kdsweep.service.verify", "VerifyError"))
-RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
-                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
-                  ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
-                  ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
-
-
-def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
-    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
-
-
-def redact(url: str) -> str:
-    from kdsweep.service.storage import redact as hide
-
-    return hide(url)
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
-
-    Also sets Optuna's log level: here, not in the group, so that `--help` and parsing errors
-    (answered by click before this runs) never import Optuna.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kdsweep.service.storage import redact_text
-
-        ctx = click.get_current_context()
-        url = ctx.params.get("storage")
-        from kdsweep.service.sweep import optuna_verbosity
-
-        optuna_verbosity((ctx.find_root().obj or {}).get("verbose", 0))
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except Exception as exc:
-            if isinstance(exc, _loaded(USAGE_ERRORS)):
-                raise click.UsageError(redact_text(str(exc), url)) from None
-            if isinstance(exc, _loaded(RUNTIME_ERRORS)):
-                raise click.ClickException(redact_text(str(exc), url)) from None
-            raise
-
-    return wrapper
-
-
-def _check_url(ctx: click.Context, param: click.Parameter, url: str) -> str:
-    """A malformed storage URL is a usage error (exit 2), caught before anything is opened."""
-    if not URL_PATTERN.match(url or ""):
-        raise click.BadParameter(
-            f"{redact(url)!r} is not a storage URL; use sqlite:///FILE.db or "
-            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB.", ctx, param)
-    return url
-
-
-def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        # An explicit envvar: auto_envvar_prefix would read KDSWEEP_<COMMAND>_STORAGE instead,
-        # and launch hands the URL (with its password) to workers through KDSWEEP_STORAGE.
-        "--storage", default=DEFAULT_URL, show_default=True, metavar="URL", envvar="KDSWEEP_STORAGE",
-        callback=_check_url,
-        help="Optuna storage: sqlite:///FILE.db or postgresql+psycopg://USER:PASS@HOST/DB (env KDSWEEP_STORAGE).",
-    )(fn)
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+from kdsweep.cli_options import (
+    CONTEXT,
+    DEFAULT_URL,  # noqa: F401  (kept importable from kdsweep.cli)
+    echo_json,
+    friendly,
+    json_option,
+    n_trials_option,
+    open_storage,
+    open_sweep,
+    read_storage,
+    redact,
+    set_option,
+    storage_option,
+    sweep_options,
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -114,64 +49,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-def _open(storage: str, wait: bool = False):
-    from kdsweep.service.storage import open_storage
-
-    return open_storage(storage, wait=wait)
-
-
-def _read(storage: str):
-    from kdsweep.service.sweep import read_storage
-
-    return read_storage(storage)
-
-
-def _sweep(storage: str, study_name: str, write: bool = False):
-    from kdsweep.service.sweep import Sweep
-
-    return Sweep.open(storage, study_name, write=write)
-
-
-def _echo_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
-
-
 # ---------------------------------------------------------------- launch / create / worker
-
-
-def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.argument("study"),
-        storage_option,
-        click.option("--preset", default="paper", show_default=True, envvar="KDSWEEP_PRESET",
-                     help="Preset of the study file (env KDSWEEP_PRESET)."),
-        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME",
-                     help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
-        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
-                     help="Data directory (env KDSWEEP_DATA)."),
-        click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
-        click.option("--device", default="auto", show_default=True, envvar="KDSWEEP_DEVICE",
-                     help="auto, cpu, cuda or cuda:N (env KDSWEEP_DEVICE)."),
-        click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",
-                     help="Seed of the sampler (env KDSWEEP_SEED)."),
-        click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
-                     help="Checkpoints and kept weights (default: beside the SQLite file; env KDSWEEP_ARTIFACTS). Share it between hosts."),
-        click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
-                     help="Write runs/<study>/trial-N event files."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
-    help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
-         "recorded in the study, so its workers use it too.")
-n_trials_option = click.option(
-    "-n", "--n-trials", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_N_TRIALS",
-    help="COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a new study, "
-         "the stored N on resume; lower it while no more have run; env KDSWEEP_N_TRIALS).")
 
 
 @main.command()
@@ -216,7 +94,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
                                         workers, trials_per_device, data, download, artifacts, tensorboard,
                                         timeout, _status_echo)
     if as_json:
-        _echo_json({**sweep.summary(), "ended": how})
+        echo_json({**sweep.summary(), "ended": how})
     message, code = launcher.ending(sweep, final, how)
     if code == 1:
         raise click.ClickException(message)
@@ -252,7 +130,7 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.service.sweep import Sweep
 
     spec, changes = load_spec(study, preset, overrides)
-    sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
+    sweep = Sweep.create(open_storage(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
     c = sweep.counts()
     click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
                f"{c.finished} finished")
@@ -286,7 +164,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
     study_name = study_name or spec.name
     summary = start_worker(
-        _open(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
+        open_storage(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
         artifacts_folder(storage, study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
         worker_index)
     if summary.interrupted:
@@ -308,9 +186,9 @@ def status(study_name: str, storage: str, as_json: bool) -> None:
     kdsweep status q2
     kdsweep status q2 --json
     """
-    sweep = _sweep(storage, study_name)
+    sweep = open_sweep(storage, study_name)
     if as_json:
-        _echo_json(sweep.status())
+        echo_json(sweep.status())
     else:
         click.echo(sweep.status_text())
 
@@ -330,9 +208,9 @@ def trial(study_name: str, number: int, storage: str, as_json: bool) -> None:
     """
     from kdsweep.service.inspect import trial_record, trial_text
 
-    record = trial_record(_sweep(storage, study_name), number)
+    record = trial_record(open_sweep(storage, study_name), number)
     if as_json:
-        _echo_json(record)
+        echo_json(record)
     else:
         click.echo(trial_text(record))
 
@@ -350,9 +228,9 @@ def list_sweeps(storage: str, as_json: bool) -> None:
     """
     from kdsweep.service.sweep import all_sweeps
 
-    rows = [s.summary() for s in all_sweeps(_read(storage))]
+    rows = [s.summary() for s in all_sweeps(read_storage(storage))]
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     from kdsweep.service.inspect import ls_table
 
@@ -376,7 +254,7 @@ def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None,
     """
     from kdsweep.service.inspect import remove_files, study_folders
 
-    sweep = _sweep(storage, study_name, write=True)
+    sweep = open_sweep(storage, study_name, write=True)
     folders = study_folders(storage, study_name, artifacts, logdir)
     if not yes:
         click.confirm(f"delete {sweep.progress_line()}, its verify sibling and "
@@ -399,7 +277,7 @@ def stop(study_name: str, storage: str) -> None:
     \b
     kdsweep stop q2
     """
-    running = _sweep(storage, study_name, write=True).request_stop()
+    running = open_sweep(storage, study_name, write=True).request_stop()
     click.echo(f"study {study_name!r} stopped: {running} running trial(s) will be re-queued within a "
                "heartbeat and their workers leave; `kdsweep launch` resumes it.")
 
@@ -438,7 +316,7 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     """
     from kdsweep.service import verify
 
-    sweep = _sweep(storage, study_name, write=verify_)
+    sweep = open_sweep(storage, study_name, write=verify_)
     if sweep.best_trial is None:  # a runtime state, not a usage error: exit 1 in both cases
         raise click.ClickException(f"study {study_name!r} has no complete trial yet; run `kdsweep launch` first.")
     if verify_:
@@ -506,7 +384,7 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     from kdsweep.service import space as sp
     from kdsweep.service import spec as specs
 
-    sweep = _sweep(storage, study_name, write=True)
+    sweep = open_sweep(storage, study_name, write=True)
     sweep.spec = specs.load(study_file or sweep.spec_name)
     points = ([dict(p) for p in sweep.spec.baselines] if baselines else []) + ([sp.parse_point(values)] if values else [])
     if not points:
@@ -530,7 +408,7 @@ def report(study_name: str, storage: str, out: str | None) -> None:
     from kdsweep.service import report as rep
     from kdsweep.service import verify
 
-    sweep = _sweep(storage, study_name)
+    sweep = open_sweep(storage, study_name)
     folder = Path(out) if out else Path("reports") / study_name
     files = rep.write_report(sweep, folder, verify.summary_text(sweep))
     for name, names in files.items():
@@ -551,7 +429,7 @@ def dashboard(storage: str, host: str, port: int) -> None:
     """
     from optuna_dashboard import run_server
 
-    st = _read(storage)
+    st = read_storage(storage)
     click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
     run_server(st, host=host, port=port)
 
