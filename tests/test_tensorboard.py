@@ -100,11 +100,11 @@ def test_tensorboard_command_finds_the_study_runs(sweep: tuple[Path, optuna.Stud
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = sweep
     calls = []
-    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr("kdsweep.service.tensorboard.serve", lambda folder, host, port: calls.append(folder) or 0)
     monkeypatch.chdir(folder.parent)  # not the sweep folder: the storage URL leads there
     result = CliRunner().invoke(cli.main, ["tensorboard", "tiny", "--storage", f"sqlite:///{folder}/s.db"])
     assert result.exit_code == 0, result.output
-    assert calls and calls[0][calls[0].index("--logdir") + 1] == str(folder / "runs" / "tiny")
+    assert calls == [folder / "runs" / "tiny"]
     missing = CliRunner().invoke(cli.main, ["tensorboard", "nope", "--storage", f"sqlite:///{folder}/s.db"])
     assert missing.exit_code == 2 and "no TensorBoard runs" in missing.output
 
