@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
@@ -87,6 +88,7 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_dashboard_binds_to_loopback_by_default(tmp_path: Path) -> None:
     port = free_port()
     url = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(study_name="s", storage=url)  # the dashboard reads a storage; it creates none
     proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "dashboard", "--port", str(port), "--storage", url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
