@@ -6,99 +6,28 @@ module level, so `--help` and usage errors answer without torch or Optuna (`cli_
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
 import kdsweep
-
-# The storage URL's one parser; light: it imports neither Optuna nor SQLAlchemy.
-from kdsweep.service.location import (
-    DEFAULT_URL,
-    StorageURLError,
-    check_study_name,
-    location,
+from kdsweep.cli_options import (
+    CONTEXT,
+    DEFAULT_URL,  # noqa: F401  (kept importable from kdsweep.cli)
+    echo_json,
+    friendly,
+    json_option,
+    n_trials_option,
+    open_storage,
+    open_sweep,
+    read_storage,
     redact,
-    redact_text,
+    set_option,
+    storage_option,
+    sweep_options,
 )
-
-CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
-# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only among
-# modules already imported (an error cannot come from a module that was never loaded).
-USAGE_ERRORS = (("kdsweep.service.location", "StorageURLError"), ("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
-                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
-                ("kdsweep.service.verify", "VerifyError"))
-RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
-                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
-                  ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
-                  ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
-
-
-def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
-    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
-
-    Also sets Optuna's log level: here, not in the group, so that `--help` and parsing errors
-    (answered by click before this runs) never import Optuna.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        url = ctx.params.get("storage")
-        from kdsweep.service.sweep import optuna_verbosity
-
-        optuna_verbosity((ctx.find_root().obj or {}).get("verbose", 0))
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except Exception as exc:
-            if isinstance(exc, _loaded(USAGE_ERRORS)):
-                raise click.UsageError(redact_text(str(exc), url)) from None
-            if isinstance(exc, _loaded(RUNTIME_ERRORS)):
-                raise click.ClickException(redact_text(str(exc), url)) from None
-            raise
-
-    return wrapper
-
-
-def _check_url(ctx: click.Context, param: click.Parameter, url: str) -> str:
-    """A malformed storage URL is a usage error (exit 2), caught before anything is opened."""
-    try:
-        location(url)
-    except StorageURLError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-    return url
-
-
-def _check_study_name(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
-    """A study name names folders too: an unsafe one is a usage error before anything is stored."""
-    try:
-        return None if name is None else check_study_name(name)
-    except StorageURLError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
-
-def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        # An explicit envvar: auto_envvar_prefix would read KDSWEEP_<COMMAND>_STORAGE instead,
-        # and launch hands the URL (with its password) to workers through KDSWEEP_STORAGE.
-        "--storage", default=DEFAULT_URL, show_default=True, metavar="URL", envvar="KDSWEEP_STORAGE",
-        callback=_check_url,
-        help="Optuna storage: sqlite:///FILE.db or postgresql+psycopg://USER:PASS@HOST/DB (env KDSWEEP_STORAGE).",
-    )(fn)
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 
 
 @click.group(context_settings=CONTEXT)
@@ -120,64 +49,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-def _open(storage: str, wait: bool = False):
-    from kdsweep.service.storage import open_storage
-
-    return open_storage(storage, wait=wait)
-
-
-def _read(storage: str):
-    from kdsweep.service.sweep import read_storage
-
-    return read_storage(storage)
-
-
-def _sweep(storage: str, study_name: str, write: bool = False):
-    from kdsweep.service.sweep import Sweep
-
-    return Sweep.open(storage, study_name, write=write)
-
-
-def _echo_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
-
-
 # ---------------------------------------------------------------- launch / create / worker
-
-
-def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.argument("study"),
-        storage_option,
-        click.option("--preset", default="paper", show_default=True, envvar="KDSWEEP_PRESET",
-                     help="Preset of the study file (env KDSWEEP_PRESET)."),
-        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME", callback=_check_study_name,
-                     help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
-        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
-                     help="Data directory (env KDSWEEP_DATA)."),
-        click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
-        click.option("--device", default="auto", show_default=True, envvar="KDSWEEP_DEVICE",
-                     help="auto, cpu, cuda or cuda:N (env KDSWEEP_DEVICE)."),
-        click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",
-                     help="Seed of the sampler (env KDSWEEP_SEED)."),
-        click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
-                     help="Checkpoints and kept weights (default: beside the SQLite file; env KDSWEEP_ARTIFACTS). Share it between hosts."),
-        click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
-                     help="Write runs/<study>/trial-N event files."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
-    help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
-         "recorded in the study, so its workers use it too.")
-n_trials_option = click.option(
-    "-n", "--n-trials", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_N_TRIALS",
-    help="COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a new study, "
-         "the stored N on resume; lower it while no more have run; env KDSWEEP_N_TRIALS).")
 
 
 @main.command()
@@ -222,7 +94,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
                                         workers, trials_per_device, data, download, artifacts, tensorboard,
                                         timeout, _status_echo)
     if as_json:
-        _echo_json({**sweep.summary(), "ended": how})
+        echo_json({**sweep.summary(), "ended": how})
     message, code = launcher.ending(sweep, final, how)
     if code == 1:
         raise click.ClickException(message)
@@ -258,7 +130,7 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.service.sweep import Sweep
 
     spec, changes = load_spec(study, preset, overrides)
-    sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
+    sweep = Sweep.create(open_storage(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
     c = sweep.counts()
     click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
                f"{c.finished} finished")
@@ -284,6 +156,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.core.progress import setup_logging
     from kdsweep.service import spec as specs
     from kdsweep.service.launch import runtime, start_worker
+    from kdsweep.service.location import location
     from kdsweep.service.tensorboard import runs_root
 
     ctx = click.get_current_context()
@@ -292,7 +165,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
     study_name = study_name or spec.name
     summary = start_worker(
-        _open(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
+        open_storage(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
         location(storage).artifacts(study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
         worker_index)
     if summary.interrupted:
@@ -314,9 +187,9 @@ def status(study_name: str, storage: str, as_json: bool) -> None:
     kdsweep status q2
     kdsweep status q2 --json
     """
-    sweep = _sweep(storage, study_name)
+    sweep = open_sweep(storage, study_name)
     if as_json:
-        _echo_json(sweep.status())
+        echo_json(sweep.status())
     else:
         click.echo(sweep.status_text())
 
@@ -336,9 +209,9 @@ def trial(study_name: str, number: int, storage: str, as_json: bool) -> None:
     """
     from kdsweep.service.inspect import trial_record, trial_text
 
-    record = trial_record(_sweep(storage, study_name), number)
+    record = trial_record(open_sweep(storage, study_name), number)
     if as_json:
-        _echo_json(record)
+        echo_json(record)
     else:
         click.echo(trial_text(record))
 
@@ -356,9 +229,9 @@ def list_sweeps(storage: str, as_json: bool) -> None:
     """
     from kdsweep.service.sweep import all_sweeps
 
-    rows = [s.summary() for s in all_sweeps(_read(storage))]
+    rows = [s.summary() for s in all_sweeps(read_storage(storage))]
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     from kdsweep.service.inspect import ls_table
 
@@ -382,7 +255,7 @@ def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None,
     """
     from kdsweep.service.inspect import remove_files, study_folders
 
-    sweep = _sweep(storage, study_name, write=True)
+    sweep = open_sweep(storage, study_name, write=True)
     folders = study_folders(storage, study_name, artifacts, logdir)
     if not yes:
         click.confirm(f"delete {sweep.progress_line()}, its verify sibling and "
@@ -405,7 +278,7 @@ def stop(study_name: str, storage: str) -> None:
     \b
     kdsweep stop q2
     """
-    running = _sweep(storage, study_name, write=True).request_stop()
+    running = open_sweep(storage, study_name, write=True).request_stop()
     click.echo(f"study {study_name!r} stopped: {running} running trial(s) will be re-queued within a "
                "heartbeat and their workers leave; `kdsweep launch` resumes it.")
 
@@ -444,7 +317,7 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     """
     from kdsweep.service import verify
 
-    sweep = _sweep(storage, study_name, write=verify_)
+    sweep = open_sweep(storage, study_name, write=verify_)
     if sweep.best_trial is None:  # a runtime state, not a usage error: exit 1 in both cases
         raise click.ClickException(f"study {study_name!r} has no complete trial yet; run `kdsweep launch` first.")
     if verify_:
@@ -487,7 +360,7 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
 
     changes = {k: v for k, v in (("device", device), ("data.root", data), ("seed", seed)) if v is not None}
     config = replace(read_config(config_file), evaluate_test=True, **changes)
-    result = train(config, teacher=prepare(config))  # a KD config's teacher first (cached)
+    result = train(config, teacher=prepare(config))
     click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
 
@@ -512,7 +385,7 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     from kdsweep.service import space as sp
     from kdsweep.service import spec as specs
 
-    sweep = _sweep(storage, study_name, write=True)
+    sweep = open_sweep(storage, study_name, write=True)
     sweep.spec = specs.load(study_file or sweep.spec_name)
     points = ([dict(p) for p in sweep.spec.baselines] if baselines else []) + ([sp.parse_point(values)] if values else [])
     if not points:
@@ -536,7 +409,7 @@ def report(study_name: str, storage: str, out: str | None) -> None:
     from kdsweep.service import report as rep
     from kdsweep.service import verify
 
-    sweep = _sweep(storage, study_name)
+    sweep = open_sweep(storage, study_name)
     folder = Path(out) if out else Path("reports") / study_name
     files = rep.write_report(sweep, folder, verify.summary_text(sweep))
     for name, names in files.items():
@@ -557,7 +430,7 @@ def dashboard(storage: str, host: str, port: int) -> None:
     """
     from optuna_dashboard import run_server
 
-    st = _read(storage)
+    st = read_storage(storage)
     click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
     run_server(st, host=host, port=port)
 

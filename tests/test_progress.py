@@ -130,3 +130,19 @@ def test_eta_from_finished_trials() -> None:
     assert progress.eta([30.0, 50.0], 9, 2) == "~3 min left"  # 9 trials x 40 s / 2 workers
     # The first wave waited for the teacher: once later trials finished, only theirs count.
     assert progress.eta([190.0, 190.0, 20.0, 20.0], 3, 2) == "~30 s left"
+
+
+def test_log_lines_do_not_run_into_a_bar(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A worker's log line written while its bar is drawn starts on a line of its own."""
+    import sys
+
+    monkeypatch.setenv("KDSWEEP_PROGRESS", "bars")
+    handler = logging.StreamHandler(sys.stderr)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    log = logging.getLogger("kdsweep.test")
+    for i in progress.track(range(3), 3, "epoch 1/2", "batch"):
+        if i == 1:
+            log.warning("trial 9 interrupted and re-queued")
+    err = capsys.readouterr().err
+    line = next(x for x in err.replace("\r", "\n").split("\n") if "re-queued" in x)
+    assert line == "trial 9 interrupted and re-queued", repr(line)

@@ -31,6 +31,10 @@ class Scripted(Objective):
         trial.report(params["optim.lr"], 1)
         if self.behaviour == "boom":
             raise RuntimeError("boom")
+        if self.behaviour == "interrupt":
+            from kdsweep.service.worker import Interrupted
+
+            raise Interrupted()
         if self.behaviour == "outage":
             raise StorageError("the storage did not answer set_trial_intermediate_value after 12 retries.")
         return params["optim.lr"]
@@ -73,3 +77,11 @@ def test_a_storage_outage_mid_trial_is_never_a_failure(tmp_path: Path, monkeypat
     assert sweep.reap() == 1  # ... any worker re-queues it, as for a dead worker
     c = sweep.counts()
     assert (c.failed, c.requeued, c.running) == (0, 1, 0)
+
+
+def test_an_interrupted_trial_is_counted_as_requeued(tmp_path: Path) -> None:
+    sweep, objective = setup(tmp_path, "interrupt", 2)
+    summary = run_worker(sweep, objective)
+    assert (summary.ran, summary.requeued, summary.failed, summary.complete) == (1, 1, 0, 0)
+    c = sweep.counts()
+    assert (c.requeued, c.failed, c.running) == (1, 0, 0)

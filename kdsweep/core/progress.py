@@ -99,12 +99,18 @@ class Bar:
         self.total, self.unit, self.done = total, unit, 0
         self.mode = mode()
         self._bar = None
+        self._redirect = None
         self._last = time.monotonic()
         if self.mode == "bars":
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total, desc=self.desc, unit=unit, leave=False, file=sys.stderr,
                              dynamic_ncols=True, mininterval=0.5)
+            # Log lines written while the bar is drawn go through tqdm.write, which clears the
+            # bar first and redraws it below, so a line never runs into a half-drawn bar.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -117,6 +123,9 @@ class Bar:
                 log.info("%s: %d/%d %s", self.desc, self.done, self.total, self.unit)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -520,7 +520,7 @@ class Sweep:
                 try:
                     storage.record_heartbeat(trial_id)
                     self.reap()
-                    if self.stop_event is not None and self.stop_requested:
+                    if self.stop_event is not None and not self.stop_event.is_set() and self.stop_requested:
                         log.warning("`kdsweep stop %s`: re-queuing this trial and leaving", self.name)
                         self.stop_event.set()
                 except Exception as exc:  # a database restart; the next beat tries again

@@ -119,7 +119,11 @@ def run_worker(sweep: Sweep, objective: Objective) -> WorkerSummary:
                 stop.wait(0.1 if c.waiting else POLL_S)
                 continue
             summary.ran += 1
-            state = _run_one(sweep, trial_id, objective, interruptible)
+            try:
+                state = _run_one(sweep, trial_id, objective, interruptible)
+            except KeyboardInterrupt:  # a signal or a drain: its trial was re-queued
+                summary.requeued += 1
+                raise
             summary.trials.append(sweep.frozen(trial_id).number)
             if state == TrialState.COMPLETE:
                 summary.complete += 1

@@ -1,0 +1,157 @@
+"""The kdsweep CLI's shared pieces (as flask and sqlite-utils keep theirs): option bundles,
+the error mapping every command shares (`friendly`), and the handles a command opens. The
+commands themselves are in kdsweep/cli.py. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+# The storage URL's one parser; light: it imports neither Optuna nor SQLAlchemy.
+from kdsweep.service.location import (  # noqa: F401  (redact: the commands' too)
+    DEFAULT_URL,
+    StorageURLError,
+    check_study_name,
+    location,
+    redact,
+    redact_text,
+)
+
+CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
+# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only among
+# modules already imported (an error cannot come from a module that was never loaded).
+USAGE_ERRORS = (("kdsweep.service.location", "StorageURLError"), ("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
+                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
+                ("kdsweep.service.verify", "VerifyError"))
+RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
+                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
+                  ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
+                  ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
+
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
+
+    Also sets Optuna's log level: here, not in the group, so that `--help` and parsing errors
+    (answered by click before this runs) never import Optuna.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        url = ctx.params.get("storage")
+        from kdsweep.service.sweep import optuna_verbosity
+
+        optuna_verbosity((ctx.find_root().obj or {}).get("verbose", 0))
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if isinstance(exc, _loaded(USAGE_ERRORS)):
+                raise click.UsageError(redact_text(str(exc), url)) from None
+            if isinstance(exc, _loaded(RUNTIME_ERRORS)):
+                raise click.ClickException(redact_text(str(exc), url)) from None
+            raise
+
+    return wrapper
+
+
+def _check_url(ctx: click.Context, param: click.Parameter, url: str) -> str:
+    """A malformed storage URL is a usage error (exit 2), caught before anything is opened."""
+    try:
+        location(url)
+    except StorageURLError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return url
+
+
+def _check_study_name(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
+    """A study name names folders too: an unsafe one is a usage error before anything is stored."""
+    try:
+        return None if name is None else check_study_name(name)
+    except StorageURLError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        # An explicit envvar: auto_envvar_prefix would read KDSWEEP_<COMMAND>_STORAGE instead,
+        # and launch hands the URL (with its password) to workers through KDSWEEP_STORAGE.
+        "--storage", default=DEFAULT_URL, show_default=True, metavar="URL", envvar="KDSWEEP_STORAGE",
+        callback=_check_url,
+        help="Optuna storage: sqlite:///FILE.db or postgresql+psycopg://USER:PASS@HOST/DB (env KDSWEEP_STORAGE).",
+    )(fn)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+
+
+def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("study"),
+        storage_option,
+        click.option("--preset", default="paper", show_default=True, envvar="KDSWEEP_PRESET",
+                     help="Preset of the study file (env KDSWEEP_PRESET)."),
+        click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME", callback=_check_study_name,
+                     help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
+        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
+                     help="Data directory (env KDSWEEP_DATA)."),
+        click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
+        click.option("--device", default="auto", show_default=True, envvar="KDSWEEP_DEVICE",
+                     help="auto, cpu, cuda or cuda:N (env KDSWEEP_DEVICE)."),
+        click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",
+                     help="Seed of the sampler (env KDSWEEP_SEED)."),
+        click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
+                     help="Checkpoints and kept weights (default: beside the SQLite file; env KDSWEEP_ARTIFACTS). Share it between hosts."),
+        click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
+                     help="Write runs/<study>/trial-N event files."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
+    help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
+         "recorded in the study, so its workers use it too.")
+n_trials_option = click.option(
+    "-n", "--n-trials", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_N_TRIALS",
+    help="COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a new study, "
+         "the stored N on resume; lower it while no more have run; env KDSWEEP_N_TRIALS).")
+
+
+def open_storage(storage: str, wait: bool = False):
+    """The storage, to write (a worker's `wait` rides out a database restart)."""
+    from kdsweep.service import storage as st
+
+    return st.open_storage(storage, wait=wait)
+
+
+def read_storage(storage: str):
+    """The storage, to read: never creates a file, a schema or a row."""
+    from kdsweep.service import sweep
+
+    return sweep.read_storage(storage)
+
+
+def open_sweep(storage: str, study_name: str, write: bool = False):
+    """The sweep `study_name`: one sentence naming the studies there when it is missing."""
+    from kdsweep.service.sweep import Sweep
+
+    return Sweep.open(storage, study_name, write=write)
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
