@@ -47,10 +47,17 @@ class WorkerPlan:
     device: str  # what the worker passes to train(): cpu or cuda
 
 
-def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan]:
-    """Environment and device of each worker: GPUs round-robin, CPU threads split evenly."""
+def plan_workers(workers: int, device: str, storage_url: str,
+                 threads: int | None = None) -> list[WorkerPlan]:
+    """Environment and device of each worker: GPUs round-robin, CPU threads split evenly.
+
+    `threads` (else a KDSWEEP_THREADS the user set) is every worker's thread count as given;
+    otherwise each worker gets cores // workers, so workers x threads never exceeds the cores
+    (OpenMP threads of processes sharing cores spin while they wait for each other).
+    """
     gpus = visible_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
-    threads = max(1, cpu_cores() // workers)
+    user = threads or int(os.environ.get("KDSWEEP_THREADS") or 0)
+    threads = user if user > 0 else max(1, cpu_cores() // workers)
     plans = []
     for i in range(workers):
         env = dict(os.environ)
