@@ -233,6 +233,10 @@ N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all worker
               help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
 @click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials run at once on each GPU (small models cannot fill one).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
+              help="CPU threads of each worker (default: cores // workers; env KDSWEEP_THREADS).")
+@click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Q2: each worker trains K trials' students together in one fused model.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved config and parameter count of 4 sampled points; store nothing.")
@@ -241,7 +245,7 @@ N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all worker
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
            overrides: tuple[str, ...], n_trials: int, workers: int | None, trials_per_device: int,
-           timeout: float | None, dry_run: bool, force: bool) -> None:
+           threads: int | None, fuse: int, timeout: float | None, dry_run: bool, force: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -266,6 +270,10 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         _dry_run(study_def, preset, changes, _runtime("cpu", data, download))
         return
     _check_device(device, p.needs_gpu, preset, force)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import check_fusable
+
+        check_fusable(study_def, preset, changes)
     if workers is None:
         gpus = launcher.visible_gpus() if device != "cpu" else []
         workers = len(gpus) * trials_per_device if gpus else 1
@@ -276,8 +284,10 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
     click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
                f"{n_trials} trials, {workers} worker(s)")
-    plans = launcher.plan_workers(workers, device, storage)
+    plans = launcher.plan_workers(workers, device, storage, threads)
     args = [study_def.source, "--study-name", study_name, "--seed", str(seed)]
+    if fuse > 1:
+        args += ["--fuse", str(fuse)]
     if data:
         args += ["--data", data]
     if download:
@@ -361,10 +371,12 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
 @click.option("--worker-index", type=int, default=0, help="Offsets the sampler seed per worker.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
               help="CPU threads of this worker (default: all cores; launch sets its share; env KDSWEEP_THREADS).")
+@click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Q2: train K trials' students together in one fused model (one batch, one teacher lookup).")
 @friendly
 def worker(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           worker_index: int, threads: int | None) -> None:
+           worker_index: int, threads: int | None, fuse: int) -> None:
     """Join an existing study and run its waiting trials until none are left.
 
     The preset and --set overrides are read from the study itself; a worker whose study
@@ -407,12 +419,21 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
 
     check_definition(optuna.load_study(study_name=study_name, storage=st),
                      study_def.definition(preset, overrides), study_name)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import check_fusable
+
+        check_fusable(study_def, preset, overrides)
     _preflight(study_def, preset, overrides, runtime)
     objective = Objective(
         study_def, preset, runtime, _artifacts(storage, study_name, artifacts),
         tensorboard=runs_root(storage) / study_name if tensorboard else None, overrides=overrides,
     )
-    summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import run_fused_worker
+
+        summary = run_fused_worker(objective, st, study_name, fuse, seed=seed, worker_index=worker_index)
+    else:
+        summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
     logging.getLogger("kdsweep").info(
         "worker %d done: %d trials (%d complete, %d pruned, %d failed)%s", worker_index, summary.ran,
         summary.complete, summary.pruned, summary.failed, " - interrupted" if summary.interrupted else "")
