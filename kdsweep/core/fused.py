@@ -251,14 +251,14 @@ class FusedGroup:
                 yield order_dev[rows], views_dev[rows], host_order[rows], host_views[rows]
 
     def _fused_losses(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                      inp: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                      inp: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor,
+                      alpha: torch.Tensor, temperature: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
         def one(p, b, alpha, temperature, smoothing):
             with autocast(self.device):
                 logits = functional_call(self.template, (p, b), (inp,))
             return _member_loss(logits, t_logits, y, alpha, temperature, smoothing)
 
-        return vmap(one, randomness="different")(params, buffers, self.alpha, self.temperature,
-                                                 self.smoothing)
+        return vmap(one, randomness="different")(params, buffers, alpha, temperature, smoothing)
 
     def step(self) -> None:
         """One optimiser step of every slot on the group's next batch (no host sync)."""
@@ -268,13 +268,20 @@ class FusedGroup:
         inp = _to_input(x, self.base, self.splits, self.device)
         t_logits = self.teacher_fn(idx, views, x, (host_idx, host_views))
         self.template.train()
-        losses = self._losses(self.params, self.buffers, inp, t_logits, self.train_y[idx])
+        # Only slots up to the last occupied one run (views of the stacked tensors: gradients and
+        # BatchNorm updates land in place); a group that drains at the end of a study stops
+        # paying for its empty slots (compiled: one graph per count). Members take the lowest
+        # free slot, so they stay packed.
+        m = 1 + max(k for k, member in enumerate(self.members) if member is not None)
+        losses = self._losses({n: p[:m] for n, p in self.params.items()},
+                              {n: b[:m] for n, b in self.buffers.items()}, inp, t_logits,
+                              self.train_y[idx], self.alpha[:m], self.temperature[:m], self.smoothing[:m])
         for p in self.params.values():
             p.grad = None
         losses.sum().backward()  # members' parameters are disjoint: each gets its own gradient
         self._sgd()
         with torch.no_grad():
-            self.loss_sum.add_(losses.detach())
+            self.loss_sum[:m].add_(losses.detach())
             self.step_dev.add_(self.active_dev.long())
         self.group_step += 1
         for k, member in enumerate(self.members):
