@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks import core, gpu, pruning, q2, report, storage, workers
+from benchmarks import core, dead_time, fused, gpu, pruning, q2, report, storage, workers
 from benchmarks.common import Entry, Skip
 
 # name -> (function(device, quick) -> Entry, budget in seconds on a CPU, runs on the CPU too)
@@ -26,7 +26,10 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "pruning_epoch_savings": (pruning.run, 360),
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
+    "q2_fused": (fused.run, 420),
+    "trial_dead_time": (dead_time.run, 240),
     "gpu_resnet18_train_32px": (gpu.resnet18_train, 90),
+    "gpu_resnet18_train_224px": (gpu.resnet18_train_224, 90),
     "gpu_resnet50_teacher_224px": (gpu.resnet50_teacher, 30),
     "gpu_compile_reuse": (gpu.compile_reuse, 120),
     "gpu_trials_per_device": (gpu.trials_per_device, 150),
