@@ -257,3 +257,18 @@ def test_compiled_dropblock_ramp_compiles_once():
         compiled(x).sum().backward()
     torch._dynamo.reset()
     assert len(frames) == 1, f"{len(frames)} compiled frames over 20 steps"
+
+
+def test_resnets_skip_only_the_conv_init_torchvision_overwrites():
+    """Every conv of a built ResNet holds kaiming-normal weights (std sqrt(2 / fan_out)), none is
+    left uninitialised, and Conv2d's own init is restored for every other model."""
+    for stem in ("imagenet", "cifar"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="resnet18", weights="none", stem=stem), (3, 32, 32), 10)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                w = m.weight.detach()
+                fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+                assert torch.isfinite(w).all() and abs(w.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.2
+    conv = nn.Conv2d(3, 8, 3)
+    assert conv.weight.abs().max() <= 1 / (3 * 9) ** 0.5  # Conv2d's default kaiming-uniform bound

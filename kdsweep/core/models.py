@@ -27,9 +27,10 @@ there). It clips the block to the map and then rejects an even size, so each sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -288,7 +289,8 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
             build_resnet,  # lazy: Q1 runs never need torchvision's ResNets
         )
 
-        return build_resnet(cfg, num_classes, in_shape[0])
+        with _conv_default_init_skipped():
+            return build_resnet(cfg, num_classes, in_shape[0])
     if cfg.arch not in ("mlp", "cnn"):
         raise ConfigError(
             f"unknown model.arch {cfg.arch!r}; choose mlp, cnn, resnet18 or resnet50."
@@ -307,6 +309,22 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
         rate=cfg.rate,
         block_sizes=cfg.block_sizes,
     )
+
+
+@contextlib.contextmanager
+def _conv_default_init_skipped() -> Iterator[None]:
+    # torchvision's ResNet re-initialises every Conv2d with kaiming_normal_ right after building
+    # it (and build_resnet does the same for a replaced stem), so nn.Conv2d's own default init
+    # (kaiming-uniform) is thrown away: skipping it halves a ResNet18's build time (0.25 ->
+    # 0.13 s on one CPU thread), dead time between two trials. The weights are drawn from the
+    # same distribution as before, but the global random stream differs, so a seed gives other
+    # initial weights than kdsweep versions before this change did.
+    original = nn.Conv2d.reset_parameters
+    nn.Conv2d.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Conv2d.reset_parameters = original  # type: ignore[method-assign]
 
 
 def set_progress(model: nn.Module, progress: float, cfg: ModelConfig) -> None:
