@@ -15,7 +15,19 @@ from pathlib import Path
 
 import click
 
-from benchmarks import core, dead_time, fused, gpu, pruning, q2, report, storage, workers
+from benchmarks import (
+    cli,
+    connections,
+    core,
+    dead_time,
+    fused,
+    gpu,
+    pruning,
+    q2,
+    report,
+    storage,
+    workers,
+)
 from benchmarks.common import Entry, Skip
 
 # name -> (function(device, quick) -> Entry, budget in seconds on a CPU, runs on the CPU too)
@@ -23,11 +35,13 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "core_vs_reference": (core.run, 180),
     "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 300),
     "teacher_setups": (q2.teacher_setups, 120),
-    "pruning_epoch_savings": (pruning.run, 360),
+    "pruning_epoch_savings": (pruning.run, 180),  # replay only: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "q2_fused": (fused.run, 420),
     "trial_dead_time": (dead_time.run, 240),
+    "cli_startup_s": (cli.run, 30),
+    "workers_per_100_connections": (connections.run, 90),
     "gpu_resnet18_train_32px": (gpu.resnet18_train, 90),
     "gpu_resnet18_train_224px": (gpu.resnet18_train_224, 90),
     "gpu_resnet50_teacher_224px": (gpu.resnet50_teacher, 30),

@@ -2,7 +2,7 @@
 
 Dead time runs from one trial's last `trial.report` to the next trial's first training step
 (train()'s first `set_progress`): the rest of the old trial (its result's attributes, kept
-weights, `tell`), taking the next slot (reaping, `pop_slot`, `top_up`), sampling (TPE over the
+weights, `tell`), taking the next slot (`Sweep.reap`, `pop`, `top_up`, `start`), sampling (TPE over the
 study's history: its cost grows with N), the objective's stored attributes, and train()'s set-up
 (data, model, teacher and logit-cache lookups; the teacher is warm, as in a running worker).
 Measured in kdsweep's real worker loop (`run_worker`, one thread) on a study that already holds
@@ -57,14 +57,15 @@ def _measure(tmp: Path, n_done: int, new_trials: int, device: str) -> dict[str, 
     from kdsweep.service import spec as studies
     from kdsweep.service.objective import Objective
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume, run_worker
+    from kdsweep.service.sweep import Sweep
+    from kdsweep.service.worker import run_worker
 
     study_def = studies.load(str(TINY_STUDY))
     url = f"sqlite:///{tmp / f'dead{n_done}.db'}"
     storage = open_storage(url)
     name = f"dead{n_done}"
-    study = create_or_resume(study_def, "tiny", storage, name, n_done + new_trials, seed=0)
-    _fill(study, study_def.space_for("tiny"), n_done)
+    sweep = Sweep.create(storage, study_def, "tiny", name, n_done + new_trials, seed=0)
+    _fill(sweep.study, study_def.space_for("tiny"), n_done)
 
     events: list[tuple[str, float]] = []
 
@@ -99,7 +100,7 @@ def _measure(tmp: Path, n_done: int, new_trials: int, device: str) -> dict[str, 
         objective_mod.train = mark("train", objective_mod.train)
         models.set_progress = mark("step", models.set_progress, first_only=True)
         objective = Objective(study_def, "tiny", {"device": device, "threads": 1}, tmp / f"art{n_done}")
-        run_worker(objective, storage, name, seed=0)
+        run_worker(Sweep.join(storage, name, study_def), objective)
     finally:
         for (owner, attr), fn in originals.items():
             setattr(owner, attr, fn)

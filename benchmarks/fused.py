@@ -39,7 +39,7 @@ def _warm(study_def, preset: str, overrides: dict[str, Any], device: str) -> Non
     config = resolve(study_def.config_for(preset, {"kd.alpha": 0.5, "kd.temperature": 4.0}, overrides,
                                           device=device, threads=1))
     splits = data.load_splits(config.data)
-    fn, _ = teacher.logits_source(config, splits, resolve_device(device))
+    fn, _ = teacher.prepare(config).logits_source(config, splits, resolve_device(device))
     views = data.num_views(config.data.pad, config.data.flip)
     pairs = np.arange(len(splits.train_x) * views)
     for start in range(0, len(pairs), config.eval_batch_size):
@@ -63,26 +63,26 @@ def _variant(tmp: Path, preset: str, overrides: dict[str, Any], device: str, how
     from kdsweep.service.fused_worker import run_fused_worker
     from kdsweep.service.objective import Objective
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume, run_worker
+    from kdsweep.service.sweep import Sweep
+    from kdsweep.service.worker import run_worker
 
     study_def = studies.load(str(STUDY))
     name = f"fused-{how}-{uuid.uuid4().hex[:6]}"
     url = f"sqlite:///{tmp / (name + '.db')}"
     storage = open_storage(url)
-    study = create_or_resume(study_def, preset, storage, name, trials, seed=0, overrides=overrides)
+    sweep = Sweep.create(storage, study_def, preset, name, trials, seed=0, overrides=overrides)
     objective = Objective(study_def, preset, {"device": device, "threads": 1}, tmp / name,
                           overrides=overrides, keep_weights=0)
     t0 = time.perf_counter()
     if how == "K=1":
-        run_worker(objective, storage, name, seed=0)
+        run_worker(Sweep.join(storage, name, study_def), objective)
     elif how.startswith("fuse"):
-        run_fused_worker(objective, storage, name, int(how[4:]), seed=0)
+        run_fused_worker(Sweep.join(storage, name, study_def), objective, int(how[4:]))
     else:  # 4 processes on the device, as --trials-per-device 4 plans them
         with env(KDSWEEP_THREADS="1", CUDA_VISIBLE_DEVICES="0" if device == "cuda" else None):
             plans = launch.plan_workers(4, device, url)
-        args = [str(STUDY), "--study-name", name, "--seed", "0", "--no-tensorboard",
-                "--artifacts", str(tmp / name)]
-        launch.run(study, args, plans, trials, lambda line: None, poll=0.5)
+        args = launch.worker_args(str(STUDY), name, None, False, str(tmp / name), False)
+        launch.run(sweep, args, plans, lambda line: None, poll=0.5)
     return {**_throughput(url, name), "wall_s": round(time.perf_counter() - t0, 1)}
 
 

@@ -88,8 +88,10 @@ class Cluster:
     user = "kdsweep"
     database = "kdsweep"
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: str | int) -> None:
+        """`settings` are server settings (e.g. max_connections=20), passed as `-c key=value`."""
         require_postgres()
+        self.settings = settings
         self.bin = pg_bin() or Path(shutil.which("initdb") or "initdb").parent
         self.port = free_port()
         # Random and URL-safe, but with characters a careless redaction would miss.
@@ -117,7 +119,8 @@ class Cluster:
 
     def start(self) -> None:
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-                   "-c fsync=off -c full_page_writes=off")
+                   "-c fsync=off -c full_page_writes=off"
+                   + "".join(f" -c {k}={v}" for k, v in self.settings.items()))
         subprocess.run(_as_postgres([
             str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start",
         ]), check=True, capture_output=True)
@@ -126,6 +129,11 @@ class Cluster:
         """Stop the server; `fast` disconnects every client at once, as a restart does."""
         subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]),
                        check=True, capture_output=True)
+
+    def rejected(self) -> int:
+        """Connections the server turned away for want of a free slot, from its log."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text.count("too many clients already") + text.count("remaining connection slots are reserved")
 
     def is_up(self) -> bool:
         with socket.socket() as s:

@@ -23,7 +23,7 @@ from pgcluster import Cluster, free_port, pg_cluster  # noqa: F401
 from kdsweep.cli import main
 from kdsweep.service import spec as studies
 from kdsweep.service.storage import open_storage
-from kdsweep.service.worker import create_or_resume
+from kdsweep.service.sweep import Sweep
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
 TINY_TEXT = TINY.read_text()
@@ -59,6 +59,52 @@ def unwritable_folder(tmp: Path) -> str:
     folder.mkdir()
     folder.chmod(0o555)
     return str(folder)
+
+
+def sqlite_copy(tmp: Path, source: str, name: str, damage: Callable[[Path], None]) -> str:
+    """A copy of the stored SQLite study (WAL folded in), damaged by `damage`; its URL."""
+    import shutil
+    import sqlite3
+
+    src = Path(source.removeprefix("sqlite:///"))
+    con = sqlite3.connect(src)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    path = tmp / name
+    shutil.copy(src, path)
+    damage(path)
+    return f"sqlite:///{path}"
+
+
+def malformed(path: Path) -> None:
+    with open(path, "r+b") as f:  # pages 4-7 (the trials' tables) overwritten
+        f.seek(4096 * 3)
+        f.write(b"\xff" * 4096 * 4)
+
+
+def drop_column(path: Path) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(path)  # a schema from some other Optuna version
+    con.execute("ALTER TABLE trials DROP COLUMN datetime_complete")
+    con.commit()
+    con.close()
+
+
+def foreign_sqlite(tmp: Path) -> str:
+    import sqlite3
+
+    path = tmp / "crm.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    con.execute("INSERT INTO customers VALUES (1, 'Ada')")
+    con.commit()
+    con.close()
+    return f"sqlite:///{path}"
+
+
+RAW_PASSWORD = "p@ss%w0rd/x"  # a raw '@', '%' and '/': redacted whole, never looked up as a host
+NO_ACCESS = ("noaccess", "na-pw-4c1e")  # a role of the cluster without privileges on the tables
 
 
 @dataclass
@@ -141,6 +187,64 @@ CASES = [
     Case("grace period not above the heartbeat",
          lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick"],
          "KDSWEEP_GRACE (5 s) must be longer than KDSWEEP_HEARTBEAT (10 s)", 1, env={"KDSWEEP_GRACE": "5"}),
+    # -- issue 12: hostile or odd input
+    Case("raw '@' and '/' in a PostgreSQL password",
+         lambda t, s, c: ["status", "tiny", "--storage",
+                          f"postgresql+psycopg://kdsweep:{RAW_PASSWORD}@127.0.0.1:{free_port()}/kdsweep"],
+         "postgresql+psycopg://kdsweep:***@127.0.0.1:", 1),
+    Case("study name that climbs out of the artifacts folder",
+         lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick",
+                          "--study-name", "../../../elsewhere/x"],
+         "study name '../../../elsewhere/x' is not allowed: use at most 100 letters, digits", 2),
+    Case("300-character study name",
+         lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick", "--study-name", "n" * 300],
+         "is not allowed: use at most 100 letters", 2),
+    Case("600-character study name on PostgreSQL",
+         lambda t, s, c: ["launch", str(TINY), "--storage", c.url(), "--preset", "quick", "--device", "cpu",
+                          "--study-name", "p" * 600],
+         "is not allowed: use at most 100 letters", 2),
+    Case("hidden study name", lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick",
+                                               "--study-name", ".tiny"],
+         "study name '.tiny' is not allowed", 2),
+    Case("--set epochs=nan", lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick",
+                                              "--set", "epochs=nan"],
+         "epochs takes a whole number, not nan", 2),
+    Case("--set epochs=inf", lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick",
+                                              "--set", "epochs=inf"],
+         "epochs takes a whole number, not inf", 2),
+    Case("--set epochs=2.5", lambda t, s, c: ["launch", str(TINY), "--storage", s, "--preset", "quick",
+                                              "--device", "cpu", "--set", "epochs=2.5"],
+         "epochs takes a whole number, not 2.5", 2),
+    Case("--set optim.weight_decay=1e400", lambda t, s, c: ["create", str(TINY), "--storage", s,
+                                                            "--preset", "quick", "--set", "optim.weight_decay=1e400"],
+         "optim.weight_decay must be a finite number, got inf", 2),
+    Case("--set optim.lr=1e400 (q2 does not sample it)",
+         lambda t, s, c: ["create", "q2", "--storage", s, "--preset", "smoke", "--set", "optim.lr=1e400"],
+         "optim.lr must be a finite number, got inf", 2),
+    Case("--set optim.momentum=-0.5", lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick",
+                                                       "--set", "optim.momentum=-0.5"],
+         "optim.momentum must be at least 0.0 and below 1, got -0.5", 2),
+    Case("damaged SQLite file (database disk image is malformed)",
+         lambda t, s, c: ["status", "tiny", "--storage", sqlite_copy(t, s, "torn.db", malformed)],
+         "the database file is damaged or not a SQLite database", 1),
+    Case("a file that is not SQLite at all",
+         lambda t, s, c: ["status", "tiny", "--storage",
+                          f"sqlite:///{(t / 'notes.db').write_text('my notes' * 100) and t / 'notes.db'}"],
+         "(sqlite:///", 1),
+    Case("SQLite schema of another Optuna version (no such column)",
+         lambda t, s, c: ["status", "tiny", "--storage", sqlite_copy(t, s, "old.db", drop_column)],
+         "the database's tables do not match this Optuna version", 1),
+    Case("SQLite file of another application",
+         lambda t, s, c: ["create", str(TINY), "--storage", foreign_sqlite(t), "--preset", "quick"],
+         "holds tables of another application (customers); kdsweep does not write into it", 1),
+    Case("read command on an empty SQLite file",
+         lambda t, s, c: ["status", "tiny", "--storage",
+                          f"sqlite:///{(t / 'empty.db').write_bytes(b'') or t / 'empty.db'}"],
+         "holds no Optuna study", 2),
+    Case("PostgreSQL role without privileges on the tables (StorageInternalError)",
+         lambda t, s, c: ["status", "tiny", "--storage", c.url().replace(
+             f"{c.user}:{c.password}@", f"{NO_ACCESS[0]}:{NO_ACCESS[1]}@")],
+         "this user may not use the database's tables or files", 1),
 ]
 
 
@@ -162,7 +266,12 @@ def stored(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Cluster) -> tup
     """A SQLite storage and the cluster's database, each holding study tiny with 3 slots."""
     url = f"sqlite:///{tmp_path_factory.mktemp('bad') / 'sweep.db'}"
     for u in (url, pg_cluster.url()):
-        create_or_resume(studies.load(str(TINY)), "quick", open_storage(u), "tiny", 3, seed=0)
+        Sweep.create(open_storage(u), studies.load(str(TINY)), "quick", "tiny", 3, seed=0)
+    import psycopg
+
+    with psycopg.connect(pg_cluster.url().replace("postgresql+psycopg", "postgresql"), autocommit=True) as con:
+        con.execute(f"DROP ROLE IF EXISTS {NO_ACCESS[0]}")
+        con.execute(f"CREATE ROLE {NO_ACCESS[0]} LOGIN PASSWORD '{NO_ACCESS[1]}'")
     return url, pg_cluster
 
 
@@ -185,7 +294,8 @@ def test_bad_input(case: Case, stored: tuple[str, Cluster], tmp_path: Path,
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, out
     assert case.fragment in errors[0], out
-    for secret in (cluster.password, "wrong-pw-7f3", "hunter2", "pw-closed"):
+    for secret in (cluster.password, "wrong-pw-7f3", "hunter2", "pw-closed", RAW_PASSWORD, "ss%w0rd",
+                   NO_ACCESS[1]):
         assert secret not in out
     assert [dump(url), dump(cluster.url())] == before
 

@@ -52,7 +52,7 @@ def run_group(base: TrainConfig, configs: list[TrainConfig], slots: int, data_se
 
         return Member(config, report=report, tag=i)
 
-    group = FusedGroup(base, slots, data_seed)
+    group = FusedGroup(base, slots, data_seed, teacher=teacher.prepare(base))
     group.run(next_member, lambda m, result, error: ends.__setitem__(m.tag, (result, error, m.history)))
     return ends
 
@@ -63,7 +63,7 @@ def test_members_that_start_together_equal_solo_runs(tiny_npz: Path, tmp_path: P
     ends = run_group(base, configs, slots=3, data_seed=configs[0].seed)
     for i, config in enumerate(configs):
         teacher._LOADED.clear()
-        solo = train(config, data_seed=configs[0].seed)  # the group's data order: member 0's seed
+        solo = train(config, data_seed=configs[0].seed, teacher=teacher.prepare(config))  # the group's data order: member 0's seed
         fused, error, history = ends[i]
         assert error is None and fused.epochs_run == solo.epochs_run == 1
         assert history[0]["train_loss"] == pytest.approx(solo.history[0]["train_loss"], rel=1e-4, abs=1e-5)
@@ -103,6 +103,6 @@ def test_only_alpha_temperature_and_seed_may_differ(tiny_npz: Path, tmp_path: Pa
     base = student(tiny_npz, tmp_path)
     assert fusion_key(member_config(base, 0.1, 3.0, 5)) == fusion_key(base)
     assert fusion_key(replace(base, **{"optim.lr": 0.1})) != fusion_key(base)
-    group = FusedGroup(base, 2, 0)
+    group = FusedGroup(base, 2, 0, teacher=teacher.prepare(base))
     with pytest.raises(ValueError, match="cannot join"):
         group.add(Member(replace(base, batch_size=32)))

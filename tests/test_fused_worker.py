@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 from pgcluster import wait_until
 
+from kdsweep.service import keys
 from kdsweep.service import spec as studies
 from kdsweep.service.storage import open_storage
-from kdsweep.service.worker import counts, create_or_resume
+from kdsweep.service.sweep import Sweep
 
 TINY_KD = Path(__file__).resolve().parent / "studies" / "tiny_kd.py"
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
@@ -31,8 +32,8 @@ def fast_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KDSWEEP_GRACE", str(GRACE))
 
 
-def create(url: str, preset: str, n: int) -> optuna.Study:
-    return create_or_resume(studies.load(str(TINY_KD)), preset, open_storage(url), "tiny_kd", n, seed=0)
+def create(url: str, preset: str, n: int) -> Sweep:
+    return Sweep.create(open_storage(url), studies.load(str(TINY_KD)), preset, "tiny_kd", n, seed=0)
 
 
 def load(url: str) -> optuna.Study:
@@ -61,17 +62,18 @@ def test_fused_worker_reports_each_trial_to_its_own(tmp_path: Path, fmnist_dir: 
 
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
     create(url, "quick", 5)
-    objective = Objective(studies.load(str(TINY_KD)), "quick", {"device": "cpu", "threads": 1},
-                          tmp_path / "artifacts")
-    summary = run_fused_worker(objective, open_storage(url), "tiny_kd", 3, seed=0)
+    spec = studies.load(str(TINY_KD))
+    objective = Objective(spec, "quick", {"device": "cpu", "threads": 1}, tmp_path / "artifacts")
+    summary = run_fused_worker(Sweep.join(open_storage(url), "tiny_kd", spec), objective, 3)
     study = load(url)
-    assert summary.complete == 5 and counts(study).finished == 5
+    assert summary.complete == 5 and Sweep(study).counts().finished == 5
     trials = study.get_trials(states=(TrialState.COMPLETE,))
     assert len({(t.params["kd.alpha"], t.params["kd.temperature"]) for t in trials}) == 5
     for t in trials:
         assert sorted(t.intermediate_values) == [1, 2] and t.value == t.intermediate_values[2]
-        assert t.user_attrs["fused"]["slots"] == 3 and t.user_attrs["config"]["kd"]["alpha"] == t.params["kd.alpha"]
-    joined = sorted(t.user_attrs["fused"]["joined_step"] for t in trials)
+        assert t.user_attrs[keys.FUSED]["slots"] == 3 and t.user_attrs[keys.CONFIG]["kd"]["alpha"] == t.params["kd.alpha"]
+        assert keys.SAMPLER_SEED in t.user_attrs  # each member's Trial came from Sweep.start
+    joined = sorted(t.user_attrs[keys.FUSED]["joined_step"] for t in trials)
     assert joined[:3] == [0, 0, 0] and joined[3] > 0  # three together, then the freed slots refilled
 
 
@@ -99,7 +101,7 @@ def test_a_stopped_fused_worker_requeues_all_its_trials(tmp_path: Path, fmnist_d
         victim.wait(timeout=60)
         if how == "SIGTERM":
             assert victim.returncode == 130, log_v.read_text()[-3000:]
-            assert counts(load(url)).waiting == k  # re-queued by the worker itself
+            assert Sweep(load(url)).counts().waiting == k  # re-queued by the worker itself
         rescuer, log_r = start_worker(tmp_path, url, 1, fuse=2)
         rescuer.wait(timeout=240)
     finally:
@@ -108,11 +110,12 @@ def test_a_stopped_fused_worker_requeues_all_its_trials(tmp_path: Path, fmnist_d
                 p.kill()
     assert rescuer.returncode == 0, log_r.read_text()[-3000:]
     study = load(url)
-    c = counts(study)
-    assert (c.complete, c.running, c.waiting) == (k, 0, 0), c
+    c = Sweep(study).counts()
+    assert (c.complete, c.running, c.waiting, c.failed) == (k, 0, 0, 0), c  # re-queues are no failures
     for old in before:
-        assert study.trials[old.number].state == TrialState.FAIL
-        retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == old.number]
+        attempt = study.trials[old.number]
+        assert attempt.state == TrialState.FAIL and keys.REQUEUED in attempt.user_attrs
+        retries = [t for t in study.trials if t.system_attrs.get(keys.ORIGIN) == old.number]
         assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
         assert retries[0].params == old.params
         assert sorted(retries[0].intermediate_values) == list(range(1, 7))

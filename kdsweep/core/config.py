@@ -9,9 +9,11 @@ Units are given in the comments; "images" always means training images seen.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -99,8 +101,60 @@ class TrainConfig:
     cache_dir: str | None = None  # teacher probes and logit caches; None: $KDSWEEP_CACHE or ~/.cache
 
 
+# Lowest allowed value of numeric settings (inclusive unless marked), beyond their type;
+# an `upper` bound is exclusive. Settings not listed take any finite value of their type.
+_RANGES: dict[str, tuple[float, float | None, bool]] = {  # key: (lower, upper, lower inclusive)
+    "optim.lr": (0.0, None, False),
+    "optim.momentum": (0.0, 1.0, True),
+    "optim.weight_decay": (0.0, None, True),
+    "optim.label_smoothing": (0.0, 1.0, True),
+    "optim.warmup": (0.0, 1.0 + 1e-12, True),
+    "kd.teacher_lr": (0.0, None, False),
+    "kd.teacher_epochs": (0, None, True),
+    "data.train_subset": (1, None, True),
+    "data.test_subset": (1, None, True),
+    "data.image_size": (1, None, True),
+    "data.pad": (0, None, True),
+    "model.budget": (1, None, True),
+    "model.depth": (1, None, True),
+    "model.width": (1, None, True),
+    "model.block_size": (1, None, True),
+    "eval_batch_size": (1, None, True),
+    "threads": (1, None, True),
+}
+
+
+def _check_numbers(config: Any, where: str = "") -> None:
+    """Every int setting holds a whole number and every float one a finite number, in range.
+
+    `--set epochs=2.5`, `--set optim.lr=1e400` (inf) or `nan` would otherwise be stored in a
+    study and fail every trial (or make two workers disagree about its definition).
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = where + f.name
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # other types are from_dict's and the CLI's to check
+        hint = hints[f.name]
+        kinds = set(typing.get_args(hint)) or {hint}
+        if int in kinds and float not in kinds and not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}.")
+        if key in _RANGES:
+            low, high, inclusive = _RANGES[key]
+            if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+                bound = f"{'at least' if inclusive else 'above'} {low}"
+                raise ConfigError(f"{key} must be {bound}{f' and below {high:g}' if high else ''}, got {value!r}.")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Raise ConfigError for values no run could use; return the config unchanged."""
+    _check_numbers(config)
     if config.epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {config.epochs}.")
     if config.batch_size < 1:
@@ -161,6 +215,42 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+# ModelConfig fields each architecture reads; the others mean nothing for it.
+_USED = {
+    "mlp": {"arch", "budget", "depth", "rate", "hidden"},
+    "cnn": {"arch", "budget", "depth", "width", "factorized", "regularizer", "rate", "block_size",
+            "ramp", "channels", "block_sizes"},
+    "resnet18": {"arch", "weights", "stem", "trainable"},
+    "resnet50": {"arch", "weights", "stem", "trainable"},
+}
+
+
+def compact(config: dict[str, Any]) -> dict[str, Any]:
+    """`to_dict` output without the model fields its architecture never reads (a ResNet's
+    width, block_size, hidden, ...), for exports a person reads.
+
+    A field is left out only while it holds its default, so `from_dict` rebuilds exactly the
+    same config: `from_dict(TrainConfig, compact(to_dict(c))) == c`.
+    """
+    defaults = to_dict(ModelConfig())
+
+    def model(m: dict[str, Any]) -> dict[str, Any]:
+        used = _USED.get(m.get("arch", ""), set(m))
+        return {k: v for k, v in m.items()
+                if k in used or _jsonish(v) != _jsonish(defaults.get(k, object()))}
+
+    out = dict(config)
+    if isinstance(out.get("model"), dict):
+        out["model"] = model(out["model"])
+    if isinstance(out.get("kd"), dict) and isinstance(out["kd"].get("teacher"), dict):
+        out["kd"] = {**out["kd"], "teacher": model(out["kd"]["teacher"])}
+    return out
+
+
+def _jsonish(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
 def replace(config: Any, **changes: Any) -> Any:
     """dataclasses.replace that also takes dotted paths: replace(cfg, **{"kd.alpha": 0.5})."""
     nested: dict[str, dict[str, Any]] = {}
@@ -184,3 +274,17 @@ def replace(config: Any, **changes: Any) -> Any:
                 f"unknown setting {key!r} in {type(config).__name__}; valid: {', '.join(sorted(names))}."
             )
     return dataclasses.replace(config, **flat)
+
+
+def read_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig in a YAML or JSON file: an export of `kdsweep best` (its `config`) or a
+    bare config. ConfigError (one sentence) for a file that is not one."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML or JSON: {str(exc).splitlines()[0]}.") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping (a config or an export of `kdsweep best`).")
+    return from_dict(TrainConfig, doc.get("config", None) or doc)

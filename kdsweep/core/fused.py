@@ -52,6 +52,7 @@ from kdsweep.core.devices import autocast, resolve_device, set_threads
 from kdsweep.core.train import (
     Report,
     Stopped,
+    TeacherSource,
     TrainingError,
     TrainResult,
     _norm_on,
@@ -113,11 +114,13 @@ class _Slot(nn.Module):
 class FusedGroup:
     """K slots of students sharing `base` (resolved or not) but for alpha, T and seed.
 
+    `teacher` is the prepared teacher (`kdsweep.core.teacher.prepare(base)`), as `train()` takes
+    it: alpha does not enter the teacher's config, so one teacher serves every member.
     Raises ValueError for a config that cannot be fused (no `kd`, a partly trainable student).
     """
 
     def __init__(self, base: TrainConfig, slots: int, data_seed: int,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, *, teacher: TeacherSource | None = None):
         if slots < 1:
             raise ValueError(f"a fused group needs at least 1 slot, got {slots}.")
         if base.kd is None:
@@ -137,10 +140,10 @@ class FusedGroup:
         self.steps_per_epoch = math.ceil(self.n / self.base.batch_size)
         self.total_steps = self.steps_per_epoch * self.base.epochs
 
-        from kdsweep.core import teacher as teacher_mod
-
-        # alpha does not enter the teacher's config, so one teacher serves every member.
-        self.teacher_fn, self.teacher_info = teacher_mod.logits_source(self.base, self.splits, self.device)
+        if teacher is None:
+            raise ValueError("a fused group distils from a teacher: prepare it first with "
+                             "kdsweep.core.teacher.prepare(config) and pass it as teacher=...")
+        self.teacher_fn, self.teacher_info = teacher.logits_source(self.base, self.splits, self.device)
         self.train_x = self.splits.train_x.to(self.device)
         self.train_y = self.splits.train_y.to(self.device)
         _norm_on(self.splits, self.device)

@@ -8,19 +8,19 @@ the environment, never the command line, where `ps` would show its password.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import optuna
-from optuna.trial import TrialState
-
-from kdsweep.service.worker import Counts, counts
+from kdsweep.service.spec import StudySpec
+from kdsweep.service.sweep import Counts, Sweep
 
 
 def cpu_cores() -> int:
@@ -66,7 +66,10 @@ def plan_workers(workers: int, device: str, storage_url: str,
         env["OMP_NUM_THREADS"] = str(threads)
         env["PYTHONUNBUFFERED"] = "1"
         # Several workers share one terminal: log lines, not bars that overwrite each other.
-        env.setdefault("KDSWEEP_PROGRESS", "bars" if workers == 1 else "lines")
+        # One worker decides by itself (bars only when its stderr, launch's, is a terminal),
+        # so a launch whose output goes to a log file never writes bars into it.
+        if workers > 1:
+            env.setdefault("KDSWEEP_PROGRESS", "lines")
         level = logging.getLogger("kdsweep").getEffectiveLevel()  # -q / -vv reach the workers
         if level >= logging.WARNING:
             env["KDSWEEP_QUIET"] = "1"
@@ -78,81 +81,120 @@ def plan_workers(workers: int, device: str, storage_url: str,
     return plans
 
 
-def best_line(study: optuna.Study) -> str:
+ETA_EVERY_S = 30.0  # seconds between status lines that differ only in their time left
+_ETA = re.compile(r"~[^;|]* left")
+
+
+def status_line(sweep: Sweep, workers: int) -> str:
+    """The progress line, with what a first run spends its first minutes on (the teacher's
+    build, which the other workers wait for) and the sweep's ETA."""
+    from optuna.trial import TrialState
+
+    from kdsweep.core import progress
+    from kdsweep.service import keys
+
+    c = sweep.counts()
+    line = sweep.progress_line(c)
+    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"))
+    if building:
+        return f"{line} | {building}"
+    done = sorted((t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
+                   if keys.WALL_TIME in t.user_attrs and t.datetime_complete), key=lambda t: t.datetime_complete)
+    left = progress.eta([t.user_attrs[keys.WALL_TIME] for t in done], c.waiting + 0.5 * c.running, workers)
+    return f"{line} | {left}" if left else line
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM when launch dies, even by SIGKILL (Linux only)."""
     try:
-        best = study.best_trial
-    except ValueError:
-        return "no finished trial yet"
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
-    return f"best {best.value:.4f} (trial {best.number}: {params})"
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _stop(procs: list[subprocess.Popen], group: int | None, grace: float) -> None:
+    """SIGTERM every worker (its running trial is re-queued), SIGKILL what is left after
+    `grace` seconds, and reap them all: no worker outlives launch."""
 
+    def signal_all(sig: int) -> None:
+        if group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, sig)  # the workers and anything they started
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(sig)
 
-def progress_line(c: Counts, n_trials: int, study: optuna.Study) -> str:
-    return (f"[{c.finished}/{n_trials}] complete {c.complete}, pruned {c.pruned}, "
-            f"failed {c.failed}, running {c.running} | {best_line(study)}")
-
-
-def summary_table(study: optuna.Study, top: int = 5) -> str:
-    """The best `top` trials as a fixed-width table."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    done.sort(key=lambda t: t.value, reverse=maximize)
-    if not done:
-        return "no complete trials."
-    keys = sorted({k for t in done[:top] for k in t.params})
-    header = ["trial", "value", "epochs"] + keys
-    rows = [[str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", ""))]
-            + [_fmt(t.params.get(k, "-")) for k in keys] for t in done[:top]]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header] + rows]
-    return "\n".join(lines)
+    if any(p.poll() is None for p in procs):
+        signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    if any(p.poll() is None for p in procs):
+        signal_all(signal.SIGKILL)
+    elif group is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)  # a straggler the workers started
+    for p in procs:
+        p.wait()
 
 
 def run(
-    study: optuna.Study,
+    sweep: Sweep,
     worker_args: list[str],
     plans: list[WorkerPlan],
-    n_trials: int,
     echo: Callable[[str], None],
     timeout: float | None = None,
     poll: float = 2.0,
     extra_env: Mapping[str, str] | None = None,
+    grace: float = 60.0,
 ) -> tuple[Counts, str]:
     """Start the workers and watch them; returns the final counts and how it ended.
 
-    Ends as 'done', 'timeout' or 'interrupted'. On Ctrl-C/SIGTERM (or the timeout) workers get
-    SIGTERM: each re-queues its running trial (with its checkpoint) and exits within seconds.
+    Ends as 'done', 'timeout' or 'interrupted'. On Ctrl-C/SIGTERM/SIGHUP (or the timeout)
+    workers get SIGTERM: each re-queues its running trial (with its checkpoint) and exits
+    within seconds. On every other way out (the storage unreachable past its retry budget, any
+    exception) they are stopped the same way before the exception goes on; a worker still
+    running `grace` seconds later is killed. The workers form one process group, and each
+    gets SIGTERM from the kernel if launch itself is killed, so none is ever left behind.
     """
     procs: list[subprocess.Popen] = []
-    for plan in plans:
-        env = {**plan.env, **(extra_env or {})}
-        cmd = [sys.executable, "-m", "kdsweep", "worker", *worker_args,
-               "--device", plan.device, "--worker-index", str(plan.index)]
-        procs.append(subprocess.Popen(cmd, env=env))
-
+    group: int | None = None
     stop = {"why": ""}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["why"] = "interrupted"
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in handled}
     start = time.monotonic()
-    last = ""
+    last, last_news, shown_at = "", "", 0.0
     try:
+        for plan in plans:
+            env = {**plan.env, **(extra_env or {})}
+            cmd = [sys.executable, "-m", "kdsweep", "worker", *worker_args,
+                   "--device", plan.device, "--worker-index", str(plan.index)]
+            # Their own group: a terminal's Ctrl-C reaches launch alone, which stops them.
+            procs.append(subprocess.Popen(cmd, env=env, process_group=group or 0,
+                                          preexec_fn=_die_with_parent))
+            group = group or procs[0].pid
         while any(p.poll() is None for p in procs):
             if stop["why"]:
                 break
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = progress_line(counts(study), n_trials, study)
-            if line != last:
+            line = status_line(sweep, len(procs))
+            # A new line when something happened; a countdown alone only every ETA_EVERY_S.
+            news = _ETA.sub("", line)
+            if news != last_news or (line != last and time.monotonic() - shown_at >= ETA_EVERY_S):
                 echo(line)
-                last = line
+                last, last_news, shown_at = line, news, time.monotonic()
             # Short naps: time.sleep resumes after a signal handler, and Ctrl-C should stop
             # the workers at once, not after a whole polling period.
             nap_until = time.monotonic() + poll
@@ -160,19 +202,172 @@ def run(
                 time.sleep(0.1)
         if stop["why"]:
             echo(f"{stop['why']}: stopping {len(procs)} worker(s); their running trials are re-queued.")
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            for p in procs:
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    final = counts(study)
-    echo(progress_line(final, n_trials, study))
+        try:
+            _stop(procs, group, grace)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    final = sweep.counts()
+    line = status_line(sweep, len(procs))
+    if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
+        echo(line)
     return final, stop["why"] or "done"
+
+
+# ---------------------------------------------------------------- what launch and worker check first
+
+
+def runtime(device: str, data: str | None, download: bool = False, threads: int | None = None) -> dict[str, object]:
+    """Per-host settings of a trial's config: device, data folder, CPU threads (this process's
+    share of the cores: launch gives each of W workers cores // W; by hand, every core)."""
+    out: dict[str, object] = {"device": device, "threads": threads or cpu_cores()}
+    if data:
+        out["data.root"] = data
+    if download:
+        out["data.download"] = True
+    return out
+
+
+def load_spec(study: str, preset: str, overrides: Sequence[str]) -> tuple[StudySpec, dict[str, object]]:
+    """The study file (by name or path), checked with its preset and `--set` overrides."""
+    from kdsweep.service import spec as specs
+
+    spec = specs.load(study)
+    spec.preset(preset)
+    changes = specs.parse_overrides(overrides)
+    spec.check_overrides(preset, changes)
+    spec.space_for(preset, changes)
+    return spec, changes
+
+
+def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
+    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced)."""
+    import torch
+
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.service.spec import StudyError
+
+    resolve_device(device)
+    if needs_gpu and not torch.cuda.is_available() and not force:
+        raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
+                         "use --preset smoke, or add --force to run it on the CPU anyway.")
+
+
+def default_workers(device: str, trials_per_device: int) -> int:
+    """One worker per visible GPU (times `trials_per_device`), or 1 on the CPU."""
+    gpus = visible_gpus() if device != "cpu" else []
+    return len(gpus) * trials_per_device if gpus else 1
+
+
+def preflight(spec, preset: str, overrides: Mapping[str, object], runtime: Mapping[str, object]) -> None:
+    """Load the preset's data once, so missing data is one sentence before anything is stored."""
+    from kdsweep.core.data import load_splits
+
+    load_splits(spec.config_for(preset, {}, overrides, **runtime).data)
+
+
+def worker_args(source: str, study_name: str, data: str | None, download: bool, artifacts: str | None,
+                tensorboard: bool, fuse: int = 1) -> list[str]:
+    """The `kdsweep worker` arguments launch gives each of its workers."""
+    args = [source, "--study-name", study_name]
+    if fuse > 1:
+        args += ["--fuse", str(fuse)]
+    if data:
+        args += ["--data", data]
+    if download:
+        args.append("--download")
+    if artifacts:
+        args += ["--artifacts", artifacts]
+    if not tensorboard:
+        args.append("--no-tensorboard")
+    return args
+
+
+def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Mapping[str, object],
+                 artifacts, tensorboard, worker_index: int = 0, fuse: int = 1):
+    """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
+    run its waiting trials, `fuse` at a time in one fused model when fuse > 1 (Q2-like studies
+    only: kdsweep/service/fused_worker.py); returns the worker's summary."""
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.spec import StudyError
+    from kdsweep.service.sweep import SweepNotFound
+    from kdsweep.service.worker import run_worker
+
+    try:
+        found = Sweep.load(storage, study_name, spec)
+    except SweepNotFound:
+        raise StudyError(f"no study named {study_name!r} in this storage; "
+                         "create it with `kdsweep create` or `kdsweep launch`.") from None
+    if preset is not None and found.definition.get("preset") not in (None, preset):
+        raise StudyError(f"study {study_name!r} was created with preset {found.preset!r}, not {preset!r}; "
+                         "drop --preset (workers read it from the study) or use another --study-name.")
+    sweep = Sweep.join(storage, study_name, spec)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import check_fusable
+
+        check_fusable(spec, sweep.preset, sweep.overrides)
+    resolve_device(str(runtime["device"]))
+    preflight(spec, sweep.preset, sweep.overrides, runtime)
+    objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
+                          overrides=sweep.overrides)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import run_fused_worker
+
+        summary = run_fused_worker(sweep, objective, fuse)
+    else:
+        summary = run_worker(sweep, objective)
+    logging.getLogger("kdsweep").info(
+        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
+        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
+        " - interrupted" if summary.interrupted else (" - stopped" if summary.stopped else ""))
+    return summary
+
+
+def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_name: str | None,
+           n_trials: int | None, seed: int, device: str, force: bool, workers: int | None,
+           trials_per_device: int, data: str | None, download: bool, artifacts: str | None,
+           tensorboard: bool, timeout: float | None, echo: Callable[[str], None], *,
+           threads: int | None = None, fuse: int = 1) -> tuple[Sweep, Counts, str]:
+    """`kdsweep launch`: check the device and the data, create or resume the sweep, run its
+    workers; (sweep, final counts, how it ended: done, finished, timeout or interrupted).
+
+    `threads`: CPU threads of each worker (None: KDSWEEP_THREADS if the user set it, else
+    cores // workers; see `plan_workers`). `fuse` > 1: each worker trains that many Q2 trials
+    as one fused model (refused, before anything is stored, for a study that cannot be fused).
+
+    A sweep that has nothing left to run prints its summary and starts no worker ('finished').
+    """
+    from kdsweep.service.storage import open_storage, redact
+
+    check_device(device, spec.preset(preset).needs_gpu, preset, force)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import check_fusable
+
+        check_fusable(spec, preset, overrides)
+    workers = workers or default_workers(device, trials_per_device)
+    preflight(spec, preset, overrides, runtime(device, data, download))  # before anything is stored
+    sweep = Sweep.create(open_storage(url), spec, preset, study_name, n_trials, seed=seed, overrides=overrides)
+    c = sweep.counts()
+    if c.waiting + c.running == 0:
+        echo(f"{sweep.progress_line(c)}\n{sweep.summary_table()}")
+        return sweep, c, "finished"
+    echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(url)}: "
+         f"{sweep.n_trials} trials, {workers} worker(s)")
+    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse)
+    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout)
+    echo(sweep.summary_table())
+    return sweep, final, how
+
+
+def ending(sweep: Sweep, final: Counts, how: str) -> tuple[str, int]:
+    """The closing sentence of a launch and its exit code (0, 1 a study short of N, 130)."""
+    if how == "done" and sweep.stop_requested:
+        return "stopped by `kdsweep stop`: run the same command again to finish the study.", 0
+    if how in ("interrupted", "timeout"):
+        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else 0
+    if how == "done" and final.finished < (sweep.n_trials or 0):
+        return (f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
+                "failures; see `kdsweep status` for their reasons."), 1
+    return "", 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -22,26 +23,20 @@ import kdsweep
 from kdsweep.core.budget import BudgetError
 from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
+from kdsweep.core.teacher import prepare as prepare_teacher
 from kdsweep.core.train import input_shape, resolve, train
+from kdsweep.service import keys
 from kdsweep.service import space as sp
-from kdsweep.service.spec import Study
+from kdsweep.service.spec import StudySpec
+from kdsweep.service.sweep import origin
 
 log = logging.getLogger("kdsweep.service.objective")
 
-INFEASIBLE = "infeasible"  # user attr of trials whose choices cannot meet the budget
-UID = "kdsweep.uid"  # study user attr: a random id, unique to this study across storages
 
 
 def _drop(checkpoint: Path) -> None:
     checkpoint.unlink(missing_ok=True)
     checkpoint.with_suffix(".owner").unlink(missing_ok=True)
-
-
-def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
-    """The number of the first attempt of this trial (retries of a dead worker's trial share it)."""
-    if isinstance(trial, optuna.Trial):  # Optuna 5's Trial no longer exposes system_attrs
-        trial = trial.study._storage.get_trial(trial._trial_id)
-    return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
 def count_params(config: TrainConfig) -> int:
@@ -55,9 +50,25 @@ def count_params(config: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+class _TrialLog:
+    """Copies kdsweep's log lines into one file while a trial runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        self.handler.setLevel(logging.INFO)
+        logging.getLogger("kdsweep").addHandler(self.handler)
+
+    def close(self) -> None:
+        logging.getLogger("kdsweep").removeHandler(self.handler)
+        self.handler.close()
+
+
 @dataclass
 class Objective:
-    study: Study
+    study: StudySpec
     preset: str
     runtime: Mapping[str, Any]  # device, threads, data root, ... (not part of the definition)
     artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
@@ -73,48 +84,56 @@ class Objective:
         space = self.study.space_for(self.preset, self.overrides)
         params = sp.sample(trial, space)
         # A seed-verification run (kdsweep/service/verify.py) re-trains fixed params with its own seed.
-        fixed_seed = trial.user_attrs.get("verify.seed")
+        fixed_seed = trial.user_attrs.get(keys.VERIFY_SEED)
         try:
             config = self.config(params)
             config = resolve(config if fixed_seed is None else replace(config, seed=int(fixed_seed)))
         except BudgetError as exc:
             # Kept out of the space by the study files; a custom space may still hit it.
-            trial.set_user_attr(INFEASIBLE, str(exc))
+            trial.set_user_attr(keys.INFEASIBLE, str(exc))
             raise optuna.TrialPruned(f"infeasible: {exc}") from None
         # Everything that reproduces the trial is stored before it trains, so a pruned or
         # failed trial carries it too.
-        trial.set_user_attr("config", to_dict(config))
-        trial.set_user_attr("seed", config.seed)
-        trial.set_user_attr("dataset", config.data.dataset)
-        trial.set_user_attr("device", str(resolve_device(config.device)))
-        trial.set_user_attr("params", count_params(config))
-        trial.set_user_attr("kdsweep_version", kdsweep.__version__)
+        trial.set_user_attr(keys.CONFIG, to_dict(config))
+        trial.set_user_attr(keys.TRAIN_SEED, config.seed)
+        trial.set_user_attr(keys.DATASET, config.data.dataset)
+        trial.set_user_attr(keys.DEVICE, str(resolve_device(config.device)))
+        trial.set_user_attr(keys.PARAMS_COUNT, count_params(config))
+        trial.set_user_attr(keys.VERSION, kdsweep.__version__)
+        trial.set_user_attr(keys.HOST, socket.gethostname())
 
         checkpoint = self._checkpoint(trial)
         writer = None
+        trial_log = None
         if self.tensorboard is not None:
             from kdsweep.service.tensorboard import TrialWriter
 
             writer = TrialWriter(self.tensorboard / f"trial-{trial.number:04d}")
+            # The attempt's own log lines, beside its run (`kdsweep trial` shows the path);
+            # retries of the same trial append to it.
+            trial_log = _TrialLog(writer.folder / "log.txt")
+            trial.set_user_attr(keys.LOG_FILE, str(trial_log.path))
         start = time.perf_counter()
 
         def report(epoch: int, metrics: Mapping[str, float]) -> None:
             trial.report(metrics[self.study.metric], epoch)
-            trial.set_user_attr("epochs_run", epoch)
+            trial.set_user_attr(keys.EPOCHS_RUN, epoch)
             if writer is not None:
                 writer.epoch(epoch, metrics)
-            log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
+            log.debug("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
                      metrics[self.study.metric])
             # Never at the last epoch: the trial has paid for all of it, and pruning it then would
             # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in
             # Ray Tune's ASHA, a trial that reaches the end completes. Verification runs always
             # finish.
             if fixed_seed is None and epoch < config.epochs and trial.should_prune():
-                trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {epoch}")
+                trial.set_user_attr(keys.PRUNED_REASON, f"pruner stopped it after epoch {epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
-            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop)
+            # The teacher first (trained once per host and cached; minutes the first time).
+            teacher = prepare_teacher(config)
+            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
         except (optuna.TrialPruned, Exception):
@@ -123,17 +142,19 @@ class Objective:
             _drop(checkpoint)
             raise
         finally:
-            trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
+            trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - start, 3))
             if writer is not None:
                 writer.close(params, {"trial": trial.number, "seed": config.seed})
+            if trial_log is not None:
+                trial_log.close()
         # params and device were stored before training (the same values train() reports).
-        trial.set_user_attr("param_split", result.param_split)
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
-        trial.set_user_attr("best_val_acc", result.best_val_acc)
+        trial.set_user_attr(keys.PARAM_SPLIT, result.param_split)
+        trial.set_user_attr(keys.EPOCHS_RUN, result.epochs_run)
+        trial.set_user_attr(keys.IMAGES_PER_S, round(result.images_per_s, 1))
+        trial.set_user_attr(keys.BEST_VAL_ACC, result.best_val_acc)
         if result.teacher:
-            trial.set_user_attr("teacher_key", result.teacher["key"])
-            trial.set_user_attr("teacher_val_acc", result.teacher["val_acc"])
+            trial.set_user_attr(keys.TEACHER_KEY, result.teacher["key"])
+            trial.set_user_attr(keys.TEACHER_VAL_ACC, result.teacher["val_acc"])
         if result.model is not None and self.keep_weights > 0:
             self._keep_weights(trial, result.model, result.final_val_acc)
         _drop(checkpoint)
@@ -148,7 +169,7 @@ class Objective:
         """
         path = self.artifacts / "checkpoints" / f"trial-{origin(trial)}.pt"
         owner = path.with_suffix(".owner")
-        uid = str(trial.study.user_attrs.get(UID, ""))
+        uid = str(trial.study.user_attrs.get(keys.UID, ""))
         if path.exists() and (not owner.exists() or owner.read_text() != uid):
             log.warning("ignoring %s: it belongs to another study named %r", path, trial.study.study_name)
             path.unlink(missing_ok=True)
@@ -169,9 +190,9 @@ class Objective:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"trial-{trial.number}.pt"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-        trial.set_user_attr("weights", str(path))
+        trial.set_user_attr(keys.WEIGHTS, str(path))
         ranked = sorted(done, key=lambda t: t.value, reverse=maximize)
         for t in ranked[self.keep_weights - 1:]:  # this trial takes one of the places
-            old = t.user_attrs.get("weights")
+            old = t.user_attrs.get(keys.WEIGHTS)
             if old and Path(old).exists():
                 Path(old).unlink(missing_ok=True)

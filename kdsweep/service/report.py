@@ -27,6 +27,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep.service import keys
+from kdsweep.service.sweep import Sweep
+
 log = logging.getLogger("kdsweep.service.report")
 
 PNG_SIZE = (8.0, 5.0)  # inches; at PNG_DPI the images are 800 x 500 pixels
@@ -117,7 +120,7 @@ def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
 
 
 def _budget(study: optuna.Study) -> int | None:
-    definition = study.user_attrs.get("kdsweep.definition") or {}
+    definition = study.user_attrs.get(keys.DEFINITION) or {}
     return (definition.get("config") or {}).get("model", {}).get("budget")
 
 
@@ -142,6 +145,11 @@ def family_data(study: optuna.Study) -> dict[str, Any]:
     order = sorted(groups, key=lambda k: (k != "mlp", k))
     return {"groups": {k: groups[k] for k in order}, "factorized": {k: factorized[k] for k in order},
             "pruned": pruned, "budget": _budget(study)}
+
+
+def _with_pruned_only(groups: Mapping[str, list[float]], pruned: Mapping[str, int]) -> dict[str, list[float]]:
+    """The groups with complete trials, then those whose every trial was pruned (empty)."""
+    return {**groups, **{g: [] for g in sorted(pruned) if g not in groups}}
 
 
 def _family_key(params: Mapping[str, Any]) -> str:
@@ -212,7 +220,7 @@ def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
         fig.update_layout(title="Intermediate values (pruned trials dotted, x where stopped)",
                           xaxis_title="epoch", yaxis_title=metric)
     elif name == "family":
-        for group, values in data["groups"].items():
+        for group, values in _with_pruned_only(data["groups"], data["pruned"]).items():
             fig.add_trace(go.Box(y=values, name=group, boxpoints="all", jitter=0.3))
         budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
         fig.update_layout(title=f"MLP vs CNN by regulariser{budget}", yaxis_title=metric)
@@ -255,8 +263,8 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
         ax.legend()
     elif name == "importance":
         if data:
-            keys = list(data)[::-1]
-            ax.barh(keys, [data[k] for k in keys])
+            names = list(data)[::-1]
+            ax.barh(names, [data[k] for k in names])
             ax.set(xlabel="importance (sums to 1)", title=f"{study.study_name}: parameter importances")
         else:
             ax.text(0.5, 0.5, "not enough complete trials for importances", ha="center", va="center")
@@ -281,15 +289,15 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
                title=f"{study.study_name}: {metric} over alpha x T")
     elif name in ("family", "dropblock"):
         if name == "family":
-            groups = data["groups"]
             pruned = data["pruned"]
+            groups = _with_pruned_only(data["groups"], pruned)  # a group all pruned is a finding too
             budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
             title = f"{study.study_name}: MLP vs CNN by regulariser{budget}"
         else:
             groups = {f"block {s}": v for s, v in data["sizes"].items()}
             pruned = {f"block {s}": n for s, n in data["pruned"].items()}
             title = f"{study.study_name}: DropBlock block size"
-        if not groups:
+        if not any(groups.values()):
             ax.text(0.5, 0.5, "no complete trial in any group yet", ha="center", va="center",
                     transform=ax.transAxes)
         labels = list(groups)
@@ -297,7 +305,8 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
             values = groups[label]
             xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(values))]
             ax.scatter(xs, values, s=18, alpha=0.7)
-            ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
+            if values:
+                ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
         ax.set_xticks(range(len(labels)), [
             f"{k}\n(n={len(groups[k])}" + (f", +{pruned[k]} pruned)" if pruned.get(k) else ")") for k in labels])
         ax.set(ylabel=metric, title=title + " (complete trials; bar: mean)")
@@ -309,7 +318,7 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
 
 
 def _metric(study: optuna.Study) -> str:
-    return (study.user_attrs.get("kdsweep.definition") or {}).get("metric", "value")
+    return (study.user_attrs.get(keys.DEFINITION) or {}).get("metric", "value")
 
 
 def _fmt(v: Any) -> str:
@@ -321,30 +330,30 @@ def top_table(study: optuna.Study, top: int = 10) -> str:
     done = sorted(_complete(study), key=lambda t: t.value, reverse=_maximize(study))[:top]
     if not done:
         return "No complete trials.\n"
-    keys = sorted({k for t in done for k in t.params})
-    lines = ["| rank | trial | " + _metric(study) + " | epochs | " + " | ".join(keys) + " |",
-             "|---" * (4 + len(keys)) + "|"]
+    names = sorted({k for t in done for k in t.params})
+    lines = ["| rank | trial | " + _metric(study) + " | epochs | " + " | ".join(names) + " |",
+             "|---" * (4 + len(names)) + "|"]
     for i, t in enumerate(done, 1):
-        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", ""))]
-        cells += [_fmt(t.params[k]) if k in t.params else "–" for k in keys]
+        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get(keys.EPOCHS_RUN, ""))]
+        cells += [_fmt(t.params[k]) if k in t.params else "–" for k in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: Mapping[str, Any],
+def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping[str, Any],
                      verify_text: str | None = None) -> str:
-    states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
+    study = sweep.study
+    # Failed means failed for good: re-queued attempts are counted apart (see Sweep.counts).
+    counts = sweep.counts().as_dict()
     lines = [f"# Study `{study.study_name}`", ""]
-    desc = study.user_attrs.get("description")
+    desc = study.user_attrs.get(keys.DESCRIPTION)
     if desc:
         lines += [desc, ""]
-    definition = study.user_attrs.get("kdsweep.definition") or {}
+    definition = study.user_attrs.get(keys.DEFINITION) or {}
     if definition:
         lines += [f"Study file `{definition.get('study')}`, preset `{definition.get('preset')}`, "
                   f"{study.direction.name.lower()} {_metric(study)}.", ""]
-    lines += [", ".join(f"{n.lower()} {c}" for n, c in states.items() if c) + ".", ""]
+    lines += [", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items() if c) + ".", ""]
     lines += ["## Top trials", "", top_table(study)]
     lines += ["A single best trial out of many is partly luck; check it over seeds with "
               f"`kdsweep best {study.study_name} --verify --seeds 5`.", ""]
@@ -378,13 +387,14 @@ def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: 
     return "\n".join(lines) + "\n"
 
 
-def write_report(study: optuna.Study, out: Path, verify_text: str | None = None) -> dict[str, list[str]]:
+def write_report(sweep: Sweep, out: Path, verify_text: str | None = None) -> dict[str, list[str]]:
     """Write `<name>.html`, `<name>.png`, `data.json` and `summary.md` into `out`.
 
     Returns {figure name: [file names]}. Raises ReportError when no trial has finished.
     """
     import matplotlib.pyplot as plt
 
+    study = sweep.study
     if not _complete(study) and not intermediate_data(study)["trials"]:
         raise ReportError(f"study {study.study_name!r} has no finished trial to report on yet.")
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +417,7 @@ def write_report(study: optuna.Study, out: Path, verify_text: str | None = None)
         written.append(f"{name}.png")
         files[name] = written
     (out / "data.json").write_text(json.dumps(data, indent=1, default=_json_default))
-    (out / "summary.md").write_text(summary_markdown(study, files, data, verify_text))
+    (out / "summary.md").write_text(summary_markdown(sweep, files, data, verify_text))
     return files
 
 

@@ -10,7 +10,7 @@ import optuna
 
 from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Float
-from kdsweep.service.spec import Preset, Study
+from kdsweep.service.spec import Preset, StudySpec
 
 SPACE = [Float("kd.alpha", 0.0, 1.0), Float("kd.temperature", 1.0, 20.0)]
 
@@ -34,7 +34,7 @@ def _config(epochs: int, images: int) -> TrainConfig:
     )
 
 
-STUDY = Study(
+STUDY = StudySpec(
     name="tiny_kd",
     sampler=sampler,
     description="fused-worker test study: KD between small MLPs, Fashion-MNIST subset",
