@@ -67,7 +67,8 @@ def _variant(tmp: Path, preset: str, overrides: dict[str, Any], device: str, how
     from kdsweep.service.worker import run_worker
 
     study_def = studies.load(str(STUDY))
-    name = f"fused-{how}-{uuid.uuid4().hex[:6]}"
+    # A study name takes letters, digits, '.', '_' and '-' only ("4 processes" has a space).
+    name = f"fused-{how.replace(' ', '_').replace('=', '')}-{uuid.uuid4().hex[:6]}"
     url = f"sqlite:///{tmp / (name + '.db')}"
     storage = open_storage(url)
     sweep = Sweep.create(storage, study_def, preset, name, trials, seed=0, overrides=overrides)
