@@ -119,3 +119,23 @@ def test_a_stopped_fused_worker_requeues_all_its_trials(tmp_path: Path, fmnist_d
         assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
         assert retries[0].params == old.params
         assert sorted(retries[0].intermediate_values) == list(range(1, 7))
+
+
+def test_launch_gives_its_workers_fuse_and_threads(tmp_path: Path, fmnist_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsweep.cli import main
+    from kdsweep.service import launch
+
+    seen: dict = {}
+
+    def fake_run(sweep, args, plans, echo, timeout=None, **kwargs):
+        seen.update(args=args, plans=plans)
+        raise RuntimeError("workers not started in this test")
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    CliRunner().invoke(main, ["launch", str(TINY_KD), "--preset", "quick", "--storage", url, "--device", "cpu",
+                              "--n-trials", "2", "--workers", "2", "--threads", "3", "--fuse", "4"])
+    args = seen["args"]
+    assert args[args.index("--fuse") + 1] == "4"
+    assert [(p.env["KDSWEEP_THREADS"], p.env["OMP_NUM_THREADS"]) for p in seen["plans"]] == [("3", "3")] * 2
