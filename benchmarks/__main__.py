@@ -15,7 +15,19 @@ from pathlib import Path
 
 import click
 
-from benchmarks import cli, connections, core, gpu, pruning, q2, report, storage, workers
+from benchmarks import (
+    cli,
+    connections,
+    core,
+    dead_time,
+    fused,
+    gpu,
+    pruning,
+    q2,
+    report,
+    storage,
+    workers,
+)
 from benchmarks.common import Entry, Skip
 
 # name -> (function(device, quick) -> Entry, budget in seconds on a CPU, runs on the CPU too)
@@ -26,9 +38,12 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "pruning_epoch_savings": (pruning.run, 180),  # replay only: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
+    "q2_fused": (fused.run, 420),
+    "trial_dead_time": (dead_time.run, 240),
     "cli_startup_s": (cli.run, 30),
     "workers_per_100_connections": (connections.run, 90),
     "gpu_resnet18_train_32px": (gpu.resnet18_train, 90),
+    "gpu_resnet18_train_224px": (gpu.resnet18_train_224, 90),
     "gpu_resnet50_teacher_224px": (gpu.resnet50_teacher, 30),
     "gpu_compile_reuse": (gpu.compile_reuse, 120),
     "gpu_trials_per_device": (gpu.trials_per_device, 150),

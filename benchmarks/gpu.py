@@ -35,31 +35,76 @@ def _random_npz(path: Path, n: int, side: int) -> str:
 
 
 def resnet18_train(device: str, quick: bool) -> Entry:
-    """ResNet18 (CIFAR stem) at 32x32 through `train()`: images/s of the last epoch, and the
-    model FLOP utilisation of that rate (FlopCounterMode on one fwd+bwd step)."""
+    """ResNet18 (CIFAR stem) at 32x32 through `train()`: images/s of the last epoch and its model
+    FLOP utilisation (FlopCounterMode on one fwd+bwd step), for the settings a sweep uses
+    (eager, batch 512) and the techniques tried on top, side by side in one run: torch.compile
+    (train()'s `compile=True`: Inductor's fused Triton kernels) and a larger batch (1024). Every variant
+    keeps what train() always does on CUDA: bf16 autocast, channels_last, data on the device,
+    no host sync per step. value = the best variant; the goal is 75,000 images/s on an H100."""
     _require_cuda(device)
     from kdsweep.core import train
     from kdsweep.core.config import DataConfig, ModelConfig, TrainConfig
 
     n = 10_000 if quick else 50_000
+    variants = {
+        "eager, batch 512 (as a sweep runs)": {"batch_size": 512},
+        "compile, batch 512": {"batch_size": 512, "compile": True},
+        "compile, batch 1024": {"batch_size": 1024, "compile": True},
+    }
+    rates = {}
     with scratch("r18") as tmp:
+        dataset = _random_npz(tmp / "r.npz", n, 32)
+        for label, change in variants.items():
+            cfg = TrainConfig(
+                data=DataConfig(dataset=dataset, val_size=1000, pad=4),
+                model=ModelConfig(arch="resnet18", weights="none", stem="cifar"),
+                epochs=3, device=device, **change,
+            )
+            result = train.train(cfg)
+            rates[label] = {"images_per_s": result.history[-1]["images_per_s"],
+                            "epochs": [h["images_per_s"] for h in result.history]}
+    best = max(rates, key=lambda k: rates[k]["images_per_s"])
+    rate = rates[best]["images_per_s"]
+    flops = _train_step_flops(ModelConfig(arch="resnet18", weights="none", stem="cifar"), batch=64, side=32) / 64
+    for v in rates.values():
+        v["flop_utilisation"] = v["images_per_s"] * flops / 1e12 / H100_BF16_DENSE_TFLOPS
+    return Entry(
+        name="gpu_resnet18_train_32px", value=rate, unit=f"train images/s ({best})",
+        baseline=rates["eager, batch 512 (as a sweep runs)"]["images_per_s"],
+        ratio=rate / 75_000, goal=">= 75,000 img/s on an H100 (ratio = value / 75,000)",
+        device=torch.cuda.get_device_name(), met=rate >= 75_000,
+        details={"technique": best, "variants": rates, "flops_per_image_train": flops,
+                 "peak_tflops_assumed": H100_BF16_DENSE_TFLOPS,
+                 "compile_mode": "torch.compile default (kdsweep.core.train._compiled)"},
+    )
+
+
+def resnet18_train_224(device: str, quick: bool) -> Entry:
+    """The Q2 paper student as a sweep trains it: uint8 32 px images on the device, resized to
+    224 px per batch on the device, ResNet18 with the ImageNet stem, batch 256, through
+    `train()`: images/s of the last epoch and FLOP utilisation at 224 px."""
+    _require_cuda(device)
+    from kdsweep.core import train
+    from kdsweep.core.config import DataConfig, ModelConfig, TrainConfig
+
+    n = 3000 if quick else 12_000
+    model = ModelConfig(arch="resnet18", weights="none", stem="imagenet")
+    with scratch("r18-224") as tmp:
         cfg = TrainConfig(
-            data=DataConfig(dataset=_random_npz(tmp / "r.npz", n, 32), val_size=1000, pad=4),
-            model=ModelConfig(arch="resnet18", weights="none", stem="cifar"),
-            epochs=2, batch_size=512, device=device,
+            data=DataConfig(dataset=_random_npz(tmp / "r.npz", n, 32), val_size=500, image_size=224, pad=2),
+            model=model, epochs=2, batch_size=256, device=device,
         )
         result = train.train(cfg)
     rate = result.history[-1]["images_per_s"]
-    flops = _train_step_flops(cfg.model, batch=64, side=32) / 64  # per image, fwd + bwd
-    tflops = rate * flops / 1e12
+    flops = _train_step_flops(model, batch=8, side=224) / 8
+    util = rate * flops / 1e12 / H100_BF16_DENSE_TFLOPS
     return Entry(
-        name="gpu_resnet18_train_32px", value=rate, unit="train images/s",
-        baseline=20_000.0, ratio=rate / 20_000, goal="reference: ~20k img/s on an A100 (estimate)",
-        device=torch.cuda.get_device_name(), met=None,
-        details={"flops_per_image_train": flops, "achieved_tflops": tflops,
-                 "flop_utilisation": tflops / H100_BF16_DENSE_TFLOPS,
-                 "peak_tflops_assumed": H100_BF16_DENSE_TFLOPS, "batch_size": 512,
-                 "epochs": [h["images_per_s"] for h in result.history]},
+        name="gpu_resnet18_train_224px", value=rate, unit="train images/s", baseline=None, ratio=util,
+        goal="record (ratio = FLOP utilisation of dense bf16 peak)", device=torch.cuda.get_device_name(),
+        met=None,
+        details={"flops_per_image_train": flops, "flop_utilisation": util, "batch_size": 256,
+                 "epochs": [h["images_per_s"] for h in result.history],
+                 "setting": "32 -> 224 px bilinear resize on the device, ImageNet stem, bf16, channels_last"},
     )
 
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-GPU_ENTRIES = ("gpu_resnet18_train_32px", "gpu_resnet50_teacher_224px", "gpu_compile_reuse",
-               "gpu_trials_per_device")
+GPU_ENTRIES = ("gpu_resnet18_train_32px", "gpu_resnet18_train_224px", "gpu_resnet50_teacher_224px",
+               "gpu_compile_reuse", "gpu_trials_per_device")
 
 
 WHAT = {
@@ -32,10 +32,20 @@ WHAT = {
     "worker (goal >= 0.85); 4 workers vs 2 in the details (goal >= 0.9).",
     "storage_overhead_ms": "Optuna + storage ms per trial (pop, sample, 10 x report + prune check, "
     "tell; 4 workers, trivial objective), the worse of SQLite and PostgreSQL. Goal < 50 ms.",
+    "q2_fused": "trials/hour of Q2 students with `--fuse 4` and `--fuse 8` over one trial at a time "
+    "(K=1), and over 4 worker processes on the device, warm teacher and logit cache. Goal on a GPU: "
+    ">= 2.8x K=1 at 32 px (cifar stem), with a 224 px figure; on a CPU: recorded.",
+    "trial_dead_time": "seconds from one trial's last report to the next trial's first training "
+    "step in the real worker loop (finish + take the slot, TPE sampling, stored attributes, "
+    "train() set-up), median, at N=50 and N=2,000 finished trials (Q2, ResNet18 student, SQLite). "
+    "Goal < 0.5 s at N=2,000 on a CPU.",
     "cli_startup_s": "seconds of a fresh `kdsweep launch q2 --workers 0` (a usage error) over a bare "
     "`python -c pass`; `--help` timings in the details. Goal: under 0.5 s.",
-    "gpu_resnet18_train_32px": "ResNet18 (CIFAR stem) 32 px training images/s through `train()`, "
-    "with model FLOP utilisation against 989 TFLOP/s dense bf16 (H100).",
+    "gpu_resnet18_train_32px": "ResNet18 (CIFAR stem) 32 px training images/s through `train()`: "
+    "the sweep's settings and the techniques tried on top (compile, batch 1024) side by side, "
+    "with model FLOP utilisation against 989 TFLOP/s dense bf16 (H100). Goal >= 75,000 img/s.",
+    "gpu_resnet18_train_224px": "the Q2 paper student as a sweep trains it (32 -> 224 px resize on "
+    "the device, ImageNet stem, batch 256): training images/s and FLOP utilisation.",
     "gpu_resnet50_teacher_224px": "ResNet50 inference images/s at 224 px as the logit cache runs it.",
     "gpu_compile_reuse": "wall time of a second compiled trial in the same process over the first.",
     "gpu_trials_per_device": "trial throughput with K = 1, 2, 4 workers on one GPU "

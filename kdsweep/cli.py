@@ -60,6 +60,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
 @click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials run at once on each GPU (small models cannot fill one).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
+              help="CPU threads of each worker (default: cores // workers; env KDSWEEP_THREADS).")
+@click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Q2: each worker trains K trials' students together in one fused model.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
 @click.option("--dry-run", is_flag=True,
               help="Print 4 sampled points: values, resolved widths, parameter count; needs no data, stores nothing.")
@@ -69,7 +73,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
            overrides: tuple[str, ...], n_trials: int | None, workers: int | None, trials_per_device: int,
-           timeout: float | None, dry_run: bool, force: bool, as_json: bool) -> None:
+           threads: int | None, fuse: int, timeout: float | None, dry_run: bool, force: bool,
+           as_json: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -92,7 +97,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         return
     sweep, final, how = launcher.launch(storage, spec, preset, changes, study_name, n_trials, seed, device, force,
                                         workers, trials_per_device, data, download, artifacts, tensorboard,
-                                        timeout, _status_echo)
+                                        timeout, _status_echo, threads=threads, fuse=fuse)
     if as_json:
         echo_json({**sweep.summary(), "ended": how})
     message, code = launcher.ending(sweep, final, how)
@@ -141,10 +146,12 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
 @click.option("--worker-index", type=int, default=0, help="Tags this worker's log lines (launch numbers its workers).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
               help="CPU threads of this worker (default: all cores; launch sets its share; env KDSWEEP_THREADS).")
+@click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Q2: train K trials' students together in one fused model (one batch, one teacher lookup).")
 @friendly
 def worker(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           worker_index: int, threads: int | None) -> None:
+           worker_index: int, threads: int | None, fuse: int) -> None:
     """Join an existing study and run its waiting trials until none are left.
 
     The preset and --set overrides are read from the study itself; a worker whose study
@@ -167,7 +174,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     summary = start_worker(
         open_storage(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
         location(storage).artifacts(study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
-        worker_index)
+        worker_index, fuse=fuse)
     if summary.interrupted:
         sys.exit(130)
 

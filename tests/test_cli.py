@@ -317,6 +317,31 @@ def test_launch_pins_workers_round_robin_and_splits_the_cores(monkeypatch: pytes
     assert launch.plan_workers(4, "cpu", "sqlite:///x.db")[0].env["KDSWEEP_THREADS"] == "1"
 
 
+@pytest.mark.parametrize("cores", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_launch_threads_never_oversubscribe_by_default(monkeypatch: pytest.MonkeyPatch, cores: int,
+                                                        workers: int) -> None:
+    from kdsweep.service import launch
+
+    monkeypatch.delenv("KDSWEEP_THREADS", raising=False)
+    monkeypatch.setattr(launch, "cpu_cores", lambda: cores)
+    plans = launch.plan_workers(workers, "cpu", "sqlite:///x.db")
+    threads = {int(p.env["KDSWEEP_THREADS"]) for p in plans}
+    assert threads == {int(p.env["OMP_NUM_THREADS"]) for p in plans} and len(threads) == 1
+    assert workers * threads.pop() <= max(cores, workers)  # one thread each at least
+
+
+def test_launch_threads_the_user_set_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsweep.service import launch
+
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 16)
+    monkeypatch.setenv("KDSWEEP_THREADS", "1")
+    plans = launch.plan_workers(2, "cpu", "sqlite:///x.db")
+    assert [(p.env["KDSWEEP_THREADS"], p.env["OMP_NUM_THREADS"]) for p in plans] == [("1", "1")] * 2
+    plans = launch.plan_workers(2, "cpu", "sqlite:///x.db", threads=3)  # --threads beats the env
+    assert {p.env["KDSWEEP_THREADS"] for p in plans} == {"3"}
+
+
 # ---------------------------------------------------------------- read commands never write
 
 READ_COMMANDS = [["status", "q2"], ["best", "q2"], ["report", "q2"], ["dashboard"]]

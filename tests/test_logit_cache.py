@@ -234,3 +234,20 @@ def test_two_processes_compute_each_pair_once(tmp_path):
     stats = LogitCache(tmp_path, N, V, C).stats()
     assert stats["max_passes"] == 1
     assert stats["filled"] == stats["total_passes"] == len(requested)
+
+
+def test_lookup_serves_from_the_device_copy_and_picks_up_pairs_filled_elsewhere(tmp_path: Path):
+    """lookup (the training loop's read) gathers from its device copy; pairs another process
+    filled after that copy was made are loaded from the files, not recomputed."""
+    mine, other = LogitCache(tmp_path, N, V, C), LogitCache(tmp_path, N, V, C)
+    rec = Recorder()
+    idx, views = torch.tensor([0, 1, 2]), torch.tensor([0, 5, 3])
+    first = mine.lookup(idx, views, rec, (idx.numpy(), views.numpy()))
+    assert torch.allclose(first, fake_logits(idx, views)) and len(rec.pairs) == 3
+    other.get(torch.tensor([7]), torch.tensor([2]), fake_logits)  # another process fills (7, 2)
+    both = torch.tensor([1, 7]), torch.tensor([5, 2])
+    again = mine.lookup(*both, rec, (both[0].numpy(), both[1].numpy()))
+    assert torch.allclose(again, fake_logits(*both)) and len(rec.pairs) == 3  # nothing recomputed
+    with pytest.raises(ValueError, match="view ids"):
+        bad = torch.tensor([0]), torch.tensor([V])
+        mine.lookup(*bad, rec, (bad[0].numpy(), bad[1].numpy()))

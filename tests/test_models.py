@@ -8,12 +8,14 @@ import types
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import DropBlock2d
+from torchvision.ops import DropBlock2d, drop_block2d
 
 from kdsweep.core.config import ConfigError, ModelConfig
 from kdsweep.core.models import (
     CNN,
+    RampedDropBlock2d,
     build_model,
+    drop_block2d_tensor,
     dropblock_sizes,
     param_split,
     set_progress,
@@ -202,3 +204,71 @@ def test_resnets_are_delegated(monkeypatch):
 def test_invalid_settings_raise_config_error(cfg, match):
     with pytest.raises(ConfigError, match=match):
         build_model(cfg, (3, 32, 32), 10)
+
+
+def test_ramped_dropblock_eager_equals_torchvision_draw_for_draw():
+    x = torch.randn(4, 8, 12, 12)
+    for p, size in ((0.3, 5), (0.1, 3), (0.0, 5)):
+        ours = RampedDropBlock2d(p=0.5, block_size=size).train()
+        ours.set_rate(p)
+        torch.manual_seed(7)
+        got = ours(x)
+        torch.manual_seed(7)
+        want = DropBlock2d(p=p, block_size=size).train()(x)
+        assert torch.equal(got, want)
+    assert torch.equal(ours.eval()(x), x)
+
+
+def test_tensor_rate_path_is_torchvisions_formula(monkeypatch):
+    """The compiled path's arithmetic equals drop_block2d's given the same Bernoulli noise."""
+    x = torch.randn(3, 4, 10, 10)
+    uniform = torch.rand(3, 4, 6, 6)  # noise shape for block 5 on a 10 px map
+
+    def fixed_bernoulli(self, p=0.5, *, generator=None):
+        p = p if isinstance(p, float) else p.reshape(-1)[0].item()
+        return self.copy_((uniform < p).to(self.dtype))
+
+    monkeypatch.setattr(torch.Tensor, "bernoulli_", fixed_bernoulli)
+    for p in (0.0, 0.2, 0.6):
+        got = drop_block2d_tensor(x, torch.tensor(p), 5)
+        want = drop_block2d(x, p, 5)
+        assert torch.allclose(got, want, rtol=1e-6, atol=0), p
+    assert torch.equal(drop_block2d_tensor(x, torch.tensor(0.0), 5), x)
+
+
+def test_compiled_dropblock_ramp_compiles_once():
+    """set_progress changes the rate every step; a compiled model must not recompile for it."""
+    import torch._dynamo
+
+    frames = []
+
+    def counting_backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    cfg = cnn(regularizer="dropblock", rate=0.3, block_size=3, ramp=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 12, 12), 10).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend)
+    x = torch.randn(2, 1, 12, 12)
+    for step in range(20):
+        set_progress(model, step / 19, cfg)
+        compiled(x).sum().backward()
+    torch._dynamo.reset()
+    assert len(frames) == 1, f"{len(frames)} compiled frames over 20 steps"
+
+
+def test_resnets_skip_only_the_conv_init_torchvision_overwrites():
+    """Every conv of a built ResNet holds kaiming-normal weights (std sqrt(2 / fan_out)), none is
+    left uninitialised, and Conv2d's own init is restored for every other model."""
+    for stem in ("imagenet", "cifar"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(arch="resnet18", weights="none", stem=stem), (3, 32, 32), 10)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                w = m.weight.detach()
+                fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+                assert torch.isfinite(w).all() and abs(w.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.2
+    conv = nn.Conv2d(3, 8, 3)
+    assert conv.weight.abs().max() <= 1 / (3 * 9) ** 0.5  # Conv2d's default kaiming-uniform bound

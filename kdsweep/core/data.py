@@ -671,8 +671,9 @@ def to_input(
             f"channels={channels} cannot be made from {native}-channel images; use 3 or none."
         )
     shape = (1, native, 1, 1)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    # as_tensor: mean/std already on the device (train's) are used as they are, no copy or sync
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape)
     out = (x.float() / 255 - m) / s
     if image_size is not None and (out.shape[-2], out.shape[-1]) != (image_size, image_size):
         # Bilinear weights sum to 1, so resizing after normalising equals resizing before.

@@ -13,6 +13,10 @@ On disk, under `path/`:
 - ``lock``: the `filelock` taken only to fill missing pairs (and once at creation).
 
 One path per (teacher, dataset split, view set): the cache cannot tell teachers apart.
+
+The memory map is the fill and persistence layer. A training loop reads through `lookup`,
+which keeps a copy of the filled pairs on the training device and gathers from it there, so a
+step whose pairs are all cached makes no host-device copy and no sync.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class LogitCache:
         self._logits: np.ndarray
         self._passes: np.ndarray
         self._lock: Any
+        self._mirror: tuple[torch.Tensor, np.ndarray] | None = None  # see _mirror_on
         if self.path is None:
             self._logits = np.zeros((pairs, num_classes), np.float16)
             self._passes = np.zeros(pairs, np.uint8)
@@ -83,26 +88,70 @@ class LogitCache:
         the file lock; under it the missing set is read again, so a pair another process
         filled meanwhile is not recomputed. Raises ValueError for out-of-range ids or a
         `compute` result of the wrong shape or with non-finite values (nothing is cached then).
+
+        Reads the ids back to the host; a training loop, which has them on the host already,
+        calls `lookup` instead.
         """
         if indices.ndim != 1 or indices.shape != views.shape:
             raise ValueError(
                 f"indices and views must be 1-D of equal length, got {tuple(indices.shape)} and {tuple(views.shape)}."
             )
+        host = (indices.detach().cpu().numpy(), views.detach().cpu().numpy())
+        return self.lookup(indices, views, compute, host)
+
+    def lookup(self, indices: torch.Tensor, views: torch.Tensor, compute: ComputeFn,
+               host: tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """`get` for a training loop: never reads from the device, so the host never waits on it.
+
+        `host` holds the same ids as `indices` and `views` (on the training device) as CPU
+        arrays or tensors; the caller keeps both (sampling on the host, copying once). Missing
+        pairs are found on the host; the logits come from a copy of the cache on
+        `indices.device` (the "mirror", filled from the memory map as pairs are needed, about
+        45 MB for 50 views of 45k CIFAR images), gathered there. A batch whose pairs are all in
+        the mirror launches one gather and copies nothing between host and device.
+        """
+        idx = np.asarray(host[0], dtype=np.int64)
+        view = np.asarray(host[1], dtype=np.int64)
+        if idx.ndim != 1 or idx.shape != view.shape or idx.shape != tuple(indices.shape):
+            raise ValueError(
+                f"indices, views and their host copies must be 1-D of equal length, got {tuple(indices.shape)}, "
+                f"{idx.shape} and {view.shape}."
+            )
         n, v, c = self.shape
-        idx = indices.detach().cpu().numpy().astype(np.int64, copy=False)
-        view = views.detach().cpu().numpy().astype(np.int64, copy=False)
         if idx.size and (idx.min() < 0 or idx.max() >= n or view.min() < 0 or view.max() >= v):
             raise ValueError(
                 f"image indices must be in [0, {n}) and view ids in [0, {v}); the cache was made for "
                 "another dataset or view set, so use another path."
             )
+        mirror, present = self._mirror_on(indices.device)
         pairs = idx * v + view
-        missing = pairs[self._passes[pairs] == 0]
-        if missing.size:
-            with self._lock:
-                self._fill(np.unique(missing), indices.device, compute)
-        out = torch.from_numpy(self._logits[pairs].astype(np.float32))
-        return out.to(indices.device)
+        absent = pairs[~present[pairs]]
+        if absent.size:
+            absent = np.unique(absent)
+            missing = absent[self._passes[absent] == 0]
+            if missing.size:
+                with self._lock:
+                    self._fill(missing, indices.device, compute)
+            rows = torch.from_numpy(np.ascontiguousarray(self._logits[absent]))
+            mirror[torch.from_numpy(absent).to(mirror.device)] = rows.to(mirror.device)
+            present[absent] = True
+        return mirror[indices * v + views.to(indices.device)].float()
+
+    def _mirror_on(self, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+        """The device copy of the logits and which of its pairs are loaded (a host bool array).
+
+        Made on first use with every pair filled so far, in one copy; one device at a time.
+        """
+        if self._mirror is None or self._mirror[0].device != device:
+            pairs, c = self._logits.shape
+            mirror = torch.zeros((pairs, c), dtype=torch.float16, device=device)
+            present = np.asarray(self._passes) > 0
+            filled = np.flatnonzero(present)
+            if filled.size:
+                rows = torch.from_numpy(np.ascontiguousarray(self._logits[filled]))
+                mirror[torch.from_numpy(filled).to(device)] = rows.to(device)
+            self._mirror = (mirror, present)
+        return self._mirror
 
     def stats(self) -> dict[str, float | int]:
         """filled: pairs present; total_passes / max_passes: teacher runs (max_passes <= 1 when

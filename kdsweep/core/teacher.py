@@ -37,6 +37,10 @@ log = logging.getLogger("kdsweep.core.teacher")
 
 # Teachers already loaded in this process, by content key: trials in one worker share them.
 _LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+# Logit caches opened in this process, by path: a worker's next trial reuses the device copy.
+_CACHES: dict[tuple[str, tuple[int, int, int]], LogitCache] = {}
+
+TeacherFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,8 @@ class Teacher:
     info: dict[str, Any]  # content key, validation accuracy, mode, arch
 
     def logits_source(self, config: TrainConfig, splits: data.Splits, device: torch.device
-                      ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                                 dict[str, Any]]:
-        """See the module function `logits_source`; refuses a config of another teacher."""
+                      ) -> tuple[TeacherFn, dict[str, Any]]:
+        """See the module function `logits_source` (`fn(indices, views, x, host=None)`); refuses a config of another teacher."""
         fn, info = logits_source(config, splits, device)
         if info["key"] != self.info["key"]:
             raise ConfigError("the teacher passed to train() was prepared for other kd settings; "
@@ -211,12 +214,15 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def logits_source(
     config: TrainConfig, splits: data.Splits, device: torch.device
-) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], dict[str, Any]]:
-    """`fn(indices, views, augmented_uint8) -> teacher logits (B, C) float32` and teacher info.
+) -> tuple[TeacherFn, dict[str, Any]]:
+    """`fn(indices, views, augmented_uint8, host=None) -> teacher logits (B, C) float32` and
+    teacher info.
 
     The teacher sees exactly the augmented view the student sees (Beyer et al. 2022), resized
     to its own input size. With `kd.cache_logits`, logits are cached per (image, view) on disk
     and computed lazily, so no (image, view) pair is ever run through the teacher twice.
+    `host`, the ids of `indices` and `views` as CPU tensors, lets the cache find missing pairs
+    without reading the device (see `LogitCache.lookup`); without it the ids are read back.
     """
     kd = config.kd
     model, info = load_teacher(config, splits, device)
@@ -230,13 +236,16 @@ def logits_source(
             return model(inp).float()
 
     if not kd.cache_logits:
-        return (lambda idx, views, x: forward(x)), {**info, "logit_cache": None}
+        return (lambda idx, views, x, host=None: forward(x)), {**info, "logit_cache": None}
 
     d = config.data
     views_n = data.num_views(d.pad, d.flip)
     cache_key = hashlib.sha256(f"{info['key']}|{d.pad}|{d.flip}|{image_size}".encode()).hexdigest()[:16]
     path = cache_root(config) / "logits" / cache_key
-    cache = LogitCache(path, len(splits.train_x), views_n, splits.num_classes)
+    shape = (len(splits.train_x), views_n, splits.num_classes)
+    cache = _CACHES.get((str(path), shape))
+    if cache is None:
+        cache = _CACHES[(str(path), shape)] = LogitCache(path, *shape)
     train_x = splits.train_x  # CPU; only missing pairs are ever sent to the teacher
 
     def compute(idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
@@ -247,7 +256,10 @@ def logits_source(
             out.append(forward(data.apply_views(train_x[i].to(device), v, d.pad)))
         return torch.cat(out)
 
-    def fn(idx: torch.Tensor, views: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return cache.get(idx, views, compute)
+    def fn(idx: torch.Tensor, views: torch.Tensor, x: torch.Tensor,
+           host: tuple[Any, Any] | None = None) -> torch.Tensor:
+        if host is None:
+            return cache.get(idx, views, compute)
+        return cache.lookup(idx, views, compute, host)
 
     return fn, {**info, "logit_cache": str(path)}

@@ -163,12 +163,40 @@ def evaluate(
     return correct.item() / max(1, len(x))
 
 
+def epoch_order(n: int, pad: int, flip: bool, index_gen: torch.Generator,
+                view_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's image order (a permutation of range(n)) and a view id per position, on the
+    host: the same draws as `data.batch_indices` and per-batch `data.sample_views` made."""
+    order = torch.randperm(n, generator=index_gen)
+    return order, data.sample_views(n, pad, flip, view_gen)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device` without making the host wait (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+_NORM: dict[tuple[tuple[float, ...], tuple[float, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_on(splits: data.Splits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # The dataset's mean and std as tensors on the device, made once: built from Python floats
+    # at every step they would be a host-to-device copy, which synchronises on CUDA.
+    key = (tuple(splits.mean), tuple(splits.std), str(device))
+    if key not in _NORM:
+        _NORM[key] = (torch.tensor(key[0], device=device), torch.tensor(key[1], device=device))
+    return _NORM[key]
+
+
 def _to_input(x: torch.Tensor, config: TrainConfig, splits: data.Splits, device: torch.device,
               image_size: int | None = None) -> torch.Tensor:
+    mean, std = _norm_on(splits, device)
     return data.to_input(
         x,
-        splits.mean,
-        splits.std,
+        mean,
+        std,
         image_size=image_size or config.data.image_size,
         channels=config.data.channels,
         channels_last=device.type == "cuda",
@@ -223,8 +251,10 @@ class TeacherSource(Protocol):
     """A prepared teacher (`kdsweep.core.teacher.prepare`): gives logits for training batches."""
 
     def logits_source(self, config: TrainConfig, splits: data.Splits, device: torch.device
-                      ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                                 dict[str, Any]]: ...
+                      ) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
+        """`fn(indices, views, augmented_uint8, host=None) -> logits (B, C) float32` and info;
+        `host`, CPU copies of (indices, views), lets a logit cache skip reading the device."""
+        ...
 
 
 def train(
@@ -233,6 +263,8 @@ def train(
     checkpoint: str | Path | None = None,
     stop: threading.Event | None = None,
     teacher: TeacherSource | None = None,
+    *,
+    data_seed: int | None = None,
 ) -> TrainResult:
     """Train `config.model` on `config.data`, distilling from `teacher` when `config.kd` is set.
 
@@ -251,8 +283,13 @@ def train(
     checkpoint resumes after its last epoch (used to resume trials of dead workers); epochs
     already run are not reported again.
 
+    `data_seed` seeds batch order and augmentation instead of `config.seed` (which then seeds
+    the initialisation only): how a fused group's members are reproduced one at a time
+    (kdsweep/core/fused.py).
+
     Raises TrainingError when the loss stops being finite. The same config and seed give the
-    same result twice on CPU.
+    same result twice on CPU. No step reads from the device: `train_loss` and the NaN check
+    sync once per epoch.
     """
     start = time.perf_counter()
     set_threads(config.threads)
@@ -288,8 +325,11 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, o.warmup, o.schedule)
     )
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    index_gen = torch.Generator().manual_seed(config.seed + 1)
+    # Batch order and views are drawn on the host, a whole epoch at a time, and copied to the
+    # device once: the host then knows every batch's ids (the logit cache finds missing pairs
+    # there) and a step never waits for the device.
+    gen = torch.Generator().manual_seed(data_seed if data_seed is not None else config.seed)
+    index_gen = torch.Generator().manual_seed((data_seed if data_seed is not None else config.seed) + 1)
 
     history: list[dict[str, float]] = []
     first_epoch = 1
@@ -299,7 +339,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["gen"].to(gen.device) if device.type == "cpu" else state["gen"])
+        gen.set_state(state["gen"])
         index_gen.set_state(state["index_gen"])
         history = list(state["history"])
         first_epoch = int(state["epoch"]) + 1
@@ -313,19 +353,22 @@ def train(
             epoch_start = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device)
-            batches = progress.track(data.batch_indices(n, config.batch_size, index_gen), steps_per_epoch,
+            order, views_all = epoch_order(n, d.pad, d.flip, index_gen, gen)
+            order_dev, views_dev = to_device(order, device), to_device(views_all, device)
+            host_order, host_views = order.numpy(), views_all.numpy()  # once per epoch
+            batches = progress.track(range(steps_per_epoch), steps_per_epoch,
                                      f"{config.model.arch} epoch {epoch}/{config.epochs}", "batch")
-            for i, idx in enumerate(batches):  # a bar on a terminal (KD: includes filling the logit cache)
+            for i in batches:  # a bar on a terminal (KD: includes filling the logit cache)
                 if stop is not None and stop.is_set():
                     raise Stopped()
                 models.set_progress(model, ((epoch - 1) * steps_per_epoch + i) / total_steps, config.model)
-                idx = idx.to(device)
-                views = data.sample_views(len(idx), d.pad, d.flip, gen)
+                rows = slice(i * config.batch_size, (i + 1) * config.batch_size)
+                idx, views = order_dev[rows], views_dev[rows]
                 x = data.apply_views(train_x[idx], views, d.pad)
                 with autocast(device):
                     logits = step_model(_to_input(x, config, splits, device))
                 if teacher_fn is not None:
-                    t_logits = teacher_fn(idx, views, x)
+                    t_logits = teacher_fn(idx, views, x, (host_order[rows], host_views[rows]))
                     loss = kd_loss(logits, t_logits, train_y[idx], config.kd.alpha, config.kd.temperature)
                 else:
                     loss = F.cross_entropy(logits.float(), train_y[idx], label_smoothing=o.label_smoothing)
@@ -357,7 +400,9 @@ def train(
             # resume past an epoch whose value was never reported.
             if report is not None:
                 report(epoch, metrics)
-            if ckpt_path is not None:
+            # Not after the last epoch: the caller is about to finish the trial and delete it, and
+            # writing a ResNet's weights and momentum costs ~0.1 s of dead time between trials.
+            if ckpt_path is not None and epoch < config.epochs:
                 _save_checkpoint(ckpt_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "gen": gen.get_state().cpu(),

@@ -44,6 +44,9 @@ LOG_FILE = "log_file"  # the attempt's own log file, beside its TensorBoard run
 INFEASIBLE = "infeasible"  # its choices cannot meet the budget: PRUNED, not counted in N
 FAIL_REASON = "fail_reason"  # why an attempt failed (or was re-queued)
 PRUNED_REASON = "pruned_reason"
+# `--fuse K` (kdsweep/service/fused_worker.py): {"slots": K, "data_seed", "joined_step"}, what
+# reproduces a fused trial's data order (the group's batch stream from that step on).
+FUSED = "fused"
 # Set on an attempt that was put back in the queue (interrupt, dead worker, storage outage):
 # such an attempt is FAIL in Optuna but never a failure to kdsweep (not in the failure limit,
 # not in any count of failures). Its value is the reason: "interrupted", "worker died", ...

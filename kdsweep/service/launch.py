@@ -47,10 +47,17 @@ class WorkerPlan:
     device: str  # what the worker passes to train(): cpu or cuda
 
 
-def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan]:
-    """Environment and device of each worker: GPUs round-robin, CPU threads split evenly."""
+def plan_workers(workers: int, device: str, storage_url: str,
+                 threads: int | None = None) -> list[WorkerPlan]:
+    """Environment and device of each worker: GPUs round-robin, CPU threads split evenly.
+
+    `threads` (else a KDSWEEP_THREADS the user set) is every worker's thread count as given;
+    otherwise each worker gets cores // workers, so workers x threads never exceeds the cores
+    (OpenMP threads of processes sharing cores spin while they wait for each other).
+    """
     gpus = visible_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
-    threads = max(1, cpu_cores() // workers)
+    user = threads or int(os.environ.get("KDSWEEP_THREADS") or 0)
+    threads = user if user > 0 else max(1, cpu_cores() // workers)
     plans = []
     for i in range(workers):
         env = dict(os.environ)
@@ -261,9 +268,11 @@ def preflight(spec, preset: str, overrides: Mapping[str, object], runtime: Mappi
 
 
 def worker_args(source: str, study_name: str, data: str | None, download: bool, artifacts: str | None,
-                tensorboard: bool) -> list[str]:
+                tensorboard: bool, fuse: int = 1) -> list[str]:
     """The `kdsweep worker` arguments launch gives each of its workers."""
     args = [source, "--study-name", study_name]
+    if fuse > 1:
+        args += ["--fuse", str(fuse)]
     if data:
         args += ["--data", data]
     if download:
@@ -276,9 +285,10 @@ def worker_args(source: str, study_name: str, data: str | None, download: bool, 
 
 
 def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Mapping[str, object],
-                 artifacts, tensorboard, worker_index: int = 0):
+                 artifacts, tensorboard, worker_index: int = 0, fuse: int = 1):
     """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
-    run its waiting trials; returns the worker's summary."""
+    run its waiting trials, `fuse` at a time in one fused model when fuse > 1 (Q2-like studies
+    only: kdsweep/service/fused_worker.py); returns the worker's summary."""
     from kdsweep.core.devices import resolve_device
     from kdsweep.service.objective import Objective
     from kdsweep.service.spec import StudyError
@@ -294,11 +304,20 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
         raise StudyError(f"study {study_name!r} was created with preset {found.preset!r}, not {preset!r}; "
                          "drop --preset (workers read it from the study) or use another --study-name.")
     sweep = Sweep.join(storage, study_name, spec)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import check_fusable
+
+        check_fusable(spec, sweep.preset, sweep.overrides)
     resolve_device(str(runtime["device"]))
     preflight(spec, sweep.preset, sweep.overrides, runtime)
     objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
                           overrides=sweep.overrides)
-    summary = run_worker(sweep, objective)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import run_fused_worker
+
+        summary = run_fused_worker(sweep, objective, fuse)
+    else:
+        summary = run_worker(sweep, objective)
     logging.getLogger("kdsweep").info(
         "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
         summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
@@ -309,15 +328,24 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
 def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_name: str | None,
            n_trials: int | None, seed: int, device: str, force: bool, workers: int | None,
            trials_per_device: int, data: str | None, download: bool, artifacts: str | None,
-           tensorboard: bool, timeout: float | None, echo: Callable[[str], None]) -> tuple[Sweep, Counts, str]:
+           tensorboard: bool, timeout: float | None, echo: Callable[[str], None], *,
+           threads: int | None = None, fuse: int = 1) -> tuple[Sweep, Counts, str]:
     """`kdsweep launch`: check the device and the data, create or resume the sweep, run its
     workers; (sweep, final counts, how it ended: done, finished, timeout or interrupted).
+
+    `threads`: CPU threads of each worker (None: KDSWEEP_THREADS if the user set it, else
+    cores // workers; see `plan_workers`). `fuse` > 1: each worker trains that many Q2 trials
+    as one fused model (refused, before anything is stored, for a study that cannot be fused).
 
     A sweep that has nothing left to run prints its summary and starts no worker ('finished').
     """
     from kdsweep.service.storage import open_storage, redact
 
     check_device(device, spec.preset(preset).needs_gpu, preset, force)
+    if fuse > 1:
+        from kdsweep.service.fused_worker import check_fusable
+
+        check_fusable(spec, preset, overrides)
     workers = workers or default_workers(device, trials_per_device)
     preflight(spec, preset, overrides, runtime(device, data, download))  # before anything is stored
     sweep = Sweep.create(open_storage(url), spec, preset, study_name, n_trials, seed=seed, overrides=overrides)
@@ -327,8 +355,8 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         return sweep, c, "finished"
     echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(url)}: "
          f"{sweep.n_trials} trials, {workers} worker(s)")
-    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard)
-    final, how = run(sweep, args, plan_workers(workers, device, url), echo, timeout=timeout)
+    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse)
+    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout)
     echo(sweep.summary_table())
     return sweep, final, how
 
