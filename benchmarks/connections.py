@@ -41,7 +41,7 @@ def _poll(url: str, stop: threading.Event, seen: dict[str, int]) -> None:
 def run(device: str, quick: bool) -> Entry:
     from kdsweep.service import spec as studies
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume
+    from kdsweep.service.sweep import Sweep
 
     workers, trials = (4, 40) if quick else (8, 80)
     pg = _postgres_db()
@@ -51,7 +51,7 @@ def run(device: str, quick: bool) -> Entry:
     try:
         study = f"conn-{uuid.uuid4().hex[:8]}"
         st = open_storage(url)
-        create_or_resume(studies.load("q1"), "smoke", st, study, trials, seed=0)
+        Sweep.create(st, studies.load("q1"), "smoke", study, trials, seed=0)
         st._inner._backend.engine.dispose()  # this process's connection is not a worker's
         seen: dict[str, int] = {}
         stop = threading.Event()
