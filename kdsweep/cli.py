@@ -155,11 +155,83 @@ def _runtime(device: str, data: str | None, download: bool = False,
     return runtime
 
 
-def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any]) -> None:
-    """Load the preset's data once, so missing data is one sentence before anything is stored."""
-    from kdsweep.core.data import load_splits
+def _check_data(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--data is a folder: a dataset spec or a folder that does not exist is a usage error."""
+    from kdsweep.core.data import DataError, check_root
 
-    load_splits(study_def.config_for(preset, {}, overrides, **runtime).data)
+    try:
+        check_root(value, bool(ctx.params.get("download")))
+    except DataError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
+def _check_dataset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--dataset: a known name, or npz:FILE / folder:DIR that exists (made absolute)."""
+    if value is None:
+        return None
+    name = value.strip()
+    if name.lower() in ("cifar10", "cifar100", "fashion-mnist"):
+        return name.lower()
+    for prefix, exists in (("npz:", Path.is_file), ("folder:", Path.is_dir)):
+        if name.startswith(prefix) and name[len(prefix):].strip():
+            path = Path(name[len(prefix):].strip()).expanduser().resolve()
+            if not exists(path):
+                raise click.BadParameter(f"{path} does not exist; give {prefix}PATH of an existing "
+                                         f"{'.npz file' if prefix == 'npz:' else 'folder'}.", ctx, param)
+            return f"{prefix}{path}"
+    raise click.BadParameter(f"unknown dataset {value!r}; use cifar10, cifar100, fashion-mnist, "
+                             "npz:FILE or folder:DIR (a folder of images is --data's job only for "
+                             "the named datasets).", ctx, param)
+
+
+def dataset_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--dataset", default=None, envvar="KDSWEEP_DATASET", callback=_check_dataset,
+        help="Dataset instead of the preset's: cifar10, cifar100, fashion-mnist, npz:FILE or folder:DIR "
+             "(env KDSWEEP_DATASET). Part of the study: its workers use it too.",
+    )(fn)
+
+
+def _with_dataset(study_def: Any, preset: str, overrides: dict[str, Any], dataset: str | None,
+                  runtime: dict[str, Any]) -> dict[str, Any]:
+    """The overrides with --dataset and that data's augmentation recorded in them.
+
+    Another dataset than the preset's drops the preset's flips and shifts (made for its own
+    data) for the new data's defaults unless --set gives them; unset ones become explicit, so
+    the study's definition says what every trial does.
+    """
+    from kdsweep.core import data
+
+    changes = dict(overrides)
+    base = study_def.base_config(preset, changes).data
+    if dataset and dataset != base.dataset:
+        changes["data.dataset"] = dataset
+        for key in ("data.pad", "data.flip"):
+            changes.setdefault(key, None)
+    base = study_def.config_for(preset, {}, changes, **runtime).data
+    if base.pad is None or base.flip is None:
+        pad, flip = data.default_augmentation(base.dataset, data.load_splits(base).in_shape)
+        if base.pad is None:
+            changes["data.pad"] = pad
+        if base.flip is None:
+            changes["data.flip"] = flip
+    return changes
+
+
+def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any]) -> list[str]:
+    """Load the data a trial will read (the teacher's too) and check the teacher's settings, so
+    any problem is one sentence before anything is stored; the launch header's lines."""
+    from kdsweep.core import data, teacher
+    from kdsweep.core.train import input_shape, resolve_data
+
+    config = study_def.config_for(preset, {}, overrides, **runtime)
+    splits = data.load_splits(config.data)
+    config = resolve_data(config, splits)
+    lines = [f"data: {data.describe(config.data, splits, input_shape(config, splits))}"]
+    if config.kd is not None:
+        lines.append(f"teacher: {teacher.preflight(config, splits)}")
+    return lines
 
 
 def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
@@ -196,9 +268,11 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Preset of the study file (env KDSWEEP_PRESET)."),
         click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME",
                      help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
-        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
-                     help="Data directory (env KDSWEEP_DATA)."),
-        click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
+        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA", callback=_check_data,
+                     help="Folder that holds the named datasets' files (env KDSWEEP_DATA); the "
+                          "dataset itself is --dataset."),
+        click.option("--download", is_flag=True, is_eager=True,
+                     help="Let torchvision download the dataset if missing."),
         click.option("--device", default="auto", show_default=True, envvar="KDSWEEP_DEVICE",
                      help="auto, cpu, cuda or cuda:N (env KDSWEEP_DEVICE)."),
         click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",
@@ -227,6 +301,7 @@ N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all worker
 @main.command()
 @sweep_options
 @set_option
+@dataset_option
 @click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
               envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_WORKERS",
@@ -240,8 +315,8 @@ N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all worker
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], n_trials: int, workers: int | None, trials_per_device: int,
-           timeout: float | None, dry_run: bool, force: bool) -> None:
+           overrides: tuple[str, ...], dataset: str | None, n_trials: int, workers: int | None,
+           trials_per_device: int, timeout: float | None, dry_run: bool, force: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -260,6 +335,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     p = study_def.preset(preset)
     changes = studies.parse_overrides(overrides)
     study_def.check_overrides(preset, changes)
+    changes = _with_dataset(study_def, preset, changes, dataset, _runtime("cpu", data, download))
     study_def.space_for(preset, changes)
     study_name = study_name or study_def.name
     if dry_run:
@@ -269,13 +345,15 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     if workers is None:
         gpus = launcher.visible_gpus() if device != "cpu" else []
         workers = len(gpus) * trials_per_device if gpus else 1
-    _preflight(study_def, preset, changes, _runtime(device, data, download))
+    header = _preflight(study_def, preset, changes, _runtime(device, data, download))
     from kdsweep.service.worker import create_or_resume
 
     st = _open(storage)
     sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
     click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
                f"{n_trials} trials, {workers} worker(s)")
+    for line in header:
+        click.echo(line)
     plans = launcher.plan_workers(workers, device, storage)
     args = [study_def.source, "--study-name", study_name, "--seed", str(seed)]
     if data:
@@ -287,7 +365,14 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     if not tensorboard:
         args.append("--no-tensorboard")
     final, how = launcher.run(sweep, args, plans, n_trials, click.echo, timeout=timeout)
+    from kdsweep.service import baseline, report
+
+    reference = baseline.prepare(sweep, st) if how == "done" else None
+    if reference is not None:  # the student alone, outside N: one run, all of this host's cores
+        baseline.run(reference, args, launcher.plan_workers(1, device, storage), click.echo)
     click.echo(launcher.summary_table(sweep))
+    for line in report.noise_summary(sweep):
+        click.echo(line)
     if how == "interrupted":
         click.echo("interrupted: run the same command again to finish the study.")
         sys.exit(130)
@@ -331,12 +416,13 @@ def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: di
 @main.command()
 @sweep_options
 @set_option
+@dataset_option
 @click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
               envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
 @friendly
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], n_trials: int) -> None:
+           overrides: tuple[str, ...], dataset: str | None, n_trials: int) -> None:
     """Create STUDY (or raise its N) to finish N trials, without running workers.
 
     For many hosts: create once, then run `kdsweep worker` on each GPU host.
@@ -350,6 +436,9 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     study_def = studies.load(study)
     changes = studies.parse_overrides(overrides)
     study_def.check_overrides(preset, changes)
+    # No preflight: the host that creates a study need not hold its data (npz/folder data is
+    # read once here, to record its default augmentation).
+    changes = _with_dataset(study_def, preset, changes, dataset, _runtime(device, data, download))
     sweep = create_or_resume(study_def, preset, _open(storage), study_name or study_def.name, n_trials,
                              seed=seed, overrides=changes)
     c = counts(sweep)
@@ -492,7 +581,8 @@ def _dump(doc: Any, fmt: str) -> str:
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes that run the --verify trials here.")
 @click.option("--device", default="auto", show_default=True, help="Device of the --verify workers.")
-@click.option("--data", default=None, metavar="DIR", help="Data directory of the --verify workers.")
+@click.option("--data", default=None, metavar="DIR", callback=_check_data,
+              help="Data folder of the --verify workers.")
 @click.option("--no-run", is_flag=True,
               help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
 @friendly
@@ -541,7 +631,7 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="YAML or JSON: an export of `kdsweep best`, or a bare config.")
 @click.option("--device", default=None, help="Override the config's device.")
-@click.option("--data", default=None, metavar="DIR", help="Data directory (env KDSWEEP_DATA).")
+@click.option("--data", default=None, metavar="DIR", callback=_check_data, help="Data folder (env KDSWEEP_DATA).")
 @click.option("--seed", type=int, default=None, help="Override the config's seed.")
 @friendly
 def train_cmd(config_file: str, device: str | None, data: str | None, seed: int | None) -> None:

@@ -53,7 +53,10 @@ STUDY = Study(
             description="CIFAR-10 at 224 px, ImageNet weights, probed ResNet50 teacher; a GPU",
             config=TrainConfig(
                 # pad 2: 50 views per image, so cached teacher logits are reused across trials
-                data=DataConfig(dataset="cifar10", val_size=5000, image_size=224, pad=2),
+                # normalize imagenet: both networks start from ImageNet weights and are fed
+                # ImageNet's mean/std, as those weights were trained with.
+                data=DataConfig(dataset="cifar10", val_size=5000, image_size=224, pad=2, flip=True,
+                                normalize="imagenet"),
                 model=ModelConfig(arch="resnet18", weights="imagenet", stem="imagenet"),
                 optim=OptimConfig(lr=0.01, weight_decay=5e-4, warmup=0.05),
                 kd=KDConfig(
@@ -66,18 +69,20 @@ STUDY = Study(
             needs_gpu=True,
         ),
         "smoke": Preset(
-            description="Fashion-MNIST at 28 px, random init, fully fine-tuned teacher; minutes on CPU",
+            description="Fashion-MNIST at 28 px: student on 1000 images, teacher on 8000, "
+                        "5000 validation images; random init; minutes on CPU",
             config=TrainConfig(
                 # pad 1 and flips: 18 views per image, so cached teacher logits fill up fast
-                data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=500, channels=3, pad=1),
+                data=DataConfig(dataset="fashion-mnist", val_size=5000, train_subset=1000, channels=3,
+                                pad=1, flip=True, normalize="dataset"),
                 model=ModelConfig(arch="resnet18", weights="none", stem="imagenet"),
-                optim=OptimConfig(lr=0.1, weight_decay=5e-4),
+                optim=OptimConfig(lr=0.05, weight_decay=5e-4),
                 kd=KDConfig(
                     teacher=ModelConfig(arch="resnet50", weights="none", stem="imagenet"),
-                    teacher_train_subset=1500, teacher_epochs=4, teacher_lr=0.05,
+                    teacher_train_subset=8000, teacher_epochs=3, teacher_lr=0.05,
                 ),
                 epochs=3,
-                batch_size=50,
+                batch_size=25,
             ),
         ),
     },

@@ -73,7 +73,8 @@ def image_ids(x: torch.Tensor) -> set[int]:
 
 def test_fashion_mnist_from_debian_files_leaves_them_untouched(fmnist_dir: Path, tmp_path: Path):
     before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in fmnist_dir.iterdir()}
-    root = tmp_path / "empty"
+    root = tmp_path / "empty"  # an existing folder without the files: Debian's are found
+    root.mkdir()
     full = load_splits(DataConfig(dataset="fashion-mnist", root=str(root), val_size=500))
     sub = load_splits(
         DataConfig(dataset="fashion-mnist", root=str(root), val_size=500, train_subset=2000)
@@ -92,7 +93,7 @@ def test_fashion_mnist_from_debian_files_leaves_them_untouched(fmnist_dir: Path,
     assert torch.equal(sub.train_x, full.train_x[:2000]) and torch.equal(sub.val_y, full.val_y)
     after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in fmnist_dir.iterdir()}
     assert after == before
-    assert not root.exists()
+    assert not any(root.iterdir())  # nothing written into the data folder
 
 
 @pytest.mark.parametrize("layout", ["gz in root", "torchvision raw"])

@@ -36,7 +36,13 @@ _LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
 
 
 def teacher_config(config: TrainConfig) -> TrainConfig:
-    """The teacher's own training config, derived from a student config with `kd` set."""
+    """The teacher's own training config, derived from a student config with `kd` set.
+
+    Its inputs are normalised as its own weights expect (ImageNet's mean/std for ImageNet
+    weights, else the training split's statistics), whatever the student uses, and with that
+    one normalisation wherever it is applied: training, its validation, the student's logits.
+    The student's augmentation is kept (the teacher sees the student's views).
+    """
     kd = config.kd
     if kd is None:
         raise ValueError("teacher_config needs a config with kd settings.")
@@ -46,6 +52,9 @@ def teacher_config(config: TrainConfig) -> TrainConfig:
             config.data,
             image_size=kd.teacher_image_size or config.data.image_size,
             train_subset=kd.teacher_train_subset or config.data.train_subset,
+            normalize="imagenet" if kd.teacher.weights == "imagenet" else "dataset",
+            mean=(),
+            std=(),
         ),
         model=dataclasses.replace(kd.teacher, trainable="head" if probe else "all"),
         optim=OptimConfig(lr=kd.teacher_lr, weight_decay=0.0 if probe else 5e-4),
@@ -76,9 +85,9 @@ def load_teacher(
     config: TrainConfig, splits: data.Splits, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
-    from kdsweep.core.train import cache_root, input_shape, train
+    from kdsweep.core.train import cache_root, input_shape, resolve_data, train
 
-    tconfig = teacher_config(config)
+    tconfig = resolve_data(teacher_config(config), splits)
     key = teacher_key(tconfig, splits)
     if (key, str(device)) in _LOADED:
         return _LOADED[(key, str(device))]
@@ -153,15 +162,16 @@ def logits_source(
     to its own input size. With `kd.cache_logits`, logits are cached per (image, view) on disk
     and computed lazily, so no (image, view) pair is ever run through the teacher twice.
     """
-    from kdsweep.core.train import cache_root
+    from kdsweep.core.train import cache_root, resolve_data
 
     kd = config.kd
     model, info = load_teacher(config, splits, device)
-    image_size = kd.teacher_image_size or config.data.image_size
+    tdata = resolve_data(teacher_config(config), splits).data  # the normalisation it trained with
+    image_size = tdata.image_size
 
     @torch.no_grad()
     def forward(x: torch.Tensor) -> torch.Tensor:
-        inp = data.to_input(x, splits.mean, splits.std, image_size=image_size,
+        inp = data.to_input(x, tdata.mean, tdata.std, image_size=image_size,
                             channels=config.data.channels, channels_last=device.type == "cuda")
         with autocast(device):
             return model(inp).float()
@@ -171,6 +181,7 @@ def logits_source(
 
     d = config.data
     views_n = data.num_views(d.pad, d.flip)
+    # The teacher key holds its normalisation (and data); pad and flip define the views.
     cache_key = hashlib.sha256(f"{info['key']}|{d.pad}|{d.flip}|{image_size}".encode()).hexdigest()[:16]
     path = cache_root(config) / "logits" / cache_key
     cache = LogitCache(path, len(splits.train_x), views_n, splits.num_classes)
@@ -188,3 +199,33 @@ def logits_source(
         return cache.get(idx, views, compute)
 
     return fn, {**info, "logit_cache": str(path)}
+
+
+def preflight(config: TrainConfig, splits: data.Splits) -> str:
+    """Check, without training anything, what the teacher of `config` needs; describe it.
+
+    Loads the teacher's data (naming kd.teacher_train_subset, not data.train_subset, when it
+    asks for more images than the training split holds) and finds its weights. Raises
+    DataError, ModelError or ConfigError with one sentence; returns one line for a header.
+    """
+    from kdsweep.core.resnets import check_weights, describe_stem
+    from kdsweep.core.train import input_shape, resolve_data
+
+    kd = config.kd
+    if kd is None:
+        raise ValueError("preflight needs a config with kd settings.")
+    tconfig = teacher_config(config)
+    key = "kd.teacher_train_subset" if kd.teacher_train_subset else "data.train_subset"
+    tsplits = data.load_splits(tconfig.data, names={"train_subset": key})
+    tconfig = resolve_data(tconfig, tsplits)
+    check_weights(tconfig.model)
+    shape = input_shape(tconfig, tsplits)
+    mode = "linear probe" if tconfig.model.trainable == "head" else "full fine-tune"
+    norm = tconfig.data.normalize + " mean " + "/".join(f"{v:.3f}" for v in tconfig.data.mean)
+    norm += " std " + "/".join(f"{v:.3f}" for v in tconfig.data.std)
+    return (
+        f"{describe_stem(tconfig.model, shape[1])}, weights {tconfig.model.weights}, {mode}, "
+        f"{tconfig.epochs} epochs on the first {len(tsplits.train_y)} images of the training "
+        f"split (the student has {len(splits.train_y)}), input {'x'.join(map(str, shape))}, "
+        f"normalisation {norm}"
+    )

@@ -80,13 +80,17 @@ class TrainResult:
     test_acc: float | None = None
     teacher: dict[str, Any] | None = None  # content key, validation accuracy, mode
     model: nn.Module | None = field(default=None, repr=False)
+    # Per validation image (in split order), whether the last epoch run classified it right:
+    # bool, CPU. Trials scored on the same images compare paired (kdsweep/service/stats.py).
+    # None when every epoch came from a checkpoint.
+    val_correct: torch.Tensor | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields (no model, no config)."""
         return {
             k: v
             for k, v in dataclasses.asdict(self).items()
-            if k not in ("model", "config", "history")
+            if k not in ("model", "config", "history", "val_correct")
         }
 
 
@@ -104,13 +108,37 @@ def input_shape(config: TrainConfig, splits: data.Splits) -> tuple[int, int, int
 
 
 def resolve(config: TrainConfig, splits: data.Splits | None = None) -> TrainConfig:
-    """Fill in what is computed rather than chosen: the matched-budget widths, DropBlock sizes."""
+    """Fill in what is computed rather than chosen: the matched-budget widths, DropBlock sizes,
+    the dataset's default augmentation (`data.pad`, `data.flip`) and the input normalisation
+    (`data.normalize`, `data.mean`, `data.std`; see `resolve_data`)."""
     config = validate(config)
+    splits = splits or data.load_splits(config.data)
+    config = resolve_data(config, splits)
     if config.model.arch in ("mlp", "cnn") and config.model.budget:
-        splits = splits or data.load_splits(config.data)
         model_cfg = budget.resolve(config.model, input_shape(config, splits), splits.num_classes)
         config = dataclasses.replace(config, model=model_cfg)
     return config
+
+
+def resolve_data(config: TrainConfig, splits: data.Splits) -> TrainConfig:
+    """`config` with augmentation and normalisation set (values already given are kept).
+
+    normalize "auto" becomes "imagenet" when the network starts from ImageNet weights (they
+    expect ImageNet's mean/std, read from torchvision's weights metadata), else "dataset" (the
+    training split's per-channel statistics, shared by all its subsets).
+    """
+    d = data.with_augmentation(config.data, splits)
+    kind = d.normalize
+    if kind == "auto":
+        kind = "imagenet" if config.model.weights == "imagenet" else "dataset"
+    if not d.mean:
+        from kdsweep.core.resnets import imagenet_normalization
+
+        mean, std = imagenet_normalization(config.model.arch) if kind == "imagenet" else (splits.mean, splits.std)
+        if len(mean) == 3 and (d.channels or splits.in_shape[0]) == 1:  # grey into a 1-channel conv1
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        d = dataclasses.replace(d, mean=mean, std=std)
+    return dataclasses.replace(config, data=dataclasses.replace(d, normalize=kind))
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -141,6 +169,26 @@ def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
 
 
 @torch.no_grad()
+def correctness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    splits: data.Splits,
+    device: torch.device,
+) -> torch.Tensor:
+    """Per image of uint8 `x`, whether top-1 is right: a bool tensor on `device`, in order."""
+    model.eval()
+    out = []
+    for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
+        idx = idx.to(x.device)
+        inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device)
+        with autocast(device):
+            logits = model(inp)
+        out.append(logits.argmax(1) == y[idx].to(device))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
@@ -150,23 +198,16 @@ def evaluate(
     device: torch.device,
 ) -> float:
     """Top-1 accuracy in [0, 1] over uint8 images `x`, in large batches without autograd."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
-        idx = idx.to(x.device)
-        inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device)
-        with autocast(device):
-            logits = model(inp)
-        correct += (logits.argmax(1) == y[idx].to(device)).sum()
-    return correct.item() / max(1, len(x))
+    return correctness(model, x, y, config, splits, device).sum().item() / max(1, len(x))
 
 
 def _to_input(x: torch.Tensor, config: TrainConfig, splits: data.Splits, device: torch.device,
               image_size: int | None = None) -> torch.Tensor:
+    # The config's normalisation (resolved: the dataset's or the pretrained weights' own).
     return data.to_input(
         x,
-        splits.mean,
-        splits.std,
+        config.data.mean or splits.mean,
+        config.data.std or splits.std,
         image_size=image_size or config.data.image_size,
         channels=config.data.channels,
         channels_last=device.type == "cuda",
@@ -259,6 +300,7 @@ def train(
     index_gen = torch.Generator().manual_seed(config.seed + 1)
 
     history: list[dict[str, float]] = []
+    val_correct: torch.Tensor | None = None
     first_epoch = 1
     ckpt_path = Path(checkpoint) if checkpoint else None
     state = _load_checkpoint(ckpt_path)
@@ -307,7 +349,8 @@ def train(
             seconds = time.perf_counter() - epoch_start
             train_images += n
             train_seconds += seconds
-            val_acc = evaluate(model, splits.val_x, splits.val_y, config, splits, device)
+            val_correct = correctness(model, splits.val_x, splits.val_y, config, splits, device)
+            val_acc = val_correct.sum().item() / max(1, len(val_correct))
             metrics = {
                 "epoch": epoch,
                 "val_acc": val_acc,
@@ -350,4 +393,5 @@ def train(
         test_acc=test_acc,
         teacher=teacher_info,
         model=model,
+        val_correct=val_correct.cpu() if val_correct is not None else None,
     )

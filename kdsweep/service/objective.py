@@ -24,6 +24,7 @@ from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
 from kdsweep.core.train import input_shape, resolve, train
 from kdsweep.service import space as sp
+from kdsweep.service import stats
 from kdsweep.service.spec import Study
 
 log = logging.getLogger("kdsweep.service.objective")
@@ -55,6 +56,14 @@ def count_params(config: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def count_flops(config: TrainConfig) -> int:
+    """Forward FLOPs per image of the student a resolved config builds (see budget.count_flops)."""
+    from kdsweep.core import budget, data
+
+    splits = data.load_splits(config.data)
+    return budget.count_flops(config.model, input_shape(config, splits), splits.num_classes)
+
+
 @dataclass
 class Objective:
     study: Study
@@ -76,7 +85,9 @@ class Objective:
         fixed_seed = trial.user_attrs.get("verify.seed")
         try:
             config = self.config(params)
-            config = resolve(config if fixed_seed is None else replace(config, seed=int(fixed_seed)))
+            if fixed_seed is not None:  # verification and baseline runs: their seed, test accuracy too
+                config = replace(config, seed=int(fixed_seed), evaluate_test=True)
+            config = resolve(config)
         except BudgetError as exc:
             # Kept out of the space by the study files; a custom space may still hit it.
             trial.set_user_attr(INFEASIBLE, str(exc))
@@ -88,6 +99,7 @@ class Objective:
         trial.set_user_attr("dataset", config.data.dataset)
         trial.set_user_attr("device", str(resolve_device(config.device)))
         trial.set_user_attr("params", count_params(config))
+        trial.set_user_attr("flops", count_flops(config))  # beside params: budgets match one, not both
         trial.set_user_attr("kdsweep_version", kdsweep.__version__)
 
         checkpoint = self._checkpoint(trial)
@@ -131,6 +143,11 @@ class Objective:
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
         trial.set_user_attr("best_val_acc", result.best_val_acc)
+        if result.val_correct is not None:  # per-image scores: paired intervals between trials
+            trial.set_user_attr(stats.MASK, stats.pack(result.val_correct.numpy()))
+            trial.set_user_attr(stats.MASK_N, len(result.val_correct))
+        if result.test_acc is not None:
+            trial.set_user_attr("test_acc", result.test_acc)
         if result.teacher:
             trial.set_user_attr("teacher_key", result.teacher["key"])
             trial.set_user_attr("teacher_val_acc", result.teacher["val_acc"])

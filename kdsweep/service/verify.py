@@ -34,6 +34,7 @@ OF = "kdsweep.verify_of"  # study user attr of a sibling: the sweep it verifies
 SOURCE = "verify.source_trial"  # trial user attrs of a verification run
 SEED = "verify.seed"  # read by the objective: the run's seed replaces the config's
 RANK = "verify.rank"
+REFERENCE_SOURCE = -1  # SOURCE of the runs of the alpha=0 reference (kdsweep/service/baseline.py)
 SEED_OFFSET = 1000  # verification seeds are fresh: the sweep trained every trial with its own seed
 
 
@@ -91,12 +92,23 @@ def prepare(sweep: optuna.Study, storage: BaseStorage, top: int, seeds: int) -> 
     sibling.set_user_attr(MAX_FAILURES, 0)  # a failed run is re-queued by the next --verify, not replaced by a random one
     present = {(t.user_attrs.get(SOURCE), t.user_attrs.get(SEED))
                for t in sibling.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
-    for rank, t in enumerate(best, 1):
+    configs = [(t.number, rank, t.params) for rank, t in enumerate(best, 1)]
+    reference = _reference(sweep)  # KD studies: the student alone (alpha=0), one more config
+    if reference is not None and all(t.params != reference for t in best):
+        configs.append((REFERENCE_SOURCE, len(best) + 1, reference))
+    for source, rank, params in configs:
         for seed in chosen:
-            if (t.number, seed) not in present:
-                sibling.enqueue_trial(t.params, user_attrs={SOURCE: t.number, SEED: seed, RANK: rank},
+            if (source, seed) not in present:
+                sibling.enqueue_trial(params, user_attrs={SOURCE: source, SEED: seed, RANK: rank},
                                       skip_if_exists=False)
-    return sibling, len(best) * len(chosen)
+    return sibling, len(configs) * len(chosen)
+
+
+def _reference(sweep: optuna.Study) -> dict[str, Any] | None:
+    from kdsweep.service import baseline
+
+    space = baseline._space(sweep)
+    return baseline.reference_point(space) if space is not None else None
 
 
 @dataclass
@@ -108,6 +120,7 @@ class ConfigRuns:
     params: dict[str, Any]
     sweep_value: float | None
     values: dict[int, float] = field(default_factory=dict)  # seed -> final metric
+    tests: dict[int, float] = field(default_factory=dict)  # seed -> held-out test accuracy
 
     @property
     def mean(self) -> float:
@@ -161,10 +174,12 @@ def collect(sweep: optuna.Study, sibling: optuna.Study) -> list[ConfigRuns]:
         if src is None or t.value is None:
             continue
         if src not in by:
-            original = sweep.trials[src] if src < len(sweep.trials) else None
+            original = sweep.trials[src] if 0 <= src < len(sweep.trials) else None
             by[src] = ConfigRuns(src, int(t.user_attrs.get(RANK, 0)), dict(t.params),
                                  original.value if original is not None else None)
         by[src].values[int(t.user_attrs[SEED])] = t.value
+        if t.user_attrs.get("test_acc") is not None:
+            by[src].tests[int(t.user_attrs[SEED])] = float(t.user_attrs["test_acc"])
     return sorted(by.values(), key=lambda c: c.rank)
 
 
@@ -193,8 +208,14 @@ def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: in
         sweep = f"sweep {c.sweep_value:.4f}" if c.sweep_value is not None else "sweep -"
         std = f"{c.std:.4f}" if not math.isnan(c.std) else "n/a"
         params = " ".join(f"{k}={_fmt(v)}" for k, v in c.params.items())
-        lines.append(f"#{c.rank} trial {c.trial}: {c.mean:.4f} ± {std} over {len(c.values)} seeds "
+        name = "alpha=0 reference (student alone)" if c.trial == REFERENCE_SOURCE else f"trial {c.trial}"
+        lines.append(f"#{c.rank} {name}: {c.mean:.4f} ± {std} over {len(c.values)} seeds "
                      f"({sweep})  {params}")
+    if runs[0].rank == 1 and runs[0].tests:
+        tests = list(runs[0].tests.values())
+        sd = f" ± {statistics.stdev(tests):.4f}" if len(tests) > 1 else ""
+        lines.append(f"winner trial {runs[0].trial} on the held-out test set: {statistics.fmean(tests):.4f}{sd} "
+                     f"over {len(tests)} seeds")
     for p in pairs:
         if p.n < 2:
             verdict = "one seed pair: no interval, run more seeds"
@@ -203,7 +224,8 @@ def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: in
         else:
             verdict = "within seed noise"
         ci = f"95% CI {p.low:+.4f} .. {p.high:+.4f}, " if p.n > 1 else ""
-        lines.append(f"winner trial {runs[0].trial} vs trial {p.other}: {p.mean:+.4f} "
+        other = "the alpha=0 reference" if p.other == REFERENCE_SOURCE else f"trial {p.other}"
+        lines.append(f"winner trial {runs[0].trial} vs {other}: {p.mean:+.4f} "
                      f"({ci}{p.n} paired seeds): {verdict}")
     if pending:
         lines.append(f"{pending} verification run(s) not finished yet.")
