@@ -85,6 +85,7 @@ class KDConfig:
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet50"))
     teacher_epochs: int = 5  # epochs of the teacher's probe (or fine-tune when weights="none")
     teacher_lr: float = 0.05
+    teacher_batch_size: int | None = None  # images per teacher step; None: the student's batch_size
     teacher_image_size: int | None = None  # None: same as the student's data.image_size
     # Training images the teacher learns from, the first of the same training split (the
     # student's subset is their first part; never the validation split). None: the student's.
@@ -137,7 +138,7 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"kd.temperature must be positive, got {config.kd.temperature}.")
         if config.kd.teacher_epochs < 1:
             raise ConfigError(f"kd.teacher_epochs must be at least 1, got {config.kd.teacher_epochs}.")
-        for key in ("teacher_train_subset", "teacher_image_size"):
+        for key in ("teacher_train_subset", "teacher_image_size", "teacher_batch_size"):
             value = getattr(config.kd, key)
             if value is not None and value < 1:
                 raise ConfigError(f"kd.{key} must be at least 1 or none, got {value}.")

@@ -59,7 +59,7 @@ def teacher_config(config: TrainConfig) -> TrainConfig:
         model=dataclasses.replace(kd.teacher, trainable="head" if probe else "all"),
         optim=OptimConfig(lr=kd.teacher_lr, weight_decay=0.0 if probe else 5e-4),
         epochs=kd.teacher_epochs,
-        batch_size=config.batch_size,
+        batch_size=kd.teacher_batch_size or config.batch_size,
         eval_batch_size=config.eval_batch_size,
         seed=config.data.split_seed,  # one teacher per split, whatever the student's seed
         device=config.device,
