@@ -530,6 +530,11 @@ def status(study_name: str, storage: str) -> None:
     click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed, "
                f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting")
     click.echo(best_line(sweep))
+    from kdsweep.service.report import noise_summary
+
+    if c.complete:
+        for line in noise_summary(sweep):  # issue 10
+            click.echo(f"  {line}")
     import optuna
 
     for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -612,6 +617,10 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
     if checked:
         click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
     doc = export_best(sweep)
+    from kdsweep.service.report import noise_summary
+
+    for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+        click.echo(line, err=True)
     if weights:
         from kdsweep.service.weights import WeightsError, export_weights
 

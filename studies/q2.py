@@ -79,7 +79,7 @@ STUDY = Study(
                 optim=OptimConfig(lr=0.05, weight_decay=5e-4),
                 kd=KDConfig(
                     teacher=ModelConfig(arch="resnet50", weights="none", stem="imagenet"),
-                    teacher_train_subset=8000, teacher_epochs=3, teacher_lr=0.05, teacher_batch_size=64,
+                    teacher_train_subset=8000, teacher_epochs=2, teacher_lr=0.05, teacher_batch_size=64,
                 ),
                 epochs=3,
                 batch_size=25,
