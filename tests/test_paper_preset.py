@@ -97,15 +97,15 @@ def test_paper_preset_feeds_imagenet_statistics_to_teacher_and_student(tmp_path:
         cmd += ["--set", item]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    header = "\n".join(line for line in done.stdout.splitlines() if line.startswith(("data:", "teacher:")))
-    assert "normalisation imagenet mean 0.485/0.456/0.406 std 0.229/0.224/0.225" in header, header
-    assert "teacher: resnet50" in header and "weights imagenet, linear probe" in header, header
-
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     archs = {arch for arch, _ in calls}
     assert archs == {"resnet18", "resnet50"}, archs  # the teacher (probe and logits) and the student
     for arch, norm in calls:
         assert norm is not None and norm[0] == pytest.approx(IMAGENET_MEAN) and norm[1] == pytest.approx(IMAGENET_STD), (arch, norm)
+
+    header = "\n".join(line for line in done.stdout.splitlines() if line.startswith(("data:", "teacher:")))
+    assert "normalisation imagenet mean 0.485/0.456/0.406 std 0.229/0.224/0.225" in header, header
+    assert "teacher: resnet50" in header and "weights imagenet, linear probe" in header, header
 
     study = optuna.load_study(study_name="q2", storage=url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
