@@ -147,7 +147,7 @@ def trials_per_device(device: str, quick: bool) -> Entry:
     from kdsweep.service import launch
     from kdsweep.service import spec as studies
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume
+    from kdsweep.service.sweep import Sweep
 
     per = 2 if quick else 3
     out = {}
@@ -155,15 +155,14 @@ def trials_per_device(device: str, quick: bool) -> Entry:
         for k in (1, 2, 4):
             name = f"tpd{k}-{uuid.uuid4().hex[:6]}"
             url = f"sqlite:///{tmp / (name + '.db')}"
-            study = create_or_resume(studies.load(str(STUDY_FILE)), "gpu", open_storage(url), name,
-                                     per * k, seed=0)
+            study = Sweep.create(open_storage(url), studies.load(str(STUDY_FILE)), "gpu", name, per * k, seed=0)
             with env(KDSWEEP_CACHE=str(tmp / "cache"), CUDA_VISIBLE_DEVICES="0"):
                 plans = launch.plan_workers(k, "cuda", url)
             assert len({p.env["CUDA_VISIBLE_DEVICES"] for p in plans}) == 1
-            args = [str(STUDY_FILE), "--study-name", name, "--seed", "0", "--no-tensorboard",
+            args = [str(STUDY_FILE), "--study-name", name, "--no-tensorboard",
                     "--artifacts", str(tmp / name)]
             t0 = time.perf_counter()
-            launch.run(study, args, plans, per * k, lambda line: None, poll=0.5)
+            launch.run(study, args, plans, lambda line: None, poll=0.5)
             done = [t for t in optuna.load_study(study_name=name, storage=open_storage(url)).trials
                     if t.state == optuna.trial.TrialState.COMPLETE]
             span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()

@@ -38,7 +38,7 @@ EPOCHS = 9
 MARGIN = 0.005  # 0.5 points of accuracy
 
 
-def bench_study(quick: bool) -> studies.Study:
+def bench_study(quick: bool) -> studies.StudySpec:
     """Q1's study (its space, sampler and pruner) with an affordable MLP-only preset."""
     q1 = studies.load("q1")
     config = TrainConfig(
@@ -57,14 +57,14 @@ def bench_study(quick: bool) -> studies.Study:
     return dataclasses.replace(q1, presets={"bench": preset})
 
 
-def sample_sequence(study_def: studies.Study, n: int, seed: int) -> list[dict[str, Any]]:
+def sample_sequence(study_def: studies.StudySpec, n: int, seed: int) -> list[dict[str, Any]]:
     """n parameter sets drawn once from the study's space (random sampler, fixed seed)."""
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     space = study_def.space_for("bench")
     return [sp.sample(probe.ask(), space) for _ in range(n)]
 
 
-def run_sweep(study_def: studies.Study, params: list[dict[str, Any]], pruner: optuna.pruners.BasePruner,
+def run_sweep(study_def: studies.StudySpec, params: list[dict[str, Any]], pruner: optuna.pruners.BasePruner,
               tmp, name: str) -> tuple[list[tuple[int, float | None]], list[list[float]]]:
     """(epochs run, final value or None if pruned) per trial, in order; and the curves."""
     study = optuna.create_study(study_name=name, direction="maximize", pruner=pruner,

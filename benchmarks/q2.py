@@ -102,7 +102,7 @@ def _cache_stats(cache: Path) -> dict[str, float | int]:
 def teacher_setups(device: str, quick: bool) -> Entry:
     from kdsweep.service import launch
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume
+    from kdsweep.service.sweep import Sweep
 
     # Counting, not timing: the tiny preset (Q2's space and pruner, 200 images, ResNet50
     # teacher) shows the same sharing as the smoke preset at a fraction of the cost.
@@ -113,12 +113,12 @@ def teacher_setups(device: str, quick: bool) -> Entry:
         cache = tmp / "cache"
         name = f"q2-{uuid.uuid4().hex[:6]}"
         url = f"sqlite:///{tmp / 'q2.db'}"
-        study = create_or_resume(study_def, preset, open_storage(url), name, trials, seed=0)
-        args = [study_def.source, "--study-name", name, "--seed", "0", "--no-tensorboard",
+        study = Sweep.create(open_storage(url), study_def, preset, name, trials, seed=0)
+        args = [study_def.source, "--study-name", name, "--no-tensorboard",
                 "--artifacts", str(tmp / "artifacts")]
         with env(KDSWEEP_CACHE=str(cache)):  # before planning: plans copy the environment
             plans = launch.plan_workers(workers, device, url)
-            final, how = launch.run(study, args, plans, trials, lambda line: None, poll=0.5)
+            final, how = launch.run(study, args, plans, lambda line: None, poll=0.5)
         stats = _cache_stats(cache)
     ok = stats["teacher_trainings"] == 1 and stats["max_passes"] <= 1
     return Entry(

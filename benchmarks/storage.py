@@ -53,12 +53,13 @@ class TrivialObjective(Objective):
 def _worker(url: str, study_name: str, steps: int, index: int, out: mp.Queue) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     from kdsweep.service.storage import open_storage
+    from kdsweep.service.sweep import Sweep
     from kdsweep.service.worker import run_worker
 
     storage = open_storage(url)
     objective = TrivialObjective(studies.load("q1"), "smoke", {}, Path(tempfile.gettempdir()), steps=steps)
     cpu = time.process_time()
-    summary = run_worker(objective, storage, study_name, seed=0, worker_index=index)
+    summary = run_worker(Sweep.join(storage, study_name, objective.study), objective)
     out.put((time.process_time() - cpu, summary.ran))
 
 
@@ -66,11 +67,11 @@ def measure(url: str, workers: int, trials: int, steps: int) -> dict[str, float]
     """Create the study with `trials` slots, run `workers` processes; ms of overhead per trial."""
     from kdsweep.service import spec as studies
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume
+    from kdsweep.service.sweep import Sweep
 
     study_def = studies.load("q1")
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    create_or_resume(study_def, "smoke", open_storage(url), name, trials, seed=0)
+    Sweep.create(open_storage(url), study_def, "smoke", name, trials, seed=0)
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(url, name, steps, i, out)) for i in range(workers)]

@@ -28,20 +28,19 @@ def rate(tmp: Path, workers: int, threads: int | None, trials: int, preset: str)
     from kdsweep.service import launch
     from kdsweep.service import spec as studies
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume
+    from kdsweep.service.sweep import Sweep
 
     name = f"scaling-{uuid.uuid4().hex[:6]}"
     url = f"sqlite:///{tmp / (name + '.db')}"
-    study = create_or_resume(studies.load(str(STUDY_FILE)), preset, open_storage(url), name,
-                             trials, seed=0)
+    study = Sweep.create(open_storage(url), studies.load(str(STUDY_FILE)), preset, name, trials, seed=0)
     with env(KDSWEEP_CACHE=str(tmp / "cache")):  # before planning: plans copy the environment
         plans = launch.plan_workers(workers, "cpu", url)
     for plan in plans:
         if threads is not None:
             plan.env["KDSWEEP_THREADS"] = plan.env["OMP_NUM_THREADS"] = str(threads)
-    args = [str(STUDY_FILE), "--study-name", name, "--seed", "0", "--no-tensorboard",
+    args = [str(STUDY_FILE), "--study-name", name, "--no-tensorboard",
             "--artifacts", str(tmp / f"{name}-artifacts")]
-    final, how = launch.run(study, args, plans, trials, lambda line: None, poll=0.5)
+    final, how = launch.run(study, args, plans, lambda line: None, poll=0.5)
     all_trials = optuna.load_study(study_name=name, storage=open_storage(url)).trials
     done = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = [t.user_attrs.get("fail_reason", "?") for t in all_trials

@@ -117,10 +117,9 @@ def _sqlite_path(storage: str) -> Path | None:
 
 
 def _load_existing(storage: str, study_name: str):
-    """Load a study to read it; a missing SQLite file is reported, not created."""
-    import optuna
-
+    """Load a sweep to read it; a missing SQLite file is reported, not created."""
     from kdsweep.service.storage import study_names
+    from kdsweep.service.sweep import Sweep, SweepNotFound
 
     path = _sqlite_path(storage)
     if path is not None and not path.exists():
@@ -130,8 +129,8 @@ def _load_existing(storage: str, study_name: str):
         )
     st = _open(storage, heartbeat=False)
     try:
-        return optuna.load_study(study_name=study_name, storage=st)
-    except KeyError:
+        return Sweep.load(st, study_name)
+    except SweepNotFound:
         names = ", ".join(study_names(st)) or "none"
         raise click.UsageError(
             f"no study named {study_name!r} in {redact(storage)}; studies there: {names}."
@@ -295,14 +294,15 @@ def set_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all workers (env KDSWEEP_N_TRIALS)."
+N_TRIALS_HELP = ("COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a "
+                 "new study, the stored N on resume; env KDSWEEP_N_TRIALS).")
 
 
 @main.command()
 @sweep_options
 @set_option
 @dataset_option
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=None,
               envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_WORKERS",
               help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
@@ -315,7 +315,7 @@ N_TRIALS_HELP = "COMPLETE + PRUNED trials the study ends with, across all worker
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], dataset: str | None, n_trials: int, workers: int | None,
+           overrides: tuple[str, ...], dataset: str | None, n_trials: int | None, workers: int | None,
            trials_per_device: int, timeout: float | None, dry_run: bool, force: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
@@ -346,16 +346,16 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         gpus = launcher.visible_gpus() if device != "cpu" else []
         workers = len(gpus) * trials_per_device if gpus else 1
     header = _preflight(study_def, preset, changes, _runtime(device, data, download))
-    from kdsweep.service.worker import create_or_resume
+    from kdsweep.service.sweep import Sweep
 
-    st = _open(storage)
-    sweep = create_or_resume(study_def, preset, st, study_name, n_trials, seed=seed, overrides=changes)
+    sweep = Sweep.create(_open(storage), study_def, preset, study_name, n_trials, seed=seed,
+                         overrides=changes)
     click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
-               f"{n_trials} trials, {workers} worker(s)")
+               f"{sweep.n_trials} trials, {workers} worker(s)")
     for line in header:
         click.echo(line)
     plans = launcher.plan_workers(workers, device, storage)
-    args = [study_def.source, "--study-name", study_name, "--seed", str(seed)]
+    args = [study_def.source, "--study-name", study_name]
     if data:
         args += ["--data", data]
     if download:
@@ -364,13 +364,13 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         args += ["--artifacts", artifacts]
     if not tensorboard:
         args.append("--no-tensorboard")
-    final, how = launcher.run(sweep, args, plans, n_trials, click.echo, timeout=timeout)
+    final, how = launcher.run(sweep, args, plans, click.echo, timeout=timeout)
     from kdsweep.service import baseline, report
 
-    reference = baseline.prepare(sweep, st) if how == "done" else None
+    reference = baseline.prepare(sweep) if how == "done" else None
     if reference is not None:  # the student alone, outside N: one run, all of this host's cores
         baseline.run(reference, args, launcher.plan_workers(1, device, storage), click.echo)
-    click.echo(launcher.summary_table(sweep))
+    click.echo(sweep.summary_table())
     for line in report.noise_summary(sweep):
         click.echo(line)
     if how == "interrupted":
@@ -379,9 +379,9 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     if how == "timeout":
         click.echo("timeout: run the same command again to finish the study.")
         return
-    if final.finished < n_trials:
+    if final.finished < (sweep.n_trials or 0):
         raise click.ClickException(
-            f"the study has {final.finished} of {n_trials} finished trials after {final.failed} "
+            f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
             "failures; see `kdsweep status` for their reasons."
         )
 
@@ -417,12 +417,12 @@ def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: di
 @sweep_options
 @set_option
 @dataset_option
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=None,
               envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
 @friendly
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], dataset: str | None, n_trials: int) -> None:
+           overrides: tuple[str, ...], dataset: str | None, n_trials: int | None) -> None:
     """Create STUDY (or raise its N) to finish N trials, without running workers.
 
     For many hosts: create once, then run `kdsweep worker` on each GPU host.
@@ -431,7 +431,7 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
     from kdsweep.service import spec as studies
-    from kdsweep.service.worker import counts, create_or_resume
+    from kdsweep.service.sweep import Sweep
 
     study_def = studies.load(study)
     changes = studies.parse_overrides(overrides)
@@ -439,15 +439,16 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     # No preflight: the host that creates a study need not hold its data (npz/folder data is
     # read once here, to record its default augmentation).
     changes = _with_dataset(study_def, preset, changes, dataset, _runtime(device, data, download))
-    sweep = create_or_resume(study_def, preset, _open(storage), study_name or study_def.name, n_trials,
-                             seed=seed, overrides=changes)
-    c = counts(sweep)
-    click.echo(f"study {sweep.study_name!r}: {c.waiting} waiting, {c.running} running, {c.finished} finished")
+    sweep = Sweep.create(_open(storage), study_def, preset, study_name, n_trials, seed=seed,
+                         overrides=changes)
+    c = sweep.counts()
+    click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
+               f"{c.finished} finished")
 
 
 @main.command()
 @sweep_options
-@click.option("--worker-index", type=int, default=0, help="Offsets the sampler seed per worker.")
+@click.option("--worker-index", type=int, default=0, help="Tags this worker's log lines (launch numbers its workers).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_THREADS",
               help="CPU threads of this worker (default: all cores; launch sets its share; env KDSWEEP_THREADS).")
 @friendly
@@ -462,12 +463,12 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     KDSWEEP_STORAGE=postgresql+psycopg://kd@db/kd kdsweep worker q2
     """
-    import optuna
-
+    from kdsweep.core.devices import resolve_device
     from kdsweep.service import spec as studies
     from kdsweep.service.objective import Objective
+    from kdsweep.service.sweep import Sweep, SweepNotFound
     from kdsweep.service.tensorboard import runs_root
-    from kdsweep.service.worker import DEFINITION, run_worker
+    from kdsweep.service.worker import run_worker
 
     ctx = click.get_current_context()
     _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
@@ -475,36 +476,30 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     study_name = study_name or study_def.name
     st = _open(storage, wait=True)  # a worker started during a database restart waits for it
     try:
-        stored = optuna.load_study(study_name=study_name, storage=st).user_attrs.get(DEFINITION) or {}
-    except KeyError:
+        sweep = Sweep.load(st, study_name, study_def)
+    except SweepNotFound:
         raise click.UsageError(
             f"no study named {study_name!r} in {redact(storage)}; create it with `kdsweep create` or `kdsweep launch`."
         ) from None
     given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
-    if given and stored.get("preset") not in (None, preset):
+    if given and sweep.definition.get("preset") not in (None, preset):
         raise click.UsageError(
-            f"study {study_name!r} was created with preset {stored['preset']!r}, not {preset!r}; "
+            f"study {study_name!r} was created with preset {sweep.preset!r}, not {preset!r}; "
             "drop --preset (workers read it from the study) or use another --study-name."
         )
-    preset = stored.get("preset", preset)
-    overrides = stored.get("overrides") or {}
+    sweep = Sweep.join(st, study_name, study_def)  # refuses another study file, preset or version
     runtime = _runtime(device, data, download, threads)
-    from kdsweep.core.devices import resolve_device
-
     resolve_device(device)
-    from kdsweep.service.worker import check_definition
-
-    check_definition(optuna.load_study(study_name=study_name, storage=st),
-                     study_def.definition(preset, overrides), study_name)
-    _preflight(study_def, preset, overrides, runtime)
+    _preflight(study_def, sweep.preset, sweep.overrides, runtime)
     objective = Objective(
-        study_def, preset, runtime, _artifacts(storage, study_name, artifacts),
-        tensorboard=runs_root(storage) / study_name if tensorboard else None, overrides=overrides,
+        study_def, sweep.preset, runtime, _artifacts(storage, study_name, artifacts),
+        tensorboard=runs_root(storage) / study_name if tensorboard else None, overrides=sweep.overrides,
     )
-    summary = run_worker(objective, st, study_name, seed=seed, worker_index=worker_index)
+    summary = run_worker(sweep, objective)
     logging.getLogger("kdsweep").info(
-        "worker %d done: %d trials (%d complete, %d pruned, %d failed)%s", worker_index, summary.ran,
-        summary.complete, summary.pruned, summary.failed, " - interrupted" if summary.interrupted else "")
+        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
+        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
+        " - interrupted" if summary.interrupted else "")
     if summary.interrupted:
         sys.exit(130)
 
@@ -522,45 +517,27 @@ def status(study_name: str, storage: str) -> None:
     \b
     kdsweep status q2
     """
-    from kdsweep.service.launch import best_line
-    from kdsweep.service.worker import counts
+    from optuna.trial import TrialState
+
+    from kdsweep.service import keys
+    from kdsweep.service.sweep import failed_for_good
 
     sweep = _load_existing(storage, study_name)
-    c = counts(sweep)
-    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed, "
-               f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting")
-    click.echo(best_line(sweep))
-    from kdsweep.service.report import noise_summary
-
+    c = sweep.counts()
+    requeued = f", {c.requeued} re-queued" if c.requeued else ""
+    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed{requeued}, "
+               f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting (N={sweep.n_trials})")
+    click.echo(sweep.best_line())
     if c.complete:
-        for line in noise_summary(sweep):  # issue 10
-            click.echo(f"  {line}")
-    import optuna
+        from kdsweep.service.report import noise_summary
 
-    for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+            click.echo(f"  {line}")
+    for t in sweep.trials(TrialState.RUNNING):
         last = max(t.intermediate_values) if t.intermediate_values else 0
         click.echo(f"  running trial {t.number}: epoch {last}, {json.dumps(t.params)}")
-    for t in sweep.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-5:]:
-        click.echo(f"  failed trial {t.number}: {t.user_attrs.get('fail_reason', 'worker died (heartbeat)')}")
-
-
-def export_best(sweep: Any) -> dict[str, Any]:
-    """The winning trial as a runnable document: value, trial number, params and full config."""
-    try:
-        best = sweep.best_trial  # COMPLETE trials only: a failed or pruned one never wins
-    except ValueError:
-        raise click.ClickException(
-            f"study {sweep.study_name!r} has no complete trial yet; run `kdsweep launch` first."
-        ) from None
-    return {
-        "study": sweep.study_name,
-        "trial": best.number,
-        "value": best.value,
-        "metric": (sweep.user_attrs.get("kdsweep.definition") or {}).get("metric", "val_acc"),
-        "params": best.params,
-        "kdsweep_version": best.user_attrs.get("kdsweep_version", kdsweep.__version__),
-        "config": best.user_attrs["config"],
-    }
+    for t in [t for t in sweep.trials(TrialState.FAIL) if failed_for_good(t)][-5:]:
+        click.echo(f"  failed trial {t.number}: {t.user_attrs.get(keys.FAIL_REASON, '?')}")
 
 
 def _dump(doc: Any, fmt: str) -> str:
@@ -605,7 +582,7 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
     sweep = _load_existing(storage, study_name)
     if verify_:
         try:
-            text = verify.run(sweep, _open(storage), storage, top, seeds, workers, device, data,
+            text = verify.run(sweep, storage, top, seeds, workers, device, data,
                               click.echo, start_workers=not no_run)
         except verify.VerifyError as exc:
             raise click.UsageError(str(exc)) from None
@@ -616,7 +593,10 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
     checked = verify.summary_text(sweep)
     if checked:
         click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
-    doc = export_best(sweep)
+    try:
+        doc = sweep.export_best()
+    except StudyError as exc:  # nothing to export yet: a runtime state, not a usage error
+        raise click.ClickException(str(exc)) from None
     from kdsweep.service.report import noise_summary
 
     for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
@@ -625,7 +605,7 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
         from kdsweep.service.weights import WeightsError, export_weights
 
         try:
-            export_weights(sweep.best_trial, doc, Path(weights))
+            export_weights(sweep.best_trial, doc, Path(weights))  # a complete trial: export_best found one
         except WeightsError as exc:
             raise click.ClickException(str(exc)) from None
     text = _dump(doc, fmt)
@@ -696,13 +676,10 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     """
     from kdsweep.service import space as sp
     from kdsweep.service import spec as studies
-    from kdsweep.service.worker import DEFINITION
 
     sweep = _load_existing(storage, study_name)
-    definition = sweep.user_attrs.get(DEFINITION) or {}
-    study_def = studies.load(study_file or definition.get("study", study_name))
-    space = study_def.space_for(definition.get("preset", "paper"))
-    points: list[dict[str, Any]] = [dict(p) for p in study_def.baselines] if baselines else []
+    sweep.spec = studies.load(study_file or sweep.spec_name)
+    points: list[dict[str, Any]] = [dict(p) for p in sweep.spec.baselines] if baselines else []
     if values:
         point = {}
         for item in values:
@@ -713,13 +690,8 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
         points.append(point)
     if not points:
         raise click.UsageError("give key=value pairs or --baselines.")
-    checked = [sp.validate_point(space, p) for p in points]  # all checked before any is stored
-    from kdsweep.service.storage import study_lock
-
-    with study_lock(sweep._storage, sweep._study_id):  # not counted twice by a worker's top-up
-        for p in checked:
-            sweep.enqueue_trial(p, skip_if_exists=True)
-            click.echo(f"enqueued {json.dumps(p)}")
+    for p in sweep.enqueue(points):  # every point checked before any is stored
+        click.echo(f"enqueued {json.dumps(p)}")
 
 
 @main.command()

@@ -14,7 +14,7 @@ import optuna
 from kdsweep.core import budget
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Categorical, Float
-from kdsweep.service.spec import Preset, Study
+from kdsweep.service.spec import Preset, StudySpec
 
 CNN = {"model.family": ["cnn"]}
 REGULARISED = {"reg.kind": ["dropout", "spatial_dropout", "dropblock"]}
@@ -77,7 +77,7 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
 
 
-STUDY = Study(
+STUDY = StudySpec(
     name="q1",
     description="MLP vs CNN at a matched parameter budget; dropout, spatial dropout, DropBlock, factorized kernels",
     space=SPACE,

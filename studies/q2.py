@@ -27,7 +27,7 @@ import optuna
 
 from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Float
-from kdsweep.service.spec import Preset, Study
+from kdsweep.service.spec import Preset, StudySpec
 
 SPACE = [
     Float("kd.alpha", 0.0, 1.0),
@@ -41,7 +41,7 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
 
 
-STUDY = Study(
+STUDY = StudySpec(
     name="q2",
     description="Knowledge distillation ResNet50 -> ResNet18: alpha and temperature",
     space=SPACE,

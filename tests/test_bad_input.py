@@ -23,7 +23,7 @@ from pgcluster import Cluster, free_port, pg_cluster  # noqa: F401
 from kdsweep.cli import main
 from kdsweep.service import spec as studies
 from kdsweep.service.storage import open_storage
-from kdsweep.service.worker import create_or_resume
+from kdsweep.service.sweep import Sweep
 
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
 TINY_TEXT = TINY.read_text()
@@ -162,7 +162,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Cluster) -> tup
     """A SQLite storage and the cluster's database, each holding study tiny with 3 slots."""
     url = f"sqlite:///{tmp_path_factory.mktemp('bad') / 'sweep.db'}"
     for u in (url, pg_cluster.url()):
-        create_or_resume(studies.load(str(TINY)), "quick", open_storage(u), "tiny", 3, seed=0)
+        Sweep.create(open_storage(u), studies.load(str(TINY)), "quick", "tiny", 3, seed=0)
     return url, pg_cluster
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from kdsweep.cli import main
 from kdsweep.service import spec as studies
-from kdsweep.service.worker import counts
+from kdsweep.service.sweep import Sweep
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
@@ -229,7 +229,7 @@ def test_create_records_overrides_and_resumes(created: str) -> None:
     definition = study.user_attrs["kdsweep.definition"]
     assert definition["overrides"] == {"epochs": 2} and definition["preset"] == "smoke"
     result = run("create", "q2", "--preset", "smoke", "--set", "epochs=2", "-n", "2", "--storage", created)
-    assert result.exit_code == 0 and counts(study).waiting == 2  # resumed, not doubled
+    assert result.exit_code == 0 and Sweep(study).counts().waiting == 2  # resumed, not doubled
 
 
 def test_status_reads_the_storage_from_the_environment(created: str) -> None:

@@ -19,8 +19,8 @@ import optuna
 import pytest
 from PIL import Image
 
+from kdsweep.service import keys
 from kdsweep.service import spec as studies
-from kdsweep.service.worker import DEFINITION
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -31,7 +31,7 @@ N_TRIALS = 6
 def _finished_smoke_study(url: str) -> None:
     """A finished q2 smoke-sized study (known values, one pruned trial) with kdsweep's attrs."""
     study = optuna.create_study(study_name=STUDY, storage=url, direction="maximize")
-    study.set_user_attr(DEFINITION, studies.load("q2").definition("smoke"))
+    study.set_user_attr(keys.DEFINITION, studies.load("q2").definition("smoke"))
     dists = {"kd.alpha": optuna.distributions.FloatDistribution(0.0, 1.0),
              "kd.temperature": optuna.distributions.FloatDistribution(1.0, 20.0)}
     for i in range(N_TRIALS):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from kdsweep import cli
 from kdsweep.service.storage import open_storage
-from kdsweep.service.worker import counts
+from kdsweep.service.sweep import Sweep
 
 
 def _waiting_points(url: str, name: str) -> list[dict]:
@@ -49,7 +49,7 @@ def test_baselines_come_from_the_study_file(q2: str) -> None:
     assert {"kd.alpha": 0.0, "kd.temperature": 1.0} in points and len(points) == 2
     # The two points are the study's two trials, not two more.
     study = optuna.load_study(study_name="q2", storage=open_storage(q2, heartbeat=False))
-    c = counts(study)
+    c = Sweep(study).counts()
     assert (c.waiting, c.unmade) == (2, 0)
 
 

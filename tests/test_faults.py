@@ -23,9 +23,10 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 from pgcluster import Cluster, machine_database, pg_cluster, wait_until  # noqa: F401
 
+from kdsweep.service import keys
 from kdsweep.service import spec as studies
 from kdsweep.service.storage import open_storage
-from kdsweep.service.worker import DEFINITION, counts, create_or_resume
+from kdsweep.service.sweep import Sweep
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,15 @@ def fast_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def create(url: str, preset: str, n: int, **kwargs) -> optuna.Study:
-    return create_or_resume(studies.load(str(TINY)), preset, open_storage(url), "tiny", n, seed=0, **kwargs)
+    return Sweep.create(open_storage(url), studies.load(str(TINY)), preset, "tiny", n, seed=0, **kwargs).study
+
+
+def counts(study: optuna.Study):
+    return Sweep(study).counts()
+
+
+def join(url: str, objective) -> Sweep:  # noqa: ANN001
+    return Sweep.join(open_storage(url), "tiny", objective.study)
 
 
 def load(url: str) -> optuna.Study:
@@ -313,7 +322,8 @@ def crowd_worker(url: str, index: int) -> None:
     from kdsweep.service.worker import run_worker
 
     logging.basicConfig(level=logging.WARNING)
-    summary = run_worker(trivial_objective(Path.cwd()), open_storage(url), "tiny", seed=0, worker_index=index)
+    objective = trivial_objective(Path.cwd())
+    summary = run_worker(join(url, objective), objective)
     print(json.dumps({"ran": summary.ran, "failed": summary.failed}))
 
 
@@ -346,7 +356,6 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
     import numpy as np
     import torch
 
-    from kdsweep.cli import export_best
     from kdsweep.core import train as train_mod
     from kdsweep.core.config import replace
     from kdsweep.service import objective as objective_mod
@@ -387,7 +396,7 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
         study.enqueue_trial(p, skip_if_exists=False)
     study_def = studies.load(str(TINY))
     objective = Objective(study_def, "faults", {"device": "cpu", "threads": 1}, tmp_path / "artifacts")
-    summary = run_worker(objective, open_storage(url), "tiny", seed=0)
+    summary = run_worker(join(url, objective), objective)
 
     study = load(url)
     trials = study.trials
@@ -402,7 +411,7 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
     assert counts(study).running == counts(study).waiting == 0
     # A failed trial can never be `best`, whatever it reported before failing.
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    winner = export_best(study)
+    winner = Sweep(study).export_best()
     assert trials[winner["trial"]].state == TrialState.COMPLETE
     assert winner["value"] == max(t.value for t in complete)
 
@@ -417,7 +426,7 @@ def test_worker_from_elsewhere_refuses(tmp_path: Path, monkeypatch: pytest.Monke
     study = create(url, "quick", 2)
     other = tmp_path / "tiny.py"  # the same study file on another host, edited since
     other.write_text(TINY.read_text().replace("Float(\"optim.lr\", 0.01, 0.3", "Float(\"optim.lr\", 0.01, 0.5"))
-    stored = dict(study.user_attrs[DEFINITION])
+    stored = dict(study.user_attrs[keys.DEFINITION])
 
     def refuse(args: list[str], fragment: str) -> None:
         before = [(t.number, t.state) for t in load(url).trials]
@@ -432,7 +441,7 @@ def test_worker_from_elsewhere_refuses(tmp_path: Path, monkeypatch: pytest.Monke
     refuse([str(other)], "space.optim.lr.high: study has 0.3, this worker has 0.5")
     refuse([str(TINY), "--preset", "slow"], "was created with preset 'quick', not 'slow'")
     # A study created by another kdsweep version: its recorded definition says so.
-    load(url).set_user_attr(DEFINITION, {**stored, "kdsweep_version": "0.0.1"})
+    load(url).set_user_attr(keys.DEFINITION, {**stored, "kdsweep_version": "0.0.1"})
     refuse([str(TINY)], "kdsweep_version: study has '0.0.1'")
 
 
@@ -478,7 +487,7 @@ def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, ti
     for p in (good, {**good, "optim.lr": greedy_lr}, {**good, "optim.lr": 0.06}):
         study.enqueue_trial(p, skip_if_exists=False)
     objective = Objective(studies.load(str(TINY)), "quick", {"device": "cuda"}, tmp_path / "artifacts")
-    summary = run_worker(objective, open_storage(url), "tiny", seed=0)
+    summary = run_worker(join(url, objective), objective)
     trials = load(url).trials
     assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory"), \

@@ -17,6 +17,7 @@ from PIL import Image
 from kdsweep import cli
 from kdsweep.service import report
 from kdsweep.service.storage import open_storage
+from kdsweep.service.sweep import Sweep
 
 Q1_TRIALS = [  # params, curve (val_acc per epoch), pruned
     ({"model.family": "mlp", "optim.lr": 0.05}, [0.50, 0.60, 0.62], False),
@@ -109,7 +110,7 @@ def test_plotly_figures_mark_pruned_trials_and_groups(q1: optuna.Study) -> None:
 
 
 def test_write_report_files(q2: optuna.Study, tmp_path: Path) -> None:
-    files = report.write_report(q2, tmp_path / "r")
+    files = report.write_report(Sweep(q2), tmp_path / "r")
     out = tmp_path / "r"
     for name in ("history", "intermediate", "importance", "kd_contour"):
         assert files[name] == [f"{name}.html", f"{name}.png"]
@@ -150,7 +151,23 @@ def test_report_of_one_complete_and_one_pruned_trial(tmp_path: Path) -> None:
              "kd.temperature": optuna.distributions.FloatDistribution(1, 20)}
     study = _study("q2", [({"kd.alpha": 0.5, "kd.temperature": 3.0}, [0.6, 0.7], False),
                           ({"kd.alpha": 0.9, "kd.temperature": 3.0}, [0.2], True)], dists)
-    files = report.write_report(study, tmp_path)  # too few trials for importances: still a report
+    files = report.write_report(Sweep(study), tmp_path)  # too few trials for importances: still a report
     assert set(files) == {"history", "intermediate", "importance", "kd_contour"}
     assert report.figure_data(study)["importance"] == {}
     assert all((tmp_path / f"{name}.png").exists() for name in files)
+
+
+def test_the_summary_counts_requeued_attempts_apart_from_failures(tmp_path: Path) -> None:
+    from kdsweep.service import keys
+
+    dists = {"kd.alpha": optuna.distributions.FloatDistribution(0, 1),
+             "kd.temperature": optuna.distributions.FloatDistribution(1, 20)}
+    study = _study("q2", [({"kd.alpha": 0.5, "kd.temperature": 3.0}, [0.6, 0.7], False)], dists)
+    point = {"kd.alpha": 0.1, "kd.temperature": 2.0}
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.FAIL, params=point, distributions=dists,
+                                        user_attrs={keys.REQUEUED: "worker died (no heartbeat)"}))
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.FAIL, params=point, distributions=dists,
+                                        user_attrs={keys.FAIL_REASON: "RuntimeError: boom"}))
+    report.write_report(Sweep(study), tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "complete 1, failed 1, requeued 1." in summary

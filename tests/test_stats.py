@@ -83,6 +83,8 @@ def test_report_summary_prints_the_paired_interval():
     for i, m in enumerate((base, other)):
         t = trial(i, m)
         study.add_trial(t)
-    text = report.summary_markdown(study, {}, {})
+    from kdsweep.service.sweep import Sweep
+
+    text = report.summary_markdown(Sweep(study), {}, {})
     assert "How much of the top is noise" in text
     assert "95% CI" in text and "paired on 1000 images" in text and "--verify" in text

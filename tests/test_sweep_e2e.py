@@ -28,9 +28,9 @@ from optuna.trial import TrialState
 import kdsweep
 from kdsweep.cli import main
 from kdsweep.core.config import TrainConfig, from_dict, to_dict
+from kdsweep.service import keys
 from kdsweep.service import spec as studies
 from kdsweep.service.launch import cpu_cores
-from kdsweep.service.objective import INFEASIBLE
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def check_sweep(study_name: str, url: str, proc: subprocess.CompletedProcess[str
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     complete, pruned = by_state[TrialState.COMPLETE], by_state[TrialState.PRUNED]
     assert not by_state[TrialState.RUNNING] and not by_state[TrialState.WAITING]
-    assert not [t for t in pruned if INFEASIBLE in t.user_attrs], "infeasible points were sampled"
+    assert not [t for t in pruned if keys.INFEASIBLE in t.user_attrs], "infeasible points were sampled"
     assert len(complete) + len(pruned) == N  # exactly N, not "N or a few more"
     assert complete, "no trial completed"
 

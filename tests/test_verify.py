@@ -15,6 +15,7 @@ from tiny_sweep import run_tiny_sweep, write_study
 from kdsweep import cli
 from kdsweep.service import verify
 from kdsweep.service.storage import open_storage
+from kdsweep.service.sweep import Sweep
 
 
 def test_paired_interval_matches_scipy() -> None:
@@ -50,7 +51,7 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     study_file = write_study(tmp_path, tiny_npz)
     url = f"sqlite:///{tmp_path}/v.db"
     sweep = run_tiny_sweep(study_file, url, 3, tmp_path, tensorboard=False)
-    top = verify.top_trials(sweep, 2)
+    top = Sweep(sweep).top(2)
     monkeypatch.setenv("KDSWEEP_STUDIES", str(tmp_path))  # the workers find the study file by name
     monkeypatch.setenv("KDSWEEP_THREADS", "1")
     result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--seeds", "2", "--top", "2",
@@ -141,15 +142,15 @@ def test_best_weights_missing_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_verify_refuses_a_study_the_local_file_no_longer_matches(tmp_path: Path, tiny_npz: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsweep.service import keys
     from kdsweep.service import spec as studies
-    from kdsweep.service.worker import DEFINITION, create_or_resume
 
     study_file = write_study(tmp_path, tiny_npz)
     url = f"sqlite:///{tmp_path}/d.db"
-    sweep = create_or_resume(studies.load(str(study_file)), "smoke", open_storage(url), "tiny", 1)
-    stale = sweep.user_attrs[DEFINITION]
+    sweep = Sweep.create(open_storage(url), studies.load(str(study_file)), "smoke", "tiny", 1).study
+    stale = sweep.user_attrs[keys.DEFINITION]
     stale["config"]["epochs"] = 7  # as if the study file changed since the sweep ran
-    sweep.set_user_attr(DEFINITION, stale)
+    sweep.set_user_attr(keys.DEFINITION, stale)
     sweep.add_trial(optuna.create_trial(value=0.5, params={}, distributions={}))
     monkeypatch.setenv("KDSWEEP_STUDIES", str(tmp_path))
     result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--storage", url])

@@ -15,9 +15,9 @@ import optuna
 
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Categorical, Float
-from kdsweep.service.spec import Preset, Study
+from kdsweep.service.spec import Preset, StudySpec
 
-STUDY = Study(
+STUDY = StudySpec(
     name="tiny",
     description="tiny MLP on tiny.npz (tests)",
     space=[
@@ -54,14 +54,15 @@ def run_tiny_sweep(study_file: Path, url: str, n_trials: int, folder: Path,
     from kdsweep.service import spec as studies
     from kdsweep.service.objective import Objective
     from kdsweep.service.storage import open_storage
-    from kdsweep.service.worker import create_or_resume, run_worker
+    from kdsweep.service.sweep import Sweep
+    from kdsweep.service.worker import run_worker
 
     study_def = studies.load(str(study_file))
     storage = open_storage(url)
-    create_or_resume(study_def, "smoke", storage, study_name, n_trials, seed=0)
+    sweep = Sweep.create(storage, study_def, "smoke", study_name, n_trials, seed=0)
     objective = Objective(
         study_def, "smoke", {"device": "cpu", "threads": 1}, folder / "kdsweep-artifacts" / study_name,
         tensorboard=folder / "runs" / study_name if tensorboard else None,
     )
-    run_worker(objective, storage, study_name, seed=0)
+    run_worker(Sweep.join(storage, sweep.name, study_def), objective)
     return optuna.load_study(study_name=study_name, storage=storage)

@@ -7,7 +7,7 @@ hour measure parallel efficiency and nothing else (no sampler choices, no prunin
 import optuna
 
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.service.spec import Preset, Study
+from kdsweep.service.spec import Preset, StudySpec
 
 BASE = TrainConfig(
     data=DataConfig(dataset="fashion-mnist", val_size=1000, train_subset=4000, pad=2),
@@ -17,7 +17,7 @@ BASE = TrainConfig(
     batch_size=128,
 )
 
-STUDY = Study(
+STUDY = StudySpec(
     name="bench_fixed",
     description="benchmark: identical fixed-config Q1 CNN trials (worker_scaling)",
     space=[],

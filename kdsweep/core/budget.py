@@ -55,6 +55,8 @@ def count_params(cfg: ModelConfig, in_shape: Sequence[int], num_classes: int) ->
     Dropout2d and DropBlock2d carry no parameters (tests check the count against real models
     for every regulariser), and building a CNN costs ~10 ms even on the meta device.
     """
+    if cfg.budget is not None and not (cfg.hidden if cfg.arch == "mlp" else cfg.channels):
+        cfg = resolve(cfg, in_shape, num_classes)  # the model a budget config builds
     key = dataclasses.replace(
         cfg, regularizer="none", rate=0.0, ramp=True, block_size=1, block_sizes=()
     )

@@ -191,23 +191,24 @@ def check(cfg: ModelConfig, in_shape: Sequence[int], num_classes: int) -> None:
 
 
 def complete(cfg: ModelConfig, in_shape: Sequence[int], num_classes: int) -> ModelConfig:
-    """The config `build_model` actually builds: widths resolved (budget) or defaulted, block sizes set.
+    """The config `build_model` actually builds: widths defaulted, block sizes set.
 
-    Given widths are kept as they are, so a stored resolved config rebuilds the same model.
+    Given widths are kept as they are, so a stored resolved config rebuilds the same model. A
+    budget is solved before a model is built (`kdsweep.core.budget.resolve`, which
+    `kdsweep.core.train.resolve` calls): the solver builds models to count them, so this module
+    never calls it.
     """
+    widths = cfg.hidden if cfg.arch == "mlp" else cfg.channels
+    if not widths and cfg.budget is not None:
+        raise ConfigError(
+            f"model.budget={cfg.budget} is set but its widths are not solved; resolve the config "
+            "first (kdsweep.core.budget.resolve or kdsweep.core.train.resolve)."
+        )
     if cfg.arch == "mlp":
         if not cfg.hidden:
-            if cfg.budget is not None:
-                from kdsweep.core.budget import resolve  # lazy: budget builds models to count them
-
-                return resolve(cfg, in_shape, num_classes)
             cfg = dataclasses.replace(cfg, hidden=(DEFAULT_MLP_WIDTH,) * cfg.depth)
         return cfg
     if not cfg.channels:
-        if cfg.budget is not None:
-            from kdsweep.core.budget import resolve
-
-            return resolve(cfg, in_shape, num_classes)
         cfg = dataclasses.replace(cfg, channels=(cfg.width, 2 * cfg.width, 4 * cfg.width))
     if cfg.regularizer == "dropblock" and not cfg.block_sizes:
         cfg = dataclasses.replace(cfg, block_sizes=dropblock_sizes(cfg.block_size, in_shape))

@@ -11,11 +11,11 @@ order and augmentation stream), is never pruned, and also scores the test set.
 
 The comparison is paired on the validation images (kdsweep/service/stats.py) but uses one
 seed per side, so seed-to-seed noise is not in its interval; `kdsweep best --verify` re-trains
-the reference beside the top configs on fresh seeds (see `verify.prepare`).
+the reference beside the top configs on fresh seeds (see `add_to_verification`).
 
 Hooks (who calls what): launch calls `prepare` after creating the sweep and runs the
 sibling's waiting trial with a worker (`run`); `best`, `status` and the report print
-`difference_line`; `verify.prepare` enqueues `reference_point` as one more configuration.
+`difference_line`; `verify.run` queues it beside the top configs (`add_to_verification`), seed-paired.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.service import stats
+from kdsweep.service import keys, stats
+from kdsweep.service.sweep import Sweep
 
 SUFFIX = ".baseline"
-OF = "kdsweep.baseline_of"  # study user attr of a sibling: the sweep it is the reference of
-REFERENCE = "baseline.reference"  # trial user attr: this run is the α=0 reference
-# The student alone: no soft term. T does nothing at α=0; 1.0 is inside q2's range.
+OF = keys.BASELINE_OF  # study user attr of a sibling: the sweep it is the reference of
+REFERENCE = keys.BASELINE_REFERENCE  # trial user attr: this run is the alpha=0 reference
+# The student alone: no soft term. T does nothing at alpha=0; 1.0 is inside q2's range.
 POINT = {"kd.alpha": 0.0, "kd.temperature": 1.0}
 
 
@@ -41,7 +41,7 @@ def sibling_name(study_name: str) -> str:
 
 
 def reference_point(space: Sequence[Any]) -> dict[str, Any] | None:
-    """The α=0 point of a KD search space (checked against it), or None for other studies."""
+    """The alpha=0 point of a KD search space (checked against it), or None for other studies."""
     from kdsweep.service import space as sp
 
     names = {p.name for p in space}
@@ -50,70 +50,64 @@ def reference_point(space: Sequence[Any]) -> dict[str, Any] | None:
     return sp.validate_point(list(space), dict(POINT))
 
 
-def sweep_seed(sweep: optuna.Study) -> int:
-    """The seed every trial of the sweep trains with (its base config's)."""
-    from kdsweep.service.worker import DEFINITION
-
-    config = (sweep.user_attrs.get(DEFINITION) or {}).get("config") or {}
-    return int(config.get("seed", 0))
+def sweep_seed(sweep: Sweep) -> int:
+    """The training seed every trial of the sweep uses (its base config's)."""
+    return int((sweep.definition.get("config") or {}).get("seed", 0))
 
 
-def _space(sweep: optuna.Study) -> list[Any] | None:
+def _reference(sweep: Sweep) -> dict[str, Any] | None:
     from kdsweep.service import spec as studies
-    from kdsweep.service.worker import DEFINITION
 
-    definition = sweep.user_attrs.get(DEFINITION) or {}
+    definition = sweep.definition
     if "study" not in definition or "preset" not in definition:
         return None
-    study_def = studies.load(definition["study"])
-    return study_def.space_for(definition["preset"], definition.get("overrides") or {})
+    spec = sweep.spec or studies.load(definition["study"])
+    return reference_point(spec.space_for(sweep.preset, sweep.overrides))
 
 
-def prepare(sweep: optuna.Study, storage: BaseStorage) -> optuna.Study | None:
-    """Create `<sweep>.baseline` with its one waiting α=0 run, unless it is there already.
+def _copy_definition(sweep: Sweep, study: optuna.Study) -> None:
+    for key in (keys.DEFINITION, keys.SCHEMA, keys.UID, keys.SEED):  # workers must agree
+        if key in sweep.attrs:
+            study.set_user_attr(key, sweep.attrs[key])
+
+
+def prepare(sweep: Sweep) -> Sweep | None:
+    """Create `<sweep>.baseline` with its one waiting alpha=0 run, unless it is there already.
 
     Returns the sibling, or None when the sweep is not a KD study (its space has no kd.alpha)
     or is itself a sibling. A failed run is queued again; a complete, running or waiting one
     is left alone, so calling this on every launch (a resume) adds nothing.
     """
-    from kdsweep.service.verify import OF as VERIFY_OF
-    from kdsweep.service.verify import SEED
-    from kdsweep.service.worker import MAX_FAILURES
-
-    if OF in sweep.user_attrs or VERIFY_OF in sweep.user_attrs:
+    if OF in sweep.attrs or sweep.verifies is not None:
         return None
-    space = _space(sweep)
-    point = reference_point(space) if space is not None else None
+    point = _reference(sweep)
     if point is None:
         return None
-    sibling = optuna.create_study(study_name=sibling_name(sweep.study_name), storage=storage,
-                                  direction=sweep.direction, load_if_exists=True)
-    for key, value in sweep.user_attrs.items():  # definition, overrides: workers must agree
-        if key.startswith("kdsweep."):
-            sibling.set_user_attr(key, value)
-    sibling.set_user_attr(OF, sweep.study_name)
-    sibling.set_user_attr("description", f"the student alone (alpha=0), reference of {sweep.study_name!r}")
-    sibling.set_user_attr(MAX_FAILURES, 0)  # a failed run is re-queued by the next launch
-    live = [t for t in sibling.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
-    if not live:
-        sibling.enqueue_trial(point, user_attrs={SEED: sweep_seed(sweep), REFERENCE: True},
-                              skip_if_exists=False)
+    study = optuna.create_study(study_name=sibling_name(sweep.name), storage=sweep.study._storage,
+                                direction=sweep.study.direction, load_if_exists=True)
+    sibling = Sweep(study, sweep.spec)
+    with sibling.lock():
+        _copy_definition(sweep, study)
+        study.set_user_attr(OF, sweep.name)
+        study.set_user_attr(keys.DESCRIPTION, f"the student alone (alpha=0), reference of {sweep.name!r}")
+        study.set_user_attr(keys.MAX_FAILURES, 0)  # a failed run is queued again by the next launch
+        study.set_user_attr(keys.N_TRIALS, 1)  # its one run: workers never sample a point here
+        if not [t for t in sibling.trials() if t.state != TrialState.FAIL]:
+            study.enqueue_trial(point, skip_if_exists=False,
+                                user_attrs={keys.VERIFY_SEED: sweep_seed(sweep), REFERENCE: True})
     return sibling
 
 
-def find(sweep: optuna.Study) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=sibling_name(sweep.study_name), storage=sweep._storage)
-    except KeyError:
-        return None
+def find(sweep: Sweep) -> Sweep | None:
+    return sweep.sibling(SUFFIX)
 
 
-def result(sweep: optuna.Study) -> FrozenTrial | None:
-    """The complete α=0 reference run of `sweep`, or None while there is none."""
+def result(sweep: Sweep) -> FrozenTrial | None:
+    """The complete alpha=0 reference run of `sweep`, or None while there is none."""
     sibling = find(sweep)
     if sibling is None:
         return None
-    done = [t for t in sibling.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    done = [t for t in sibling.trials(TrialState.COMPLETE) if t.value is not None]
     return done[-1] if done else None
 
 
@@ -130,14 +124,34 @@ def difference_line(winner: FrozenTrial, reference: FrozenTrial | None, study_na
                           f"`kdsweep best {study_name} --verify` re-trains both on fresh seeds.")
 
 
-def run(sibling: optuna.Study, worker_args: list[str], plans: Sequence[Any],
+def add_to_verification(sweep: Sweep, sibling: Sweep, seeds: Sequence[int], rank: int) -> int:
+    """Queue the alpha=0 reference in `<sweep>.verify` on `seeds` (one more configuration,
+    seed-paired with the top configs); how many runs that request holds (0: not a KD study)."""
+    from kdsweep.service.verify import REFERENCE_SOURCE
+
+    point = _reference(sweep)
+    if point is None:
+        return 0
+    with sibling.lock():
+        present = {(t.user_attrs.get(keys.VERIFY_SOURCE), t.user_attrs.get(keys.VERIFY_SEED))
+                   for t in sibling.trials() if t.state != TrialState.FAIL}
+        for seed in seeds:
+            if (REFERENCE_SOURCE, seed) not in present:
+                sibling.study.enqueue_trial(point, skip_if_exists=False, user_attrs={
+                    keys.VERIFY_SOURCE: REFERENCE_SOURCE, keys.VERIFY_SEED: seed, keys.VERIFY_RANK: rank,
+                    REFERENCE: True})
+                present.add((REFERENCE_SOURCE, seed))
+        sibling.study.set_user_attr(keys.N_TRIALS, len(present))
+    return len(seeds)
+
+
+def run(sibling: Sweep, worker_args: list[str], plans: Sequence[Any],
         echo: Callable[[str], None], extra_env: Mapping[str, str] | None = None) -> None:
     """Run the sibling's waiting reference run with launch's worker processes (one is enough)."""
     from kdsweep.service import launch as launcher
 
-    waiting = sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    if not waiting:
+    if not sibling.trials(TrialState.WAITING):
         return
-    echo(f"training the student alone (alpha=0) once, in {sibling.study_name!r}")
-    launcher.run(sibling, [*worker_args, "--study-name", sibling.study_name], list(plans)[:1], 1, echo,
+    echo(f"training the student alone (alpha=0) once, in {sibling.name!r}")
+    launcher.run(sibling, [*worker_args, "--study-name", sibling.name], list(plans)[:1], echo,
                  extra_env=extra_env)

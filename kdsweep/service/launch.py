@@ -17,10 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import optuna
-from optuna.trial import TrialState
-
-from kdsweep.service.worker import Counts, counts
+from kdsweep.service.sweep import Counts, Sweep
 
 
 def cpu_cores() -> int:
@@ -71,45 +68,10 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
     return plans
 
 
-def best_line(study: optuna.Study) -> str:
-    try:
-        best = study.best_trial
-    except ValueError:
-        return "no finished trial yet"
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
-    return f"best {best.value:.4f} (trial {best.number}: {params})"
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def progress_line(c: Counts, n_trials: int, study: optuna.Study) -> str:
-    return (f"[{c.finished}/{n_trials}] complete {c.complete}, pruned {c.pruned}, "
-            f"failed {c.failed}, running {c.running} | {best_line(study)}")
-
-
-def summary_table(study: optuna.Study, top: int = 5) -> str:
-    """The best `top` trials as a fixed-width table."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    done.sort(key=lambda t: t.value, reverse=maximize)
-    if not done:
-        return "no complete trials."
-    keys = sorted({k for t in done[:top] for k in t.params})
-    header = ["trial", "value", "epochs"] + keys
-    rows = [[str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", ""))]
-            + [_fmt(t.params.get(k, "-")) for k in keys] for t in done[:top]]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header] + rows]
-    return "\n".join(lines)
-
-
 def run(
-    study: optuna.Study,
+    sweep: Sweep,
     worker_args: list[str],
     plans: list[WorkerPlan],
-    n_trials: int,
     echo: Callable[[str], None],
     timeout: float | None = None,
     poll: float = 2.0,
@@ -142,7 +104,7 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = progress_line(counts(study), n_trials, study)
+            line = sweep.progress_line()
             if line != last:
                 echo(line)
                 last = line
@@ -166,6 +128,6 @@ def run(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    final = counts(study)
-    echo(progress_line(final, n_trials, study))
+    final = sweep.counts()
+    echo(sweep.progress_line(final))
     return final, stop["why"] or "done"

@@ -23,26 +23,18 @@ from kdsweep.core.budget import BudgetError
 from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
 from kdsweep.core.train import input_shape, resolve, train
+from kdsweep.service import keys, stats
 from kdsweep.service import space as sp
-from kdsweep.service import stats
-from kdsweep.service.spec import Study
+from kdsweep.service.spec import StudySpec
+from kdsweep.service.sweep import origin
 
 log = logging.getLogger("kdsweep.service.objective")
 
-INFEASIBLE = "infeasible"  # user attr of trials whose choices cannot meet the budget
-UID = "kdsweep.uid"  # study user attr: a random id, unique to this study across storages
 
 
 def _drop(checkpoint: Path) -> None:
     checkpoint.unlink(missing_ok=True)
     checkpoint.with_suffix(".owner").unlink(missing_ok=True)
-
-
-def origin(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
-    """The number of the first attempt of this trial (retries of a dead worker's trial share it)."""
-    if isinstance(trial, optuna.Trial):  # Optuna 5's Trial no longer exposes system_attrs
-        trial = trial.study._storage.get_trial(trial._trial_id)
-    return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
 def count_params(config: TrainConfig) -> int:
@@ -66,7 +58,7 @@ def count_flops(config: TrainConfig) -> int:
 
 @dataclass
 class Objective:
-    study: Study
+    study: StudySpec
     preset: str
     runtime: Mapping[str, Any]  # device, threads, data root, ... (not part of the definition)
     artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
@@ -82,7 +74,7 @@ class Objective:
         space = self.study.space_for(self.preset, self.overrides)
         params = sp.sample(trial, space)
         # A seed-verification run (kdsweep/service/verify.py) re-trains fixed params with its own seed.
-        fixed_seed = trial.user_attrs.get("verify.seed")
+        fixed_seed = trial.user_attrs.get(keys.VERIFY_SEED)
         try:
             config = self.config(params)
             if fixed_seed is not None:  # verification and baseline runs: their seed, test accuracy too
@@ -90,17 +82,17 @@ class Objective:
             config = resolve(config)
         except BudgetError as exc:
             # Kept out of the space by the study files; a custom space may still hit it.
-            trial.set_user_attr(INFEASIBLE, str(exc))
+            trial.set_user_attr(keys.INFEASIBLE, str(exc))
             raise optuna.TrialPruned(f"infeasible: {exc}") from None
         # Everything that reproduces the trial is stored before it trains, so a pruned or
         # failed trial carries it too.
-        trial.set_user_attr("config", to_dict(config))
-        trial.set_user_attr("seed", config.seed)
-        trial.set_user_attr("dataset", config.data.dataset)
-        trial.set_user_attr("device", str(resolve_device(config.device)))
-        trial.set_user_attr("params", count_params(config))
-        trial.set_user_attr("flops", count_flops(config))  # beside params: budgets match one, not both
-        trial.set_user_attr("kdsweep_version", kdsweep.__version__)
+        trial.set_user_attr(keys.CONFIG, to_dict(config))
+        trial.set_user_attr(keys.TRAIN_SEED, config.seed)
+        trial.set_user_attr(keys.DATASET, config.data.dataset)
+        trial.set_user_attr(keys.DEVICE, str(resolve_device(config.device)))
+        trial.set_user_attr(keys.PARAMS_COUNT, count_params(config))
+        trial.set_user_attr(keys.FLOPS, count_flops(config))  # beside params: budgets match one, not both
+        trial.set_user_attr(keys.VERSION, kdsweep.__version__)
 
         checkpoint = self._checkpoint(trial)
         writer = None
@@ -112,7 +104,7 @@ class Objective:
 
         def report(epoch: int, metrics: Mapping[str, float]) -> None:
             trial.report(metrics[self.study.metric], epoch)
-            trial.set_user_attr("epochs_run", epoch)
+            trial.set_user_attr(keys.EPOCHS_RUN, epoch)
             if writer is not None:
                 writer.epoch(epoch, metrics)
             log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
@@ -122,7 +114,7 @@ class Objective:
             # Ray Tune's ASHA, a trial that reaches the end completes. Verification runs always
             # finish.
             if fixed_seed is None and epoch < config.epochs and trial.should_prune():
-                trial.set_user_attr("pruned_reason", f"pruner stopped it after epoch {epoch}")
+                trial.set_user_attr(keys.PRUNED_REASON, f"pruner stopped it after epoch {epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
@@ -135,22 +127,22 @@ class Objective:
             _drop(checkpoint)
             raise
         finally:
-            trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
+            trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - start, 3))
             if writer is not None:
                 writer.close(params, {"trial": trial.number, "seed": config.seed})
         # params and device were stored before training (the same values train() reports).
-        trial.set_user_attr("param_split", result.param_split)
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
-        trial.set_user_attr("best_val_acc", result.best_val_acc)
+        trial.set_user_attr(keys.PARAM_SPLIT, result.param_split)
+        trial.set_user_attr(keys.EPOCHS_RUN, result.epochs_run)
+        trial.set_user_attr(keys.IMAGES_PER_S, round(result.images_per_s, 1))
+        trial.set_user_attr(keys.BEST_VAL_ACC, result.best_val_acc)
         if result.val_correct is not None:  # per-image scores: paired intervals between trials
-            trial.set_user_attr(stats.MASK, stats.pack(result.val_correct.numpy()))
-            trial.set_user_attr(stats.MASK_N, len(result.val_correct))
+            trial.set_user_attr(keys.VAL_CORRECT, stats.pack(result.val_correct.numpy()))
+            trial.set_user_attr(keys.VAL_N, len(result.val_correct))
         if result.test_acc is not None:
-            trial.set_user_attr("test_acc", result.test_acc)
+            trial.set_user_attr(keys.TEST_ACC, result.test_acc)
         if result.teacher:
-            trial.set_user_attr("teacher_key", result.teacher["key"])
-            trial.set_user_attr("teacher_val_acc", result.teacher["val_acc"])
+            trial.set_user_attr(keys.TEACHER_KEY, result.teacher["key"])
+            trial.set_user_attr(keys.TEACHER_VAL_ACC, result.teacher["val_acc"])
         if result.model is not None and self.keep_weights > 0:
             self._keep_weights(trial, result.model, result.final_val_acc)
         _drop(checkpoint)
@@ -165,7 +157,7 @@ class Objective:
         """
         path = self.artifacts / "checkpoints" / f"trial-{origin(trial)}.pt"
         owner = path.with_suffix(".owner")
-        uid = str(trial.study.user_attrs.get(UID, ""))
+        uid = str(trial.study.user_attrs.get(keys.UID, ""))
         if path.exists() and (not owner.exists() or owner.read_text() != uid):
             log.warning("ignoring %s: it belongs to another study named %r", path, trial.study.study_name)
             path.unlink(missing_ok=True)
@@ -186,9 +178,9 @@ class Objective:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"trial-{trial.number}.pt"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-        trial.set_user_attr("weights", str(path))
+        trial.set_user_attr(keys.WEIGHTS, str(path))
         ranked = sorted(done, key=lambda t: t.value, reverse=maximize)
         for t in ranked[self.keep_weights - 1:]:  # this trial takes one of the places
-            old = t.user_attrs.get("weights")
+            old = t.user_attrs.get(keys.WEIGHTS)
             if old and Path(old).exists():
                 Path(old).unlink(missing_ok=True)

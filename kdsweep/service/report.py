@@ -27,6 +27,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep.service import keys
+from kdsweep.service.sweep import Sweep
+
 log = logging.getLogger("kdsweep.service.report")
 
 PNG_SIZE = (8.0, 5.0)  # inches; at PNG_DPI the images are 800 x 500 pixels
@@ -117,7 +120,7 @@ def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
 
 
 def _budget(study: optuna.Study) -> int | None:
-    definition = study.user_attrs.get("kdsweep.definition") or {}
+    definition = study.user_attrs.get(keys.DEFINITION) or {}
     return (definition.get("config") or {}).get("model", {}).get("budget")
 
 
@@ -136,8 +139,8 @@ def family_data(study: optuna.Study) -> dict[str, Any]:
             continue
         key = _family_key(t.params)
         groups.setdefault(key, []).append(t.value)
-        if t.user_attrs.get("flops") is not None:
-            flops.setdefault(key, []).append(float(t.user_attrs["flops"]))
+        if t.user_attrs.get(keys.FLOPS) is not None:
+            flops.setdefault(key, []).append(float(t.user_attrs[keys.FLOPS]))
         factorized.setdefault(key, []).append(bool(t.params.get("cnn.factorized", False)))
     for t in _pruned(study):
         if "model.family" in t.params:
@@ -259,8 +262,8 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
         ax.legend()
     elif name == "importance":
         if data:
-            keys = list(data)[::-1]
-            ax.barh(keys, [data[k] for k in keys])
+            names = list(data)[::-1]
+            ax.barh(names, [data[k] for k in names])
             ax.set(xlabel="importance (sums to 1)", title=f"{study.study_name}: parameter importances")
         else:
             ax.text(0.5, 0.5, "not enough complete trials for importances", ha="center", va="center")
@@ -313,7 +316,7 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
 
 
 def _metric(study: optuna.Study) -> str:
-    return (study.user_attrs.get("kdsweep.definition") or {}).get("metric", "value")
+    return (study.user_attrs.get(keys.DEFINITION) or {}).get("metric", "value")
 
 
 def _fmt(v: Any) -> str:
@@ -325,51 +328,51 @@ def top_table(study: optuna.Study, top: int = 10) -> str:
     done = sorted(_complete(study), key=lambda t: t.value, reverse=_maximize(study))[:top]
     if not done:
         return "No complete trials.\n"
-    keys = sorted({k for t in done for k in t.params})
+    names = sorted({k for t in done for k in t.params})
     # Parameters and forward FLOPs side by side: Q1 budgets match the first, not the second.
     lines = ["| rank | trial | " + _metric(study) + " | epochs | params | MFLOPs/image | "
-             + " | ".join(keys) + " |", "|---" * (6 + len(keys)) + "|"]
+             + " | ".join(names) + " |", "|---" * (6 + len(names)) + "|"]
     for i, t in enumerate(done, 1):
-        flops = t.user_attrs.get("flops")
-        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get("epochs_run", "")),
-                 f"{t.user_attrs['params']:,}" if "params" in t.user_attrs else "–",
-                 f"{flops / 1e6:.2f}" if flops is not None else "–"]
-        cells += [_fmt(t.params[k]) if k in t.params else "–" for k in keys]
+        flops = t.user_attrs.get(keys.FLOPS)
+        count = t.user_attrs.get(keys.PARAMS_COUNT)
+        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get(keys.EPOCHS_RUN, "")),
+                 f"{count:,}" if count is not None else "–", f"{flops / 1e6:.2f}" if flops is not None else "–"]
+        cells += [_fmt(t.params[k]) if k in t.params else "–" for k in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def noise_summary(study: optuna.Study) -> list[str]:
+def noise_summary(sweep: Sweep) -> list[str]:
     """Lines on the top trials' noise (kdsweep/service/stats.py) and, for KD studies, the winner
     against the student trained alone (kdsweep/service/baseline.py)."""
     from kdsweep.service import baseline, stats
 
-    ranked = sorted(_complete(study), key=lambda t: t.value, reverse=_maximize(study))
+    ranked = sweep.top(len(sweep.trials()))
     if not ranked:
         return ["no complete trial yet."]
-    lines = stats.noise_lines(ranked, study.study_name)
-    if baseline.find(study) is not None:
-        lines.append(baseline.difference_line(ranked[0], baseline.result(study), study.study_name))
+    lines = stats.noise_lines(ranked, sweep.name)
+    if baseline.find(sweep) is not None:
+        lines.append(baseline.difference_line(ranked[0], baseline.result(sweep), sweep.name))
     return lines
 
 
-def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: Mapping[str, Any],
+def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping[str, Any],
                      verify_text: str | None = None) -> str:
-    states = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
+    study = sweep.study
+    # Failed means failed for good: re-queued attempts are counted apart (see Sweep.counts).
+    counts = sweep.counts().as_dict()
     lines = [f"# Study `{study.study_name}`", ""]
-    desc = study.user_attrs.get("description")
+    desc = study.user_attrs.get(keys.DESCRIPTION)
     if desc:
         lines += [desc, ""]
-    definition = study.user_attrs.get("kdsweep.definition") or {}
+    definition = study.user_attrs.get(keys.DEFINITION) or {}
     if definition:
         lines += [f"Study file `{definition.get('study')}`, preset `{definition.get('preset')}`, "
                   f"{study.direction.name.lower()} {_metric(study)}.", ""]
-    lines += [", ".join(f"{n.lower()} {c}" for n, c in states.items() if c) + ".", ""]
+    lines += [", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items() if c) + ".", ""]
     lines += ["## Top trials", "", top_table(study)]
     lines += ["## How much of the top is noise", ""]
-    lines += [f"- {line}" for line in noise_summary(study)] + [""]
+    lines += [f"- {line}" for line in noise_summary(sweep)] + [""]
     if verify_text:
         lines += ["## Seed verification", "", "```", verify_text.rstrip(), "```", ""]
     if "family" in data:
@@ -403,13 +406,14 @@ def summary_markdown(study: optuna.Study, files: Mapping[str, list[str]], data: 
     return "\n".join(lines) + "\n"
 
 
-def write_report(study: optuna.Study, out: Path, verify_text: str | None = None) -> dict[str, list[str]]:
+def write_report(sweep: Sweep, out: Path, verify_text: str | None = None) -> dict[str, list[str]]:
     """Write `<name>.html`, `<name>.png`, `data.json` and `summary.md` into `out`.
 
     Returns {figure name: [file names]}. Raises ReportError when no trial has finished.
     """
     import matplotlib.pyplot as plt
 
+    study = sweep.study
     if not _complete(study) and not intermediate_data(study)["trials"]:
         raise ReportError(f"study {study.study_name!r} has no finished trial to report on yet.")
     out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +436,7 @@ def write_report(study: optuna.Study, out: Path, verify_text: str | None = None)
         written.append(f"{name}.png")
         files[name] = written
     (out / "data.json").write_text(json.dumps(data, indent=1, default=_json_default))
-    (out / "summary.md").write_text(summary_markdown(study, files, data, verify_text))
+    (out / "summary.md").write_text(summary_markdown(sweep, files, data, verify_text))
     return files
 
 

@@ -47,7 +47,7 @@ class Preset:
 
 
 @dataclass(frozen=True)
-class Study:
+class StudySpec:
     name: str
     space: Sequence[sp.Param]
     presets: Mapping[str, Preset]
@@ -193,7 +193,7 @@ def available() -> dict[str, Path]:
     return found
 
 
-def load(name_or_path: str) -> Study:
+def load(name_or_path: str) -> StudySpec:
     """Load a study by name (along `search_path()`) or by the path of its file."""
     path = Path(name_or_path)
     if not (path.suffix == ".py" and path.exists()):
@@ -216,8 +216,8 @@ def load(name_or_path: str) -> Study:
     except Exception as exc:
         raise StudyError(f"study file {path} failed to load: {type(exc).__name__}: {exc}") from None
     study = getattr(module, "STUDY", None)
-    if not isinstance(study, Study):
-        raise StudyError(f"study file {path} must define STUDY = kdsweep.service.spec.Study(...).")
+    if not isinstance(study, StudySpec):
+        raise StudyError(f"study file {path} must define STUDY = kdsweep.service.spec.StudySpec(...).")
     try:
         sp.check_space(study.space)
     except sp.SpaceError as exc:

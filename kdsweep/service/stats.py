@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from optuna.trial import FrozenTrial
 
-MASK = "val_correct"  # trial user attr: base64 of np.packbits(per-image correctness)
-MASK_N = "val_n"  # trial user attr: how many images the mask holds (packbits pads to 8)
+from kdsweep.service import keys
+
+MASK = keys.VAL_CORRECT  # trial user attr: base64 of np.packbits(per-image correctness)
+MASK_N = keys.VAL_N  # trial user attr: how many images the mask holds (packbits pads to 8)
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 

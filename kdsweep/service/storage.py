@@ -6,9 +6,9 @@
 * PostgreSQL (many hosts): `postgresql+psycopg://user:pass@host/db`, with pre-ping so a
   restarted server is reconnected to transparently.
 * Heartbeats: a worker killed mid-trial leaves its trial RUNNING; once its heartbeat is older
-  than the grace period the next worker to look fails it and re-queues it (with its
-  intermediate values) through Optuna's RetryHeartbeatStaleTrialCallback. Interval and grace
-  come from KDSWEEP_HEARTBEAT / KDSWEEP_GRACE (seconds). Optuna's journal storage has no
+  than the grace period (`dead_trial_ids`) the next worker to look re-queues it (with its
+  intermediate values; `kdsweep.service.sweep.Sweep.reap`). Interval and grace come from
+  KDSWEEP_HEARTBEAT / KDSWEEP_GRACE (seconds). Optuna's journal storage has no
   heartbeats, which is why kdsweep uses RDB storage only.
 * Every storage call is retried with bounded back-off on connection errors, so a database
   restart or a busy SQLite file pauses workers rather than killing them; when the retries
@@ -37,7 +37,8 @@ import optuna
 import sqlalchemy
 import sqlalchemy.event
 import sqlalchemy.exc
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+import sqlalchemy.orm
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
 log = logging.getLogger("kdsweep.service.storage")
@@ -257,10 +258,6 @@ def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = Fa
         with warnings.catch_warnings():
             # Heartbeats are marked experimental; kdsweep relies on them knowingly (dead workers).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if heartbeat:
-                kwargs["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
-                    max_retry=3, inherit_intermediate_values=True
-                )
             return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
     try:
@@ -365,3 +362,48 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
         return
     with _LOCAL_LOCKS.setdefault((id(storage), study_id), threading.Lock()):
         yield
+
+
+def dead_trial_ids(storage: BaseStorage, study_id: int) -> list[int]:
+    """RUNNING trials of `study_id` whose workers are dead, by the storage's own clock.
+
+    Dead: the heartbeat is older than the grace period, or there is no heartbeat at all and the
+    trial started more than a grace period ago (a worker killed between taking its slot and
+    its first heartbeat; Optuna's own stale check skips those, so they would run for ever).
+    Empty for storages without heartbeats. Retried like every storage call.
+    """
+    rdb = _rdb(storage)
+    if rdb is None or rdb.heartbeat_interval is None:
+        return []
+    return _retrying(_dead_trial_ids, "reap")(rdb, study_id)
+
+
+def _dead_trial_ids(rdb: RDBStorage, study_id: int) -> list[int]:
+    from datetime import timedelta, timezone
+
+    from optuna.storages._rdb import models
+
+    grace = timedelta(seconds=rdb.grace_period or 2 * rdb.heartbeat_interval)
+    session = rdb.scoped_session()
+    try:
+        now = session.execute(sqlalchemy.func.now()).scalar()
+        # Heartbeats are compared as Optuna compares them (the server's clock, tz dropped);
+        # start times were written by Optuna with this host's datetime.now() (local time).
+        beat_now = now.replace(tzinfo=None)
+        aware = now if now.tzinfo else now.replace(tzinfo=timezone.utc)  # SQLite: UTC
+        start_now = aware.astimezone().replace(tzinfo=None)
+        running = (session.query(models.TrialModel)
+                   .options(sqlalchemy.orm.selectinload(models.TrialModel.heartbeats))
+                   .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
+                   .filter(models.TrialModel.study_id == study_id).all())
+        dead = []
+        for t in running:
+            if t.heartbeats:
+                if beat_now - t.heartbeats[0].heartbeat > grace:
+                    dead.append(t.trial_id)
+            elif t.datetime_start is not None and start_now - t.datetime_start > grace:
+                dead.append(t.trial_id)
+        session.commit()
+        return dead
+    finally:
+        session.close()

@@ -25,21 +25,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import optuna
-from optuna.storages import BaseStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-SUFFIX = ".verify"
-OF = "kdsweep.verify_of"  # study user attr of a sibling: the sweep it verifies
-SOURCE = "verify.source_trial"  # trial user attrs of a verification run
-SEED = "verify.seed"  # read by the objective: the run's seed replaces the config's
-RANK = "verify.rank"
-REFERENCE_SOURCE = -1  # SOURCE of the runs of the alpha=0 reference (kdsweep/service/baseline.py)
+from kdsweep.service import keys
+from kdsweep.service.spec import StudyError
+from kdsweep.service.sweep import VERIFY_SUFFIX, Sweep
+
+REFERENCE_SOURCE = -1  # VERIFY_SOURCE of the runs of the alpha=0 reference (kdsweep/service/baseline.py)
 SEED_OFFSET = 1000  # verification seeds are fresh: the sweep trained every trial with its own seed
 
 
-class VerifyError(ValueError):
-    """A verification cannot be prepared; one sentence saying why and what to do."""
+VerifyError = StudyError  # a verification cannot be prepared; one sentence saying why
 
 
 class VerifyIncomplete(RuntimeError):
@@ -47,68 +43,12 @@ class VerifyIncomplete(RuntimeError):
 
 
 def sibling_name(study_name: str) -> str:
-    return study_name + SUFFIX
+    return study_name + VERIFY_SUFFIX
 
 
 def seeds_for(n: int, base: int = 0) -> list[int]:
     """`n` fresh seeds, distinct from the seed the sweep trained with (`base`)."""
     return [base + SEED_OFFSET + i for i in range(n)]
-
-
-def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The best `k` complete trials, best first."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    return sorted(done, key=lambda t: t.value, reverse=maximize)[:k]
-
-
-def prepare(sweep: optuna.Study, storage: BaseStorage, top: int, seeds: int) -> tuple[optuna.Study, int]:
-    """Create (or top up) `<sweep>.verify` with one waiting trial per (top config, seed).
-
-    Runs already complete, running or waiting are not added again; failed ones are. Returns
-    the sibling study and the number of runs it holds for this request.
-    """
-    from kdsweep.service.worker import DEFINITION, MAX_FAILURES
-
-    if OF in sweep.user_attrs:
-        raise VerifyError(f"study {sweep.study_name!r} is itself a verification; verify {sweep.user_attrs[OF]!r}.")
-    definition = sweep.user_attrs.get(DEFINITION)
-    if definition is None:
-        raise VerifyError(f"study {sweep.study_name!r} was not created by kdsweep, so its workers cannot re-train it.")
-    best = top_trials(sweep, top)
-    if len(best) < 1:
-        raise VerifyError(f"study {sweep.study_name!r} has no complete trial to verify yet.")
-    base = int(best[0].user_attrs.get("seed", 0))
-    chosen = seeds_for(seeds, base)
-    sibling = optuna.create_study(study_name=sibling_name(sweep.study_name), storage=storage,
-                                  direction=sweep.direction, load_if_exists=True)
-    if sibling.user_attrs.get(OF) not in (None, sweep.study_name):
-        raise VerifyError(f"study {sibling.study_name!r} exists and verifies another study; delete it first.")
-    for key, value in sweep.user_attrs.items():  # definition, overrides, ...: workers must agree
-        if key.startswith("kdsweep."):
-            sibling.set_user_attr(key, value)
-    sibling.set_user_attr(OF, sweep.study_name)
-    sibling.set_user_attr("description", f"seed verification of {sweep.study_name!r}")
-    sibling.set_user_attr(MAX_FAILURES, 0)  # a failed run is re-queued by the next --verify, not replaced by a random one
-    present = {(t.user_attrs.get(SOURCE), t.user_attrs.get(SEED))
-               for t in sibling.get_trials(deepcopy=False) if t.state != TrialState.FAIL}
-    configs = [(t.number, rank, t.params) for rank, t in enumerate(best, 1)]
-    reference = _reference(sweep)  # KD studies: the student alone (alpha=0), one more config
-    if reference is not None and all(t.params != reference for t in best):
-        configs.append((REFERENCE_SOURCE, len(best) + 1, reference))
-    for source, rank, params in configs:
-        for seed in chosen:
-            if (source, seed) not in present:
-                sibling.enqueue_trial(params, user_attrs={SOURCE: source, SEED: seed, RANK: rank},
-                                      skip_if_exists=False)
-    return sibling, len(configs) * len(chosen)
-
-
-def _reference(sweep: optuna.Study) -> dict[str, Any] | None:
-    from kdsweep.service import baseline
-
-    space = baseline._space(sweep)
-    return baseline.reference_point(space) if space is not None else None
 
 
 @dataclass
@@ -166,20 +106,21 @@ def paired(a: dict[int, float], b: dict[int, float], other: int) -> Paired | Non
     return Paired(other, len(d), mean, mean - half, mean + half)
 
 
-def collect(sweep: optuna.Study, sibling: optuna.Study) -> list[ConfigRuns]:
+def collect(sweep: Sweep, sibling: Sweep) -> list[ConfigRuns]:
     """Complete verification runs grouped by the sweep trial they re-train, by rank."""
     by: dict[int, ConfigRuns] = {}
-    for t in sibling.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        src = t.user_attrs.get(SOURCE)
+    numbers = {t.number: t for t in sweep.trials()}
+    for t in sibling.trials(TrialState.COMPLETE):
+        src = t.user_attrs.get(keys.VERIFY_SOURCE)
         if src is None or t.value is None:
             continue
         if src not in by:
-            original = sweep.trials[src] if 0 <= src < len(sweep.trials) else None
-            by[src] = ConfigRuns(src, int(t.user_attrs.get(RANK, 0)), dict(t.params),
+            original = numbers.get(src)
+            by[src] = ConfigRuns(src, int(t.user_attrs.get(keys.VERIFY_RANK, 0)), dict(t.params),
                                  original.value if original is not None else None)
-        by[src].values[int(t.user_attrs[SEED])] = t.value
-        if t.user_attrs.get("test_acc") is not None:
-            by[src].tests[int(t.user_attrs[SEED])] = float(t.user_attrs["test_acc"])
+        by[src].values[int(t.user_attrs[keys.VERIFY_SEED])] = t.value
+        if t.user_attrs.get(keys.TEST_ACC) is not None:
+            by[src].tests[int(t.user_attrs[keys.VERIFY_SEED])] = float(t.user_attrs[keys.TEST_ACC])
     return sorted(by.values(), key=lambda c: c.rank)
 
 
@@ -232,52 +173,46 @@ def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: in
     return "\n".join(lines)
 
 
-def find_sibling(sweep: optuna.Study) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=sibling_name(sweep.study_name), storage=sweep._storage)
-    except KeyError:
-        return None
-
-
-def summary_text(sweep: optuna.Study) -> str | None:
+def summary_text(sweep: Sweep) -> str | None:
     """The verification of `sweep` as text, or None when it was never verified."""
-    sibling = find_sibling(sweep)
+    sibling = sweep.sibling(VERIFY_SUFFIX)
     if sibling is None:
         return None
     runs = collect(sweep, sibling)
-    pending = sum(1 for t in sibling.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+    pending = len(sibling.trials(TrialState.WAITING, TrialState.RUNNING))
     return format_text(runs, compare(runs), pending)
 
 
-def run(sweep: optuna.Study, storage: BaseStorage, storage_url: str, top: int, seeds: int,
-        workers: int, device: str, data: str | None, echo: Any, start_workers: bool = True) -> str:
+def run(sweep: Sweep, storage_url: str, top: int, seeds: int, workers: int, device: str,
+        data: str | None, echo: Any, start_workers: bool = True) -> str:
     """Prepare the sibling study, run its trials with `workers` ordinary `kdsweep worker`
     processes (unless `start_workers` is False: then other hosts' workers run them), and
     return the verification text."""
     from kdsweep.service import launch as launcher
     from kdsweep.service import spec as studies
-    from kdsweep.service.worker import DEFINITION, check_definition
 
-    definition = sweep.user_attrs.get(DEFINITION)
-    if definition is None or "study" not in definition or "preset" not in definition:
-        raise VerifyError(f"study {sweep.study_name!r} was not created by kdsweep, so its workers cannot re-train it.")
-    if not top_trials(sweep, 1):
-        raise VerifyError(f"study {sweep.study_name!r} has no complete trial to verify yet.")
-    study_def = studies.load(definition["study"])
+    if not sweep.definition or "preset" not in sweep.definition:
+        raise VerifyError(f"study {sweep.name!r} was not created by kdsweep, so its workers cannot re-train it.")
+    best = sweep.top(1)
+    if not best:
+        raise VerifyError(f"study {sweep.name!r} has no complete trial to verify yet.")
+    sweep.spec = studies.load(sweep.spec_name)
     # The workers would refuse a study whose definition differs from the local study file;
     # say so now, before anything is stored.
-    check_definition(sweep, study_def.definition(definition["preset"], definition.get("overrides") or {}),
-                     sweep.study_name)
-    sibling, n = prepare(sweep, storage, top, seeds)
-    echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.study_name!r} with "
-         f"{seeds} seeds each in study {sibling.study_name!r} ({n} runs)")
-    waiting = len(sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    if start_workers and waiting:
-        args = [study_def.source, "--study-name", sibling.study_name]
+    sweep.check(sweep.spec)
+    chosen = seeds_for(seeds, int(best[0].user_attrs.get(keys.TRAIN_SEED, 0)))
+    sibling, n = sweep.verify_sibling(top, chosen)
+    from kdsweep.service import baseline
+
+    n += baseline.add_to_verification(sweep, sibling, chosen, rank=min(top, n // max(seeds, 1)) + 1)
+    echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.name!r} with "
+         f"{seeds} seeds each in study {sibling.name!r} ({n} runs)")
+    if start_workers and sibling.trials(TrialState.WAITING):
+        args = [sweep.spec.source, "--study-name", sibling.name]
         if data:
             args += ["--data", data]
-        launcher.run(sibling, args, launcher.plan_workers(workers, device, storage_url), n, echo)
-        left = len(sibling.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
+        launcher.run(sibling, args, launcher.plan_workers(workers, device, storage_url), echo)
+        left = len(sibling.trials(TrialState.WAITING, TrialState.RUNNING))
         if left:
             raise VerifyIncomplete(
                 f"{left} of {n} verification runs did not finish; see the workers' messages above, "

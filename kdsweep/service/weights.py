@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from optuna.trial import FrozenTrial
 
+from kdsweep.service import keys
+
 
 class WeightsError(RuntimeError):
     """No kept weights to export; one sentence saying why."""
@@ -24,7 +26,7 @@ class WeightsError(RuntimeError):
 
 def export_weights(trial: FrozenTrial, doc: Mapping[str, Any], dest: Path) -> None:
     """Write {state_dict, config, params, trial, value, study} of `trial` to `dest`."""
-    src = trial.user_attrs.get("weights")
+    src = trial.user_attrs.get(keys.WEIGHTS)
     if not src or not Path(src).exists():
         raise WeightsError(
             f"no kept weights for trial {trial.number} (only the best few complete trials keep "

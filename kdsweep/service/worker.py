@@ -1,17 +1,15 @@
-"""Workers: a study that finishes exactly N trials, run from any number of processes.
+"""Workers: run a sweep's trials, from any number of processes on any number of hosts.
 
-Exact trial counts come from Optuna's own queue: workers only ever run WAITING trials —
-popping one is atomic in Optuna's RDB storage, so two workers never run the same slot and no
-worker creates a trial of its own. The study records N; its empty WAITING slots (empty
-params, so the sampler still chooses every value when one runs) are made a few at a time,
-under a lock shared by every worker of the database (`top_up`), until the study holds N trials
-that are finished, running or waiting. Making all N up front would be simpler, but Optuna's
-storage cache re-reads every unfinished trial on each sampler and pruner call, so the cost of
-a trial would grow with N. A trial that fails (an exception, NaN loss, out of memory) or turns
-out infeasible no longer counts, so the next top-up replaces it and the study still ends with
-exactly N COMPLETE + PRUNED trials. A dead worker's trial is failed by the heartbeat mechanism
-and re-queued with its parameters and intermediate values; the retry resumes from the trial's
-last epoch checkpoint.
+A worker joins a stored sweep (`Sweep.join`: the study file, preset and version must match),
+then loops: re-queue dead workers' trials, take a WAITING slot (making a few when none is
+left), run it through the objective, tell the result. The queue itself — exact N, slots,
+re-queues, what counts as a failure — is `kdsweep.service.sweep.Sweep`'s.
+
+A running trial records a heartbeat every few seconds (Optuna's RDB heartbeat); the same
+thread re-queues other workers' dead trials, so a dead worker's trial comes back within about
+a grace period even while every live worker is busy with a long trial. SIGINT/SIGTERM stop
+training before its next batch and re-queue the running trial; a storage outage past the
+retry budget ends the worker and leaves its trial to the reaper (re-queued, not failed).
 """
 
 from __future__ import annotations
@@ -20,226 +18,22 @@ import dataclasses
 import logging
 import signal
 import threading
-import uuid
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, fail_stale_trials
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from kdsweep.core.progress import trial_tag
 from kdsweep.core.train import polling_stop
-from kdsweep.service.objective import INFEASIBLE, UID, Objective
-from kdsweep.service.spec import Study, StudyError, diff_definitions
+from kdsweep.service import keys
+from kdsweep.service.objective import Objective
+from kdsweep.service.storage import StorageError
+from kdsweep.service.sweep import INTERRUPTED, Sweep
 
 log = logging.getLogger("kdsweep.service.worker")
 
-DEFINITION = "kdsweep.definition"  # study user attr: what defines the study (JSON)
-MAX_FAILURES = "kdsweep.max_failures"  # study user attr: failed trials replaced, at most
-TARGET = "kdsweep.n_trials"  # study user attr: N, the trials the study is to finish
-WINDOW = 4  # empty WAITING slots made at a time: enough that workers rarely wait on the lock
 POLL_S = 2.0
-
-
-def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial counts toward N: COMPLETE, or PRUNED by the pruner (not infeasible)."""
-    if trial.state == TrialState.COMPLETE:
-        return True
-    return trial.state == TrialState.PRUNED and INFEASIBLE not in trial.user_attrs
-
-
-@dataclass
-class Counts:
-    complete: int = 0
-    pruned: int = 0
-    infeasible: int = 0
-    failed: int = 0
-    running: int = 0
-    waiting: int = 0  # trials still to start: WAITING ones, and slots of N not yet made
-    unmade: int = 0  # of those, the slots not yet made (see top_up)
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned
-
-
-def _genuine_failure(trial: optuna.trial.FrozenTrial) -> bool:
-    """A FAIL that used up a slot: not an interruption or a dead worker (those are re-queued)."""
-    return not trial.user_attrs.get("fail_reason", "interrupted").startswith("interrupted")
-
-
-def counts(study: optuna.Study) -> Counts:
-    c = Counts()
-    failures = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE:
-            c.complete += 1
-        elif t.state == TrialState.PRUNED:
-            if INFEASIBLE in t.user_attrs:
-                c.infeasible += 1
-            else:
-                c.pruned += 1
-        elif t.state == TrialState.FAIL:
-            c.failed += 1
-            failures += _genuine_failure(t)
-        elif t.state == TrialState.RUNNING:
-            c.running += 1
-        elif t.state == TrialState.WAITING:
-            c.waiting += 1
-    attrs = study.user_attrs
-    if TARGET in attrs:
-        # Failed trials beyond the study's limit are not replaced: N shrinks by that many.
-        target = attrs[TARGET] - max(0, failures - attrs.get(MAX_FAILURES, 10))
-        c.unmade = max(0, target - (c.finished + c.running + c.waiting))
-        c.waiting += c.unmade
-    return c
-
-
-def add_slots(study: optuna.Study, n: int) -> None:
-    """Enqueue `n` empty WAITING trials; user-enqueued points are WAITING too and count alike."""
-    for _ in range(n):
-        study.enqueue_trial({}, skip_if_exists=False)
-
-
-def top_up(study: optuna.Study) -> int:
-    """Make empty WAITING slots for the part of N not yet made, WINDOW at most; how many made.
-
-    Under the study's lock (every worker on every host), so that between them they never make
-    more than N: the count and the enqueue happen as one step.
-    """
-    from kdsweep.service.storage import study_lock
-
-    with study_lock(study._storage, study._study_id):
-        c = counts(study)
-        n = min(c.unmade, max(0, WINDOW - (c.waiting - c.unmade)))
-        add_slots(study, n)
-    return n
-
-
-def create_or_resume(
-    study_def: Study, preset: str, storage: BaseStorage, study_name: str, n_trials: int,
-    seed: int | None = None, max_failures: int | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> optuna.Study:
-    """Create the study (or check an existing one matches) and set it to finish `n_trials` trials.
-
-    Running this again with the same N resumes; with a larger N the study runs more. Nothing is
-    changed when the stored definition (study file, preset, overrides, kdsweep version)
-    disagrees with the local one.
-    """
-    definition = study_def.definition(preset, overrides)
-    existing = _find(storage, study_name)
-    if existing is not None:
-        check_definition(existing, definition, study_name)
-        study = existing
-    else:
-        study = optuna.create_study(
-            study_name=study_name, storage=storage, direction=study_def.direction,
-            load_if_exists=True,
-        )
-        study.set_user_attr(DEFINITION, definition)
-        study.set_user_attr(UID, uuid.uuid4().hex)  # tells its checkpoints from a namesake's
-        study.set_user_attr("kdsweep.seed", seed)
-        study.set_user_attr("description", study_def.description)
-    study.set_user_attr(MAX_FAILURES, max_failures if max_failures is not None else max(3, n_trials // 5))
-    # Slots are made by the workers as they need them (top_up), so points enqueued before the
-    # workers start take the places of N's first trials rather than running in addition.
-    study.set_user_attr(TARGET, n_trials)
-    return study
-
-
-def _find(storage: BaseStorage, study_name: str) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return None
-
-
-def check_definition(study: optuna.Study, definition: dict[str, Any], study_name: str) -> None:
-    stored = study.user_attrs.get(DEFINITION)
-    if stored is None:
-        raise StudyError(f"study {study_name!r} exists but was not created by kdsweep; use another --study-name.")
-    if study.direction.name.lower() != definition["direction"]:
-        raise StudyError(
-            f"study {study_name!r} was created to {study.direction.name.lower()}, "
-            f"but this study file wants to {definition['direction']}; use another --study-name."
-        )
-    diff = diff_definitions(stored, definition)
-    if diff:
-        raise StudyError(
-            f"study {study_name!r} was created with a different definition ({diff}); "
-            "run with the same study file, preset and kdsweep version, or use another --study-name."
-        )
-
-
-def reap_stale(study: optuna.Study) -> None:
-    """Fail the trials of dead workers (heartbeat older than the grace period) and re-queue them."""
-    with warnings.catch_warnings():  # experimental in Optuna; relied on knowingly
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        fail_stale_trials(study)
-
-
-@contextmanager
-def heartbeat(storage: BaseStorage, trial_id: int, study: optuna.Study | None = None) -> Iterator[None]:
-    """Record the trial's heartbeat every few seconds while it runs (Optuna's RDB heartbeat).
-
-    With `study`, each beat also reaps dead workers' trials, so a dead worker's trial is
-    re-queued within about one grace period even while every live worker is busy with a long
-    trial (otherwise that would wait until some worker finishes its trial).
-    """
-    interval = storage.get_heartbeat_interval() if isinstance(storage, BaseHeartbeat) else None
-    if not interval:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                storage.record_heartbeat(trial_id)
-                if study is not None:
-                    reap_stale(study)
-            except Exception as exc:  # a database restart; the next beat tries again
-                log.warning("heartbeat for trial id %d failed: %s", trial_id, type(exc).__name__)
-
-    storage.record_heartbeat(trial_id)
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def pop_slot(study: optuna.Study) -> int | None:
-    """Atomically take one WAITING trial (RUNNING now) or None; never creates a trial."""
-    storage = study._storage
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return t._trial_id
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
-    """Put an interrupted trial back in the queue with its parameters and intermediate values."""
-    study.add_trial(optuna.create_trial(
-        state=TrialState.WAITING,
-        params=trial.params,
-        distributions=trial.distributions,
-        user_attrs={k: v for k, v in trial.user_attrs.items() if k != "fail_reason"},
-        system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                      "requeued_because": reason},
-        intermediate_values=trial.intermediate_values,
-    ))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -251,23 +45,18 @@ class WorkerSummary:
     ran: int = 0
     complete: int = 0
     pruned: int = 0
-    failed: int = 0
+    failed: int = 0  # failed for good
+    requeued: int = 0  # interrupted or dropped (declared dead meanwhile): re-queued, not failed
     interrupted: bool = False
     trials: list[int] = field(default_factory=list)
 
 
-def run_worker(
-    objective: Objective, storage: BaseStorage, study_name: str, seed: int | None = None,
-    worker_index: int = 0,
-) -> WorkerSummary:
-    """Run slots of `study_name` until none are waiting or running anywhere; SIGTERM-safe."""
-    study_def, preset = objective.study, objective.preset
-    study = optuna.load_study(
-        study_name=study_name, storage=storage,
-        sampler=study_def.sampler(None if seed is None else seed + 1000 * worker_index),
-        pruner=study_def.pruner(study_def.base_config(preset, objective.overrides)),
-    )
-    check_definition(study, study_def.definition(preset, objective.overrides), study_name)
+def run_worker(sweep: Sweep, objective: Objective) -> WorkerSummary:
+    """Run the sweep's slots until none are waiting or running anywhere; SIGTERM-safe.
+
+    `sweep` comes from `Sweep.join` (checked against the study file, its pruner set). Stops
+    taking trials once more have failed for good than the study allows.
+    """
     summary = WorkerSummary()
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {s: signal.getsignal(s) for s in handled}
@@ -296,12 +85,17 @@ def run_worker(
         while True:
             if stop.is_set():
                 raise Interrupted()
-            reap_stale(study)  # a dead worker's trial is failed and re-queued here
-            trial_id = pop_slot(study)
-            if trial_id is None and top_up(study):
-                trial_id = pop_slot(study)
+            sweep.reap()  # a dead worker's trial is re-queued here
+            trial_id = sweep.pop()
+            if trial_id is None and sweep.top_up():
+                trial_id = sweep.pop()
             if trial_id is None:
-                c = counts(study)
+                c = sweep.counts()
+                if c.failed > sweep.max_failures:
+                    log.error("%d trials failed for good, more than the study allows (%d): "
+                              "no new trial starts; see `kdsweep status %s`",
+                              c.failed, sweep.max_failures, sweep.name)
+                    break
                 if c.running == 0 and c.waiting == 0:
                     break
                 # Slots still to make (another worker took the ones just made): try again soon.
@@ -309,12 +103,14 @@ def run_worker(
                 stop.wait(0.1 if c.waiting else POLL_S)
                 continue
             summary.ran += 1
-            state = _run_one(study, trial_id, objective, storage, interruptible)
-            summary.trials.append(study._storage.get_trial(trial_id).number)
+            state = _run_one(sweep, trial_id, objective, interruptible)
+            summary.trials.append(sweep.frozen(trial_id).number)
             if state == TrialState.COMPLETE:
                 summary.complete += 1
             elif state == TrialState.PRUNED:
                 summary.pruned += 1
+            elif state == TrialState.WAITING:
+                summary.requeued += 1
             else:
                 summary.failed += 1
     except KeyboardInterrupt:
@@ -326,70 +122,64 @@ def run_worker(
     return summary
 
 
-def _run_one(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage,
+def _run_one(sweep: Sweep, trial_id: int, objective: Objective,
              interruptible: threading.Event) -> TrialState:
+    """Run one taken slot; its end state (WAITING: re-queued, by this worker or another)."""
     try:
-        return _run_trial(study, trial_id, objective, storage, interruptible)
+        return _run_trial(sweep, trial_id, objective, interruptible)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Its heartbeat was missed for a whole grace period (e.g. a long database outage), so
         # another worker declared it dead and re-queued it; that retry owns it now.
         log.warning("trial id %d was declared dead while running (heartbeat missed) and "
                     "re-queued; this worker drops its copy", trial_id)
-        return TrialState.FAIL
+        return TrialState.WAITING
 
 
-def _run_trial(study: optuna.Study, trial_id: int, objective: Objective, storage: BaseStorage,
+def _run_trial(sweep: Sweep, trial_id: int, objective: Objective,
                interruptible: threading.Event) -> TrialState:
-    trial = optuna.trial.Trial(study, trial_id)
     try:
-        with heartbeat(storage, trial_id, study), trial_tag(trial.number):
-            interruptible.set()
-            try:
-                if objective.stop is not None and objective.stop.is_set():
-                    raise Interrupted()  # the signal came as this trial was being taken
-                value = objective(trial)
-            finally:
-                interruptible.clear()
+        with sweep.heartbeat(trial_id):
+            number = sweep.frozen(trial_id).number
+            with trial_tag(number):
+                interruptible.set()
+                try:
+                    if objective.stop is not None and objective.stop.is_set():
+                        raise Interrupted()  # the signal came as this trial was being taken
+                    trial = sweep.start(trial_id)
+                    value = objective(trial)
+                finally:
+                    interruptible.clear()
     except optuna.TrialPruned as exc:
-        study.tell(trial, state=TrialState.PRUNED)
-        if INFEASIBLE in study._storage.get_trial(trial_id).user_attrs:
+        sweep.tell(trial, state=TrialState.PRUNED)
+        if keys.INFEASIBLE in sweep.frozen(trial_id).user_attrs:
             # It does not count toward N, so the next top_up makes a fresh slot in its place.
-            log.warning("trial %d is infeasible (%s); a fresh slot replaces it", trial.number, exc)
+            log.warning("trial %d is infeasible (%s); a fresh slot replaces it", number, exc)
         return TrialState.PRUNED
     except KeyboardInterrupt:
         # Re-queued rather than failed for good: its checkpoint lets the next run resume it.
-        trial.set_user_attr("fail_reason", "interrupted (SIGTERM/Ctrl-C); re-queued")
-        study.tell(trial, state=TrialState.FAIL)
-        requeue(study, study._storage.get_trial(trial_id), "interrupted")
-        log.warning("trial %d interrupted and re-queued", trial.number)
+        if sweep.requeue(trial_id, INTERRUPTED):
+            log.warning("trial %d interrupted and re-queued", number)
         raise
-    except optuna.exceptions.UpdateFinishedTrialError:
+    except (optuna.exceptions.UpdateFinishedTrialError, StorageError):
+        # A storage outage past the retry budget: nothing can be written now. The trial stays
+        # RUNNING until its heartbeat goes stale; then any worker re-queues it (not a failure).
         raise
     except Exception as exc:
         if _is_oom(exc):
             import torch
 
             torch.cuda.empty_cache()  # let the next trial start from a clean allocator
-        reason = f"{type(exc).__name__}: {exc}"[:500]
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=TrialState.FAIL)
-        failures = sum(map(_genuine_failure, study.get_trials(deepcopy=False, states=(TrialState.FAIL,))))
-        limit = study.user_attrs.get(MAX_FAILURES, 10)
-        if failures <= limit:  # counts() then leaves N as it is, and top_up replaces the trial
-            log.warning("trial %d failed (%s); a fresh slot replaces it", trial.number, reason)
+        reason = f"{type(exc).__name__}: {exc}"
+        sweep.fail(trial_id, reason)
+        c = sweep.counts()
+        if c.failed <= sweep.max_failures:  # counts() leaves N as it is; top_up replaces it
+            log.warning("trial %d failed (%s); a fresh slot replaces it", number, reason[:500])
         else:
-            log.error("trial %d failed (%s); %d failures exceed the limit of %d, not replaced",
-                      trial.number, reason, failures, limit)
+            log.error("trial %d failed (%s); %d failures exceed the limit of %d: no new trial "
+                      "starts", number, reason[:500], c.failed, sweep.max_failures)
         return TrialState.FAIL
-    _tell(study, trial, value)
+    sweep.tell(trial, value)
     return TrialState.COMPLETE
-
-
-def _tell(study: optuna.Study, trial: optuna.Trial, value: float) -> None:
-    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
-        # Declared dead while it ran (heartbeat missed for a grace period): its retry owns it.
-        raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is no longer running")
-    study.tell(trial, value)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -13,7 +13,7 @@ import optuna
 
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Float, Int
-from kdsweep.service.spec import Preset, Study
+from kdsweep.service.spec import Preset, StudySpec
 
 SPACE = [
     Float("optim.lr", 0.01, 0.3, log=True),
@@ -44,7 +44,7 @@ def sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-STUDY = Study(
+STUDY = StudySpec(
     name="tiny",
     sampler=sampler,
     description="fault-test study: 128-unit MLP, 2k Fashion-MNIST images",

@@ -1,0 +1,127 @@
+"""Study files (specs): their spaces, presets, definitions and the q1 budget narrowing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+
+import kdsweep
+from kdsweep.core import budget
+from kdsweep.service import spec as studies
+from kdsweep.service.spec import StudyError
+
+
+@pytest.fixture(scope="module")
+def q1() -> studies.StudySpec:
+    return studies.load("q1")
+
+
+@pytest.fixture(scope="module")
+def q2() -> studies.StudySpec:
+    return studies.load("q2")
+
+
+def test_parameter_names_are_namespaced_and_stable(q1: studies.StudySpec, q2: studies.StudySpec) -> None:
+    # Names are database keys of live studies: this list changes only with a new study name.
+    assert [p.name for p in q1.space] == [
+        "model.family", "optim.lr", "mlp.dropout", "cnn.width", "cnn.factorized", "reg.kind",
+        "reg.rate", "dropblock.size"]
+    assert [p.name for p in q2.space] == ["kd.alpha", "kd.temperature"]
+
+
+def test_q1_conditions(q1: studies.StudySpec) -> None:
+    by = {p.name: p for p in q1.space}
+    assert dict(by["dropblock.size"].when) == {"model.family": ["cnn"], "reg.kind": ["dropblock"]}
+    assert "none" not in by["reg.rate"].when["reg.kind"]
+    assert set(by["reg.kind"].choices) == {"none", "dropout", "spatial_dropout", "dropblock"}
+    assert by["model.family"].choices == ["mlp", "cnn"]
+
+
+def test_q2_space_is_the_assignments(q2: studies.StudySpec) -> None:
+    alpha, temperature = q2.space
+    assert (alpha.low, alpha.high, temperature.low, temperature.high) == (0.0, 1.0, 1.0, 20.0)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper"])
+def test_q1_space_holds_only_widths_that_meet_the_budget(q1: studies.StudySpec, preset: str) -> None:
+    candidates = next(p for p in q1.space if p.name == "cnn.width").choices
+    kept = next(p for p in q1.space_for(preset) if p.name == "cnn.width").choices
+    config = q1.preset(preset).config
+    in_shape, classes = ((1, 28, 28), 10) if config.data.dataset == "fashion-mnist" else ((3, 32, 32), 10)
+    assert kept, "no width left"
+    for width in candidates:
+        ok = all(budget.feasible(dataclasses.replace(config.model, width=width, factorized=f),
+                                 in_shape, classes) for f in (False, True))
+        assert (width in kept) == ok, width
+    if preset == "paper":
+        assert set(kept) < set(candidates)  # the narrowing really removes widths here
+
+
+@pytest.mark.parametrize("name", ["q1", "q2"])
+def test_pruner_is_hyperband_over_the_epochs(name: str) -> None:
+    study = studies.load(name)
+    for preset in study.presets:
+        config = study.preset(preset).config
+        pruner = study.pruner(config)
+        assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+        assert pruner._max_resource == config.epochs and pruner._min_resource == 1
+
+
+def test_sampler_is_seeded_tpe(q2: studies.StudySpec) -> None:
+    a, b = q2.sampler(7), q2.sampler(7)
+    assert isinstance(a, optuna.samplers.TPESampler)
+    s1 = optuna.create_study(sampler=a)
+    s2 = optuna.create_study(sampler=b)
+    assert s1.ask().suggest_float("x", 0, 1) == s2.ask().suggest_float("x", 0, 1)
+
+
+def test_definition_records_space_preset_data_and_version(q2: studies.StudySpec) -> None:
+    d = q2.definition("smoke", {"epochs": 2})
+    assert d["study"] == "q2" and d["preset"] == "smoke" and d["overrides"] == {"epochs": 2}
+    assert d["kdsweep_version"] == kdsweep.__version__
+    assert set(d["space"]) == {"kd.alpha", "kd.temperature"}
+    assert d["config"]["data"]["dataset"] == "fashion-mnist" and d["config"]["epochs"] == 2
+    for runtime in ("device", "threads", "cache_dir"):
+        assert runtime not in d["config"]
+    assert "root" not in d["config"]["data"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"kd.alpha": 0.5}, "is sampled"),
+    ({"device": "cpu"}, "per-host"),
+    ({"data.root": "/x"}, "per-host"),
+    ({"nope": 1}, "unknown setting"),
+    ({"epochs": 0}, "at least 1"),
+])
+def test_bad_overrides_are_refused(q2: studies.StudySpec, overrides: dict, message: str) -> None:
+    with pytest.raises(StudyError, match=message):
+        q2.check_overrides("smoke", overrides)
+
+
+def test_parse_overrides() -> None:
+    assert studies.parse_overrides(["epochs=2", "data.val_size = 300", "kd.cache_logits=false"]) == {
+        "epochs": 2, "data.val_size": 300, "kd.cache_logits": False}
+    with pytest.raises(StudyError, match="KEY=VALUE"):
+        studies.parse_overrides(["epochs"])
+
+
+def test_load_by_path_unknown_and_broken(tmp_path: Path) -> None:
+    source = Path(studies.load("q2").source).read_text()
+    mine = tmp_path / "mine.py"
+    mine.write_text(source.replace('name="q2"', 'name="mine"'))
+    assert studies.load(str(mine)).name == "mine"
+    with pytest.raises(StudyError, match="unknown study 'nope'; available: .*q1.*q2"):
+        studies.load("nope")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import nothing_here\n")
+    with pytest.raises(StudyError, match="failed to load: ModuleNotFoundError"):
+        studies.load(str(broken))
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(StudyError, match="must define STUDY"):
+        studies.load(str(empty))
+    with pytest.raises(StudyError, match="no preset 'nope'; choose one of: paper, smoke"):
+        studies.load("q2").preset("nope")
