@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks import core, gpu, pruning, q2, report, storage, workers
+from benchmarks import cli, core, gpu, pruning, q2, report, storage, workers
 from benchmarks.common import Entry, Skip
 
 # name -> (function(device, quick) -> Entry, budget in seconds on a CPU, runs on the CPU too)
@@ -23,9 +23,10 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "core_vs_reference": (core.run, 180),
     "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 300),
     "teacher_setups": (q2.teacher_setups, 120),
-    "pruning_epoch_savings": (pruning.run, 360),
+    "pruning_epoch_savings": (pruning.run, 180),  # replay only: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
+    "cli_startup_s": (cli.run, 30),
     "gpu_resnet18_train_32px": (gpu.resnet18_train, 90),
     "gpu_resnet50_teacher_224px": (gpu.resnet50_teacher, 30),
     "gpu_compile_reuse": (gpu.compile_reuse, 120),

@@ -60,10 +60,10 @@ def q2_vs_plain_ce(device: str, quick: bool) -> Entry:
             if i in ce_at:
                 ce_s.append(train.train(ce_cfg).wall_time)
             cfg = replace(base, **{"kd.alpha": alpha, "kd.temperature": temp})
-            kd_s.append(train.train(cfg).wall_time)
+            kd_s.append(train.train(cfg, teacher=teacher.prepare(cfg)).wall_time)
         uncached = replace(base, **{"kd.alpha": points[0][0], "kd.temperature": points[0][1],
                                     "kd.cache_logits": False})
-        live_s = [train.train(uncached).wall_time]
+        live_s = [train.train(uncached, teacher=teacher.prepare(uncached)).wall_time]
         stats = _cache_stats(tmp / "cache")
     ce, ce_std = mean_std(ce_s)
     cached = (teacher_s + sum(kd_s)) / k

@@ -1,14 +1,13 @@
-"""The kdsweep command line: thin click commands over the library.
-
-Every option can also come from the environment as KDSWEEP_<OPTION> (e.g. KDSWEEP_STORAGE,
-KDSWEEP_WORKERS), which is how docker-compose and Slurm scripts configure workers.
+"""The kdsweep command line: each command parses, opens one handle (a `Sweep` or a storage),
+makes one call and prints. Options also come from the environment (KDSWEEP_<OPTION>). Exit
+codes: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted. Nothing heavy is imported at
+module level, so `--help` and usage errors answer without torch or Optuna (`cli_startup_s`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable
@@ -18,39 +17,58 @@ from typing import Any
 import click
 
 import kdsweep
-from kdsweep.core.config import ConfigError
-from kdsweep.core.devices import DeviceError
-from kdsweep.service.space import SpaceError
-from kdsweep.service.spec import StudyError
-from kdsweep.service.storage import DEFAULT_URL, StorageError, redact, redact_text
 
+DEFAULT_URL = "sqlite:///kdsweep.db"  # kdsweep.service.storage.DEFAULT_URL (a test keeps them equal)
 # The schemes kdsweep.service.storage.open_storage accepts; anything else is a usage error.
 URL_PATTERN = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://")
 CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"], "max_content_width": 100}
-USAGE_ERRORS = (StudyError, SpaceError, ConfigError, DeviceError)
+# kdsweep's own errors, by module: a usage error exits 2, the others 1. Looked up only among
+# modules already imported (an error cannot come from a module that was never loaded).
+USAGE_ERRORS = (("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
+                ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
+                ("kdsweep.service.verify", "VerifyError"))
+RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
+                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
+                  ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
+                  ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
 
 
-def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from kdsweep.core.budget import BudgetError
-    from kdsweep.core.data import DataError
-    from kdsweep.core.resnets import ModelError
-    from kdsweep.core.train import TrainingError
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
 
-    return (StorageError, BudgetError, DataError, ModelError, TrainingError)
+
+def redact(url: str) -> str:
+    from kdsweep.service.storage import redact as hide
+
+    return hide(url)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise."""
+    """Turn kdsweep's own errors into one-sentence messages: exit 2 for usage, 1 otherwise.
+
+    Also sets Optuna's log level: here, not in the group, so that `--help` and parsing errors
+    (answered by click before this runs) never import Optuna.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        url = click.get_current_context().params.get("storage")
+        from kdsweep.service.storage import redact_text
+
+        ctx = click.get_current_context()
+        url = ctx.params.get("storage")
+        from kdsweep.service.sweep import optuna_verbosity
+
+        optuna_verbosity((ctx.find_root().obj or {}).get("verbose", 0))
         try:
             return fn(*args, **kwargs)
-        except USAGE_ERRORS as exc:
-            raise click.UsageError(redact_text(str(exc), url)) from None
-        except _runtime_errors() as exc:
-            raise click.ClickException(redact_text(str(exc), url)) from None
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if isinstance(exc, _loaded(USAGE_ERRORS)):
+                raise click.UsageError(redact_text(str(exc), url)) from None
+            if isinstance(exc, _loaded(RUNTIME_ERRORS)):
+                raise click.ClickException(redact_text(str(exc), url)) from None
+            raise
 
     return wrapper
 
@@ -74,17 +92,7 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, force=True)
-    from kdsweep.core.progress import install_log_format
-
-    install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
-    logging.getLogger("kdsweep").setLevel(level)
-    optuna_level = logging.WARNING if verbose < 2 else logging.INFO
-    import optuna
-
-    optuna.logging.set_verbosity(optuna_level)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 
 
 @click.group(context_settings=CONTEXT)
@@ -100,58 +108,35 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     kdsweep status q2
     kdsweep best q2 -o best.yaml
     """
+    from kdsweep.core.progress import setup_logging
+
     ctx.obj = {"verbose": verbose, "quiet": quiet}
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
 
 
-def _open(storage: str, heartbeat: bool = True, wait: bool = False):
+def _open(storage: str, wait: bool = False):
     from kdsweep.service.storage import open_storage
 
-    return open_storage(storage, heartbeat=heartbeat, wait=wait)
+    return open_storage(storage, wait=wait)
 
 
-def _sqlite_path(storage: str) -> Path | None:
-    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
-        return Path(storage[len("sqlite:///"):]).expanduser()
-    return None
+def _read(storage: str):
+    from kdsweep.service.sweep import read_storage
+
+    return read_storage(storage)
 
 
-def _load_existing(storage: str, study_name: str):
-    """Load a sweep to read it; a missing SQLite file is reported, not created."""
-    from kdsweep.service.storage import study_names
-    from kdsweep.service.sweep import Sweep, SweepNotFound
+def _sweep(storage: str, study_name: str, write: bool = False):
+    from kdsweep.service.sweep import Sweep
 
-    path = _sqlite_path(storage)
-    if path is not None and not path.exists():
-        raise click.UsageError(
-            f"no study named {study_name!r}: the SQLite file {path} does not exist; "
-            "pass the --storage the study was launched with."
-        )
-    st = _open(storage, heartbeat=False)
-    try:
-        return Sweep.load(st, study_name)
-    except SweepNotFound:
-        names = ", ".join(study_names(st)) or "none"
-        raise click.UsageError(
-            f"no study named {study_name!r} in {redact(storage)}; studies there: {names}."
-        ) from None
+    return Sweep.open(storage, study_name, write=write)
 
 
-def _runtime(device: str, data: str | None, download: bool = False,
-             threads: int | None = None) -> dict[str, Any]:
-    """Per-host settings of a trial's config: device, data folder, CPU threads.
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
 
-    `threads` is this process's share of the cores (launch gives each of W workers
-    cores // W through KDSWEEP_THREADS); a worker started by hand takes every core.
-    """
-    from kdsweep.service.launch import cpu_cores
 
-    runtime: dict[str, Any] = {"device": device, "threads": threads or cpu_cores()}
-    if data:
-        runtime["data.root"] = data
-    if download:
-        runtime["data.download"] = True
-    return runtime
+# ---------------------------------------------------------------- launch / create / worker
 
 
 def _check_data(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -184,79 +169,10 @@ def _check_dataset(ctx: click.Context, param: click.Parameter, value: str | None
                              "the named datasets).", ctx, param)
 
 
-def dataset_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--dataset", default=None, envvar="KDSWEEP_DATASET", callback=_check_dataset,
-        help="Dataset instead of the preset's: cifar10, cifar100, fashion-mnist, npz:FILE or folder:DIR "
-             "(env KDSWEEP_DATASET). Part of the study: its workers use it too.",
-    )(fn)
-
-
-def _with_dataset(study_def: Any, preset: str, overrides: dict[str, Any], dataset: str | None,
-                  runtime: dict[str, Any]) -> dict[str, Any]:
-    """The overrides with --dataset and that data's augmentation recorded in them.
-
-    Another dataset than the preset's drops the preset's flips and shifts (made for its own
-    data) for the new data's defaults unless --set gives them; unset ones become explicit, so
-    the study's definition says what every trial does.
-    """
-    from kdsweep.core import data
-
-    changes = dict(overrides)
-    base = study_def.base_config(preset, changes).data
-    if dataset and dataset != base.dataset:
-        changes["data.dataset"] = dataset
-        for key in ("data.pad", "data.flip"):
-            changes.setdefault(key, None)
-    base = study_def.config_for(preset, {}, changes, **runtime).data
-    if base.pad is None or base.flip is None:
-        pad, flip = data.default_augmentation(base.dataset, data.load_splits(base).in_shape)
-        if base.pad is None:
-            changes["data.pad"] = pad
-        if base.flip is None:
-            changes["data.flip"] = flip
-    return changes
-
-
-def _preflight(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any]) -> list[str]:
-    """Load the data a trial will read (the teacher's too) and check the teacher's settings, so
-    any problem is one sentence before anything is stored; the launch header's lines."""
-    from kdsweep.core import data, teacher
-    from kdsweep.core.train import input_shape, resolve_data
-
-    config = study_def.config_for(preset, {}, overrides, **runtime)
-    splits = data.load_splits(config.data)
-    config = resolve_data(config, splits)
-    lines = [f"data: {data.describe(config.data, splits, input_shape(config, splits))}"]
-    if config.kd is not None:
-        lines.append(f"teacher: {teacher.preflight(config, splits)}")
-    return lines
-
-
-def _check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
-    import torch
-
-    from kdsweep.core.devices import resolve_device
-
-    resolve_device(device)  # DeviceError for cuda without CUDA
-    if needs_gpu and not torch.cuda.is_available() and not force:
-        raise click.UsageError(
-            f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
-            "use --preset smoke, or add --force to run it on the CPU anyway."
-        )
-
-
-def _artifacts(storage: str, study_name: str, artifacts: str | None) -> Path:
-    if artifacts:
-        base = Path(artifacts)
-    elif storage.startswith("sqlite:///"):
-        base = Path(storage[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts"
-    else:
-        base = Path("kdsweep-artifacts")
-    return base / study_name
-
-
-# ---------------------------------------------------------------- launch / create / worker
+dataset_option = click.option(
+    "--dataset", default=None, envvar="KDSWEEP_DATASET", callback=_check_dataset,
+    help="Dataset instead of the preset's: cifar10, cifar100, fashion-mnist, npz:FILE or folder:DIR "
+         "(env KDSWEEP_DATASET). Part of the study: its workers use it too.")
 
 
 def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -286,37 +202,35 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def set_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
-        help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
-             "recorded in the study, so its workers use it too.",
-    )(fn)
-
-
-N_TRIALS_HELP = ("COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a "
-                 "new study, the stored N on resume; env KDSWEEP_N_TRIALS).")
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
+    help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "
+         "recorded in the study, so its workers use it too.")
+n_trials_option = click.option(
+    "-n", "--n-trials", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_N_TRIALS",
+    help="COMPLETE + PRUNED trials the study ends with, across all workers (default: 50 for a new study, "
+         "the stored N on resume; lower it while no more have run; env KDSWEEP_N_TRIALS).")
 
 
 @main.command()
 @sweep_options
 @set_option
 @dataset_option
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=None,
-              envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
+@n_trials_option
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_WORKERS",
               help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
 @click.option("--trials-per-device", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials run at once on each GPU (small models cannot fill one).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
 @click.option("--dry-run", is_flag=True,
-              help="Print the resolved config and parameter count of 4 sampled points; store nothing.")
+              help="Print 4 sampled points: values, resolved widths, parameter count; needs no data, stores nothing.")
 @click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
+@json_option
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
            overrides: tuple[str, ...], dataset: str | None, n_trials: int | None, workers: int | None,
-           trials_per_device: int, timeout: float | None, dry_run: bool, force: bool) -> None:
+           trials_per_device: int, timeout: float | None, dry_run: bool, force: bool, as_json: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -329,118 +243,60 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     kdsweep launch q1 --storage postgresql+psycopg://kd@db/kd --workers 8
     """
     from kdsweep.service import launch as launcher
-    from kdsweep.service import spec as studies
 
-    study_def = studies.load(study)
-    p = study_def.preset(preset)
-    changes = studies.parse_overrides(overrides)
-    study_def.check_overrides(preset, changes)
-    changes = _with_dataset(study_def, preset, changes, dataset, _runtime("cpu", data, download))
-    study_def.space_for(preset, changes)
-    study_name = study_name or study_def.name
+    spec, changes = launcher.load_spec(study, preset, overrides)
+    changes = launcher.with_dataset(spec, preset, changes, dataset, launcher.runtime("cpu", data, download))
     if dry_run:
-        _dry_run(study_def, preset, changes, _runtime("cpu", data, download))
+        from kdsweep.service.preview import preview, preview_table
+
+        points = preview(spec, preset, changes, launcher.runtime("cpu", data, download))
+        click.echo(preview_table(spec.name, preset, changes, points))
         return
-    _check_device(device, p.needs_gpu, preset, force)
-    if workers is None:
-        gpus = launcher.visible_gpus() if device != "cpu" else []
-        workers = len(gpus) * trials_per_device if gpus else 1
-    header = _preflight(study_def, preset, changes, _runtime(device, data, download))
-    from kdsweep.service.sweep import Sweep
-
-    sweep = Sweep.create(_open(storage), study_def, preset, study_name, n_trials, seed=seed,
-                         overrides=changes)
-    click.echo(f"study {study_name!r} ({study_def.name}, preset {preset}) in {redact(storage)}: "
-               f"{sweep.n_trials} trials, {workers} worker(s)")
-    for line in header:
-        click.echo(line)
-    plans = launcher.plan_workers(workers, device, storage)
-    args = [study_def.source, "--study-name", study_name]
-    if data:
-        args += ["--data", data]
-    if download:
-        args.append("--download")
-    if artifacts:
-        args += ["--artifacts", artifacts]
-    if not tensorboard:
-        args.append("--no-tensorboard")
-    final, how = launcher.run(sweep, args, plans, click.echo, timeout=timeout)
-    from kdsweep.service import baseline, report
-
-    reference = baseline.prepare(sweep) if how == "done" else None
-    if reference is not None:  # the student alone, outside N: one run, all of this host's cores
-        baseline.run(reference, args, launcher.plan_workers(1, device, storage), click.echo)
-    click.echo(sweep.summary_table())
-    for line in report.noise_summary(sweep):
-        click.echo(line)
-    if how == "interrupted":
-        click.echo("interrupted: run the same command again to finish the study.")
-        sys.exit(130)
-    if how == "timeout":
-        click.echo("timeout: run the same command again to finish the study.")
-        return
-    if final.finished < (sweep.n_trials or 0):
-        raise click.ClickException(
-            f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
-            "failures; see `kdsweep status` for their reasons."
-        )
+    sweep, final, how = launcher.launch(storage, spec, preset, changes, study_name, n_trials, seed, device, force,
+                                        workers, trials_per_device, data, download, artifacts, tensorboard,
+                                        timeout, _status_echo)
+    if as_json:
+        _echo_json({**sweep.summary(), "ended": how})
+    message, code = launcher.ending(sweep, final, how)
+    if code == 1:
+        raise click.ClickException(message)
+    if message:
+        click.echo(message)
+    if code:
+        sys.exit(code)
 
 
-def _dry_run(study_def: Any, preset: str, overrides: dict[str, Any], runtime: dict[str, Any],
-             points: int = 4) -> None:
-    """Print the resolved config and parameter count of a few randomly sampled points."""
-    import optuna
-
-    from kdsweep.core.budget import BudgetError
-    from kdsweep.core.config import to_dict
-    from kdsweep.core.train import resolve
-    from kdsweep.service import space as sp
-    from kdsweep.service.objective import count_params
-
-    space = study_def.space_for(preset, overrides)
-    click.echo(f"study {study_def.name}, preset {preset}, overrides {json.dumps(overrides)}: "
-               f"{len(space)} parameters: {', '.join(p.name for p in space)}")
-    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for i in range(points):
-        params = sp.sample(probe.ask(), space)
-        click.echo(f"--- point {i}: {json.dumps(params)}")
-        try:
-            config = resolve(study_def.config_for(preset, params, overrides, **runtime))
-        except BudgetError as exc:
-            click.echo(f"infeasible: {exc}")
-            continue
-        click.echo(f"parameters: {count_params(config):,}")
-        click.echo(f"config: {json.dumps(to_dict(config))}")
+def _status_echo(line: str) -> None:
+    """A status line; on a terminal it first clears the line, where a worker's progress bar may
+    stand half-drawn (the bar redraws itself below), so the two never run together."""
+    click.echo(("\r\x1b[K" if sys.stdout.isatty() else "") + line)
 
 
 @main.command()
 @sweep_options
 @set_option
 @dataset_option
-@click.option("-n", "--n-trials", type=click.IntRange(min=1), default=None,
-              envvar="KDSWEEP_N_TRIALS", help=N_TRIALS_HELP)
+@n_trials_option
 @friendly
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
            overrides: tuple[str, ...], dataset: str | None, n_trials: int | None) -> None:
-    """Create STUDY (or raise its N) to finish N trials, without running workers.
+    """Create STUDY (or raise or lower its N) to finish N trials, without running workers.
 
-    For many hosts: create once, then run `kdsweep worker` on each GPU host.
+    For many hosts: create once, then run `kdsweep worker` on each GPU host. N can be
+    lowered while no more than N trials have finished or are running.
 
     \b
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
-    from kdsweep.service import spec as studies
+    from kdsweep.service.launch import load_spec, runtime, with_dataset
     from kdsweep.service.sweep import Sweep
 
-    study_def = studies.load(study)
-    changes = studies.parse_overrides(overrides)
-    study_def.check_overrides(preset, changes)
+    spec, changes = load_spec(study, preset, overrides)
     # No preflight: the host that creates a study need not hold its data (npz/folder data is
     # read once here, to record its default augmentation).
-    changes = _with_dataset(study_def, preset, changes, dataset, _runtime(device, data, download))
-    sweep = Sweep.create(_open(storage), study_def, preset, study_name, n_trials, seed=seed,
-                         overrides=changes)
+    changes = with_dataset(spec, preset, changes, dataset, runtime(device, data, download))
+    sweep = Sweep.create(_open(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
     c = sweep.counts()
     click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
                f"{c.finished} finished")
@@ -463,43 +319,20 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     KDSWEEP_STORAGE=postgresql+psycopg://kd@db/kd kdsweep worker q2
     """
-    from kdsweep.core.devices import resolve_device
-    from kdsweep.service import spec as studies
-    from kdsweep.service.objective import Objective
-    from kdsweep.service.sweep import Sweep, SweepNotFound
+    from kdsweep.core.progress import setup_logging
+    from kdsweep.service import spec as specs
+    from kdsweep.service.launch import artifacts_folder, runtime, start_worker
     from kdsweep.service.tensorboard import runs_root
-    from kdsweep.service.worker import run_worker
 
     ctx = click.get_current_context()
-    _setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
-    study_def = studies.load(study)
-    study_name = study_name or study_def.name
-    st = _open(storage, wait=True)  # a worker started during a database restart waits for it
-    try:
-        sweep = Sweep.load(st, study_name, study_def)
-    except SweepNotFound:
-        raise click.UsageError(
-            f"no study named {study_name!r} in {redact(storage)}; create it with `kdsweep create` or `kdsweep launch`."
-        ) from None
+    setup_logging(ctx.obj["verbose"], ctx.obj["quiet"], worker_index)
+    spec = specs.load(study)
     given = ctx.get_parameter_source("preset") not in (click.core.ParameterSource.DEFAULT, None)
-    if given and sweep.definition.get("preset") not in (None, preset):
-        raise click.UsageError(
-            f"study {study_name!r} was created with preset {sweep.preset!r}, not {preset!r}; "
-            "drop --preset (workers read it from the study) or use another --study-name."
-        )
-    sweep = Sweep.join(st, study_name, study_def)  # refuses another study file, preset or version
-    runtime = _runtime(device, data, download, threads)
-    resolve_device(device)
-    _preflight(study_def, sweep.preset, sweep.overrides, runtime)
-    objective = Objective(
-        study_def, sweep.preset, runtime, _artifacts(storage, study_name, artifacts),
-        tensorboard=runs_root(storage) / study_name if tensorboard else None, overrides=sweep.overrides,
-    )
-    summary = run_worker(sweep, objective)
-    logging.getLogger("kdsweep").info(
-        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
-        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
-        " - interrupted" if summary.interrupted else "")
+    study_name = study_name or spec.name
+    summary = start_worker(
+        _open(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
+        artifacts_folder(storage, study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
+        worker_index)
     if summary.interrupted:
         sys.exit(130)
 
@@ -510,48 +343,121 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
 @main.command()
 @click.argument("study_name")
 @storage_option
+@json_option
 @friendly
-def status(study_name: str, storage: str) -> None:
-    """Counts by state, the best trial, and the trials running now.
+def status(study_name: str, storage: str, as_json: bool) -> None:
+    """Counts by state, the best trial, the trials running now, the last failures.
 
     \b
     kdsweep status q2
+    kdsweep status q2 --json
     """
-    from optuna.trial import TrialState
+    sweep = _sweep(storage, study_name)
+    if as_json:
+        _echo_json(sweep.status())
+    else:
+        click.echo(sweep.status_text())
+        if sweep.best_trial is not None:
+            from kdsweep.service.report import noise_summary
 
-    from kdsweep.service import keys
-    from kdsweep.service.sweep import failed_for_good
-
-    sweep = _load_existing(storage, study_name)
-    c = sweep.counts()
-    requeued = f", {c.requeued} re-queued" if c.requeued else ""
-    click.echo(f"study {study_name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed{requeued}, "
-               f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting (N={sweep.n_trials})")
-    click.echo(sweep.best_line())
-    if c.complete:
-        from kdsweep.service.report import noise_summary
-
-        for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
-            click.echo(f"  {line}")
-    for t in sweep.trials(TrialState.RUNNING):
-        last = max(t.intermediate_values) if t.intermediate_values else 0
-        click.echo(f"  running trial {t.number}: epoch {last}, {json.dumps(t.params)}")
-    for t in [t for t in sweep.trials(TrialState.FAIL) if failed_for_good(t)][-5:]:
-        click.echo(f"  failed trial {t.number}: {t.user_attrs.get(keys.FAIL_REASON, '?')}")
+            for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+                click.echo(f"  {line}")
 
 
-def _dump(doc: Any, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(doc, indent=2) + "\n"
-    import yaml
+@main.command()
+@click.argument("study_name")
+@click.argument("number", type=int)
+@storage_option
+@json_option
+@friendly
+def trial(study_name: str, number: int, storage: str, as_json: bool) -> None:
+    """One trial: parameters, config, curve, state and reason, timings, seed, host, files.
 
-    return yaml.safe_dump(doc, sort_keys=False)
+    \b
+    kdsweep trial q2 29
+    kdsweep trial q2 29 --json
+    """
+    from kdsweep.service.inspect import trial_record, trial_text
+
+    record = trial_record(_sweep(storage, study_name), number)
+    if as_json:
+        _echo_json(record)
+    else:
+        click.echo(trial_text(record))
+
+
+@main.command("ls")
+@storage_option
+@json_option
+@friendly
+def list_sweeps(storage: str, as_json: bool) -> None:
+    """The studies in a storage: counts, N, best value, last activity.
+
+    \b
+    kdsweep ls --storage sqlite:///sweeps/kd.db
+    kdsweep ls --json
+    """
+    from kdsweep.service.sweep import all_sweeps
+
+    rows = [s.summary() for s in all_sweeps(_read(storage))]
+    if as_json:
+        _echo_json(rows)
+        return
+    from kdsweep.service.inspect import ls_table
+
+    click.echo(ls_table(rows) if rows else f"no studies in {redact(storage)}.")
 
 
 @main.command()
 @click.argument("study_name")
 @storage_option
-@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--artifacts", default=None, metavar="DIR", envvar="KDSWEEP_ARTIFACTS",
+              help="Where its checkpoints and kept weights are (default: beside the SQLite file).")
+@click.option("--logdir", default=None, metavar="DIR", help="Root of its TensorBoard runs (default: runs/ beside the SQLite file).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly
+def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None, yes: bool) -> None:
+    """Delete a study, its verify sibling, its checkpoints, runs and kept weights.
+
+    \b
+    kdsweep rm q2            # asks first
+    kdsweep rm q2 --yes
+    """
+    from kdsweep.service.inspect import remove_files, study_folders
+
+    sweep = _sweep(storage, study_name, write=True)
+    folders = study_folders(storage, study_name, artifacts, logdir)
+    if not yes:
+        click.confirm(f"delete {sweep.progress_line()}, its verify sibling and "
+                      f"{', '.join(str(f) for f in folders if f.exists()) or 'no files'}?", abort=True)
+    names = sweep.delete()
+    remove_files(folders)
+    click.echo(f"deleted {', '.join(names)} and their files.")
+
+
+@main.command()
+@click.argument("study_name")
+@storage_option
+@friendly
+def stop(study_name: str, storage: str) -> None:
+    """Drain a study: every worker, on every host, re-queues its running trial and leaves.
+
+    Workers read the flag at their next heartbeat (KDSWEEP_HEARTBEAT, 10 s), so they stop
+    within seconds without a database read per batch; `launch` or `create` resumes the study.
+
+    \b
+    kdsweep stop q2
+    """
+    running = _sweep(storage, study_name, write=True).request_stop()
+    click.echo(f"study {study_name!r} stopped: {running} running trial(s) will be re-queued within a "
+               "heartbeat and their workers leave; `kdsweep launch` resumes it.")
+
+
+@main.command()
+@click.argument("study_name")
+@storage_option
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default=None,
+              help="yaml or json (default: from the -o suffix, .json for JSON; else yaml).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write here instead of standard output.")
 @click.option("--weights", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -567,11 +473,14 @@ def _dump(doc: Any, fmt: str) -> str:
               help="Data folder of the --verify workers.")
 @click.option("--no-run", is_flag=True,
               help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @friendly
-def best(study_name: str, storage: str, fmt: str, output: str | None, weights: str | None,
+def best(study_name: str, storage: str, fmt: str | None, output: str | None, weights: str | None,
          verify_: bool, seeds: int, top: int, workers: int, device: str, data: str | None,
-         no_run: bool) -> None:
+         no_run: bool, as_json: bool) -> None:
     """Export the winning trial as a complete, runnable config, or verify it over seeds.
+
+    With no complete trial yet it exits 1, with or without --verify.
 
     \b
     kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
@@ -579,36 +488,27 @@ def best(study_name: str, storage: str, fmt: str, output: str | None, weights: s
     """
     from kdsweep.service import verify
 
-    sweep = _load_existing(storage, study_name)
+    sweep = _sweep(storage, study_name, write=verify_)
+    if sweep.best_trial is None:  # a runtime state, not a usage error: exit 1 in both cases
+        raise click.ClickException(f"study {study_name!r} has no complete trial yet; run `kdsweep launch` first.")
     if verify_:
-        try:
-            text = verify.run(sweep, storage, top, seeds, workers, device, data,
-                              click.echo, start_workers=not no_run)
-        except verify.VerifyError as exc:
-            raise click.UsageError(str(exc)) from None
-        except verify.VerifyIncomplete as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(text)
+        click.echo(verify.run(sweep, storage, top, seeds, workers, device, data, click.echo, start_workers=not no_run))
         return
     checked = verify.summary_text(sweep)
     if checked:
         click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
-    try:
-        doc = sweep.export_best()
-    except StudyError as exc:  # nothing to export yet: a runtime state, not a usage error
-        raise click.ClickException(str(exc)) from None
+    doc = sweep.export_best()
     from kdsweep.service.report import noise_summary
 
     for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
         click.echo(line, err=True)
     if weights:
-        from kdsweep.service.weights import WeightsError, export_weights
+        from kdsweep.service.weights import export_weights
 
-        try:
-            export_weights(sweep.best_trial, doc, Path(weights))  # a complete trial: export_best found one
-        except WeightsError as exc:
-            raise click.ClickException(str(exc)) from None
-    text = _dump(doc, fmt)
+        export_weights(sweep.best_trial, doc, Path(weights))
+    from kdsweep.service.inspect import dump
+
+    text = dump(doc, "json" if as_json else fmt, output)
     if output:
         Path(output).write_text(text)
         click.echo(f"trial {doc['trial']} ({doc['metric']} {doc['value']:.4f}) written to {output}", err=True)
@@ -629,32 +529,15 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     \b
     kdsweep train --config best.yaml --device cuda
     """
-    from kdsweep.core.config import TrainConfig, from_dict, replace
+    from kdsweep.core.config import read_config, replace
+    from kdsweep.core.teacher import prepare
     from kdsweep.core.train import train
 
-    config = from_dict(TrainConfig, _read_doc(config_file).get("config", None) or _read_doc(config_file))
-    changes: dict[str, Any] = {"evaluate_test": True}
-    if device:
-        changes["device"] = device
-    if data:
-        changes["data.root"] = data
-    if seed is not None:
-        changes["seed"] = seed
-    result = train(replace(config, **changes))
+    changes = {k: v for k, v in (("device", device), ("data.root", data), ("seed", seed)) if v is not None}
+    config = replace(read_config(config_file), evaluate_test=True, **changes)
+    result = train(config, teacher=prepare(config))  # a KD config's teacher first (cached)
     click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
-
-
-def _read_doc(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise click.UsageError(f"{path} is not valid YAML or JSON: {str(exc).splitlines()[0]}.") from None
-    if not isinstance(doc, dict):
-        raise click.UsageError(f"{path} must hold a mapping (a config or an export of `kdsweep best`).")
-    return doc
 
 
 @main.command()
@@ -675,19 +558,11 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
     kdsweep enqueue q2 --baselines
     """
     from kdsweep.service import space as sp
-    from kdsweep.service import spec as studies
+    from kdsweep.service import spec as specs
 
-    sweep = _load_existing(storage, study_name)
-    sweep.spec = studies.load(study_file or sweep.spec_name)
-    points: list[dict[str, Any]] = [dict(p) for p in sweep.spec.baselines] if baselines else []
-    if values:
-        point = {}
-        for item in values:
-            key, eq, raw = item.partition("=")
-            if not eq:
-                raise click.UsageError(f"{item!r} is not key=value.")
-            point[key] = sp.parse_value(raw)
-        points.append(point)
+    sweep = _sweep(storage, study_name, write=True)
+    sweep.spec = specs.load(study_file or sweep.spec_name)
+    points = ([dict(p) for p in sweep.spec.baselines] if baselines else []) + ([sp.parse_point(values)] if values else [])
     if not points:
         raise click.UsageError("give key=value pairs or --baselines.")
     for p in sweep.enqueue(points):  # every point checked before any is stored
@@ -709,12 +584,9 @@ def report(study_name: str, storage: str, out: str | None) -> None:
     from kdsweep.service import report as rep
     from kdsweep.service import verify
 
-    sweep = _load_existing(storage, study_name)
+    sweep = _sweep(storage, study_name)
     folder = Path(out) if out else Path("reports") / study_name
-    try:
-        files = rep.write_report(sweep, folder, verify.summary_text(sweep))
-    except rep.ReportError as exc:
-        raise click.ClickException(str(exc)) from None
+    files = rep.write_report(sweep, folder, verify.summary_text(sweep))
     for name, names in files.items():
         click.echo(f"{name:12s} {', '.join(names)}")
     click.echo(f"report written to {folder}/summary.md")
@@ -733,7 +605,7 @@ def dashboard(storage: str, host: str, port: int) -> None:
     """
     from optuna_dashboard import run_server
 
-    st = _open(storage, heartbeat=False)
+    st = _read(storage)
     click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
     run_server(st, host=host, port=port)
 
@@ -752,33 +624,26 @@ def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, po
     \b
     kdsweep tensorboard q2 --storage sqlite:///sweeps/kd.db
     """
-    import subprocess
-
-    from kdsweep.service.tensorboard import runs_root
+    from kdsweep.service.tensorboard import runs_root, serve
 
     folder = runs_root(storage, logdir) / study_name
     if not folder.is_dir():
         raise click.UsageError(f"no TensorBoard runs in {folder}; give --logdir or the --storage the study ran on.")
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host, "--port", str(port)]
     click.echo(f"TensorBoard on http://{host}:{port} for {folder}")
-    sys.exit(subprocess.call(cmd))
+    sys.exit(serve(folder, host, port))
 
 
 @main.command("studies")
+@friendly
 def list_studies() -> None:
     """List the study files kdsweep can find, with their presets.
 
     \b
     kdsweep studies
     """
-    from kdsweep.service import spec as studies
+    from kdsweep.service.inspect import studies_table
 
-    for name, path in studies.available().items():
-        try:
-            s = studies.load(str(path))
-            click.echo(f"{name:10s} {', '.join(s.presets):24s} {s.description}  ({path})")
-        except StudyError as exc:
-            click.echo(f"{name:10s} (broken: {exc})")
+    click.echo(studies_table())
 
 
 if __name__ == "__main__":

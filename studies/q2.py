@@ -38,6 +38,9 @@ SPACE = [
 def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     # Hyperband: high-T, high-alpha students learn from soft targets that say little early on,
     # so a single early cut (median) would favour low alpha; brackets give late starters a chance.
+    # Not CurvePruner (q1's): replayed over 32 recorded curves of the 3-epoch smoke preset
+    # (docs/benchmarks.md, pruning_epoch_savings, details.q2) no pruner paid (Hyperband 0.95x,
+    # 23% of sequences lost the best); tuned there, CurvePruner chose never to prune.
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
 
 

@@ -55,3 +55,45 @@ def test_epochs_to_target_counts_pruned_epochs_and_ignores_pruned_values() -> No
     trials = [(9, 0.80), (1, None), (3, None), (9, 0.86), (9, 0.90)]
     assert epochs_to(trials, 0.85) == 9 + 1 + 3 + 9
     assert epochs_to(trials, 0.95) is None
+
+
+@pytest.mark.slow
+def test_replay_equals_a_real_pruned_run(tmp_path: Path, fmnist_dir: Path) -> None:
+    """The replay behind pruning_epoch_savings is what a real sweep through the objective does."""
+    from benchmarks.pruning import real_vs_replay
+
+    out = real_vs_replay(tmp_path)
+    assert any(v is None for _, v in out["real"]), out  # the pruner stopped something
+    assert out["replayed"] == out["real"], out
+
+
+def test_a_miss_is_charged_as_a_loss_and_the_oracle_is_a_ceiling() -> None:
+    from benchmarks.pruning import oracle, score
+
+    curves = [[0.5, 0.6, 0.7], [0.4, 0.5, 0.6], [0.3, 0.6, 0.9]]
+    miss = score(curves, [(3, 0.7), (1, None), (1, None)])  # the 0.9 trial was pruned
+    assert miss.e_none == 9 and miss.e_pruned is None and miss.charged == 5 + 9 and miss.ratio < 1
+    hit = score(curves, [(3, 0.7), (1, None), (3, 0.9)])
+    assert hit.e_pruned == 7 and math.isclose(hit.ratio, 9 / 7)
+    assert oracle(curves, 1).e_pruned == 1 + 1 + 3
+
+
+@pytest.mark.slow
+def test_curve_recording_resumes_and_refuses_another_draw(tmp_path: Path, fmnist_dir: Path) -> None:
+    from benchmarks import curves
+
+    study = str(Path(__file__).parent / "studies" / "tiny.py")
+    out = tmp_path / "t.json"
+    args = ["--study", study, "--preset", "quick", "--n", "2", "--out", str(out)]
+    first = CliRunner().invoke(curves.main, [*args, "--limit", "1"])
+    assert first.exit_code == 0, first.output
+    assert [c["id"] for c in json.loads(out.read_text())["configs"]] == [0]
+    again = CliRunner().invoke(curves.main, args)  # an interrupted recording goes on where it was
+    assert again.exit_code == 0, again.output
+    table = json.loads(out.read_text())
+    assert [c["id"] for c in table["configs"]] == [0, 1]
+    assert all(len(c["curve"]) == 2 and not c["diverged"] for c in table["configs"])
+    assert table["configs"][0]["params"] != table["configs"][1]["params"]
+    other = CliRunner().invoke(curves.main, [*args, "--seed", "1"])
+    assert other.exit_code == 2 and "another study definition or seed" in other.output
+    assert [c["id"] for c in json.loads(out.read_text())["configs"]] == [0, 1]  # nothing changed

@@ -80,7 +80,7 @@ def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
         assert command.help and command.help.strip(), name
         examples = [line for line in result.output.splitlines() if f"kdsweep {name}" in line]
         assert examples, f"`kdsweep {name} --help` shows no example"
-        assert f"kdsweep {name}" in readme, f"README.md does not mention `kdsweep {name}`"
+        assert re.search(rf"^\| `kdsweep {name}\b", readme, re.M), f"README.md's command table lacks `kdsweep {name}`"
     top = run("--help")
     assert top.exit_code == 0 and "kdsweep launch q2" in top.output
 
@@ -238,13 +238,27 @@ def test_status_reads_the_storage_from_the_environment(created: str) -> None:
     assert "0 complete, 0 pruned, 0 failed, 0 infeasible, 0 running, 2 waiting" in result.output
 
 
-def test_dry_run_prints_points_and_stores_nothing(in_tmp: Path) -> None:
+def test_dry_run_prints_a_table_and_stores_nothing(in_tmp: Path) -> None:
     result = run("launch", "q1", "--preset", "smoke", "--dry-run")
     assert result.exit_code == 0, result.output
-    counts = [int(m.replace(",", "")) for m in re.findall(r"^parameters: ([\d,]+)$", result.output, re.M)]
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["point", "parameter", "sampled", "value", "resolved", "parameters"]
+    counts = [int(m.replace(",", "")) for m in re.findall(r" ([\d,]{5,})$", result.output, re.M)]
     assert len(counts) == 4
     assert all(abs(n - 30_000) <= 300 for n in counts), counts  # the smoke preset's matched budget
-    assert result.output.count("config: {") == 4
+    assert "channels=" in result.output and "model.family" in result.output
+    assert max(len(line) for line in lines) < 160  # a table, not JSON blobs
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+@pytest.mark.parametrize("study", ["q1", "q2"])
+def test_dry_run_needs_no_data(in_tmp: Path, study: str) -> None:
+    """The default preset is `paper` (CIFAR-10): its dry run once failed offline without the data."""
+    empty = in_tmp / "data"
+    empty.mkdir()
+    result = run("launch", study, "--dry-run", "--data", str(empty))
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(r"^\d ", result.output, re.M)) == 4
     assert not (in_tmp / "kdsweep.db").exists()
 
 
@@ -301,6 +315,85 @@ def test_launch_pins_workers_round_robin_and_splits_the_cores(monkeypatch: pytes
     assert {p.device for p in cpu} == {"cpu"} and all(p.env["KDSWEEP_THREADS"] == "4" for p in cpu)
     monkeypatch.setattr(launch, "cpu_cores", lambda: 2)
     assert launch.plan_workers(4, "cpu", "sqlite:///x.db")[0].env["KDSWEEP_THREADS"] == "1"
+
+
+# ---------------------------------------------------------------- read commands never write
+
+READ_COMMANDS = [["status", "q2"], ["best", "q2"], ["report", "q2"], ["dashboard"]]
+
+
+def _tables(url: str) -> set[str]:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        return set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
+def test_read_commands_create_no_tables_in_postgres(command: list[str]) -> None:
+    """`kdsweep status q2 --storage postgresql+psycopg://.../postgres` once created Optuna's 13
+    tables there; a read command on a database without them says so and creates nothing."""
+    from pgcluster import machine_database
+
+    with machine_database() as url:
+        user_error(run(*command, "--storage", url), 2, "holds no Optuna study")
+        assert _tables(url) == set()
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: c[0])
+def test_read_commands_create_no_tables_in_sqlite(in_tmp: Path, command: list[str]) -> None:
+    import sqlite3
+
+    path = in_tmp / "other.db"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE notes (text TEXT)")
+    before = path.read_bytes()
+    user_error(run(*command, "--storage", f"sqlite:///{path}"), 2, "holds no Optuna study")
+    assert _tables(f"sqlite:///{path}") == {"notes"} and path.read_bytes() == before
+    user_error(run(*command, "--storage", f"sqlite:///{in_tmp / 'none.db'}"), 2, "does not exist")
+    assert not (in_tmp / "none.db").exists()
+
+
+# ---------------------------------------------------------------- fast to answer
+
+
+@pytest.mark.parametrize("args", [["--help"], ["launch", "--help"], ["launch", "q2", "--workers", "0"],
+                                  ["status", "-h"], ["best", "q2", "--format", "xml"]])
+def test_help_and_usage_errors_import_neither_torch_nor_optuna(args: list[str]) -> None:
+    """What click answers by itself (help, parsing errors) loads no heavy library: 0.2 s, not 3 s
+    (the time itself is benchmarks' `cli_startup_s`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom kdsweep.cli import main\ntry:\n    main(sys.argv[1:], prog_name='kdsweep')\n"
+            "except SystemExit as e:\n    print('exit', e.code, sorted({'torch', 'optuna'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip().splitlines()[-1] in ("exit 0 []", "exit 2 []"), out.stdout + out.stderr
+
+
+def test_default_storage_url_matches_the_storage_module() -> None:
+    from kdsweep import cli
+    from kdsweep.service import storage
+
+    assert cli.DEFAULT_URL == storage.DEFAULT_URL
+
+
+@pytest.mark.parametrize("study, setting, expected", [
+    ("q2", "epochs=two", "epochs takes a whole number, not 'two'"),
+    ("q2", "data.val_size=1.5", "data.val_size takes a whole number"),
+    ("q2", "data.flip=maybe", "data.flip takes true or false"),
+    ("q1", "cnn.width=32", "'cnn.width' is sampled by study 'q1'"),
+    ("q1", "model.width=99", "'cnn.width' is sampled by study 'q1'"),
+    ("q2", "data.foo=1", "unknown setting 'foo' in data"),
+    ("q2", "epochs.x=1", "'epochs' has no sub-settings"),
+])
+def test_set_errors_are_one_sentence(in_tmp: Path, study: str, setting: str, expected: str) -> None:
+    user_error(run("launch", study, "--preset", "smoke", "--set", setting), 2, f"--set {setting.split('=')[0]}",
+               expected)
 
 
 # ---------------------------------------------------------------- one meaning per option (issue 10)

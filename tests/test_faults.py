@@ -369,7 +369,7 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
     OOM_LR, DATA_LR = 0.051, 0.052
     real_train = train_mod.train
 
-    def faulty_train(config, report=None, checkpoint=None, stop=None):
+    def faulty_train(config, report=None, checkpoint=None, stop=None, teacher=None):
         if config.optim.lr == OOM_LR:  # out of memory in the second epoch's first step
             real_progress = train_mod.models.set_progress
             calls = {"n": 0}
@@ -382,17 +382,20 @@ def test_broken_trials_fail_with_reason_and_never_win(tmp_path: Path, fmnist_dir
 
             with pytest.MonkeyPatch.context() as m:
                 m.setattr(train_mod.models, "set_progress", progress)
-                return real_train(config, report, checkpoint, stop)
+                return real_train(config, report, checkpoint, stop, teacher)
         if config.optim.lr == DATA_LR:  # the user's data file is broken
             config = replace(config, **{"data.dataset": f"npz:{broken}"})
-        return real_train(config, report, checkpoint, stop)
+        return real_train(config, report, checkpoint, stop, teacher)
 
     monkeypatch.setattr(objective_mod, "train", faulty_train)
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
     study = create(url, "faults", 4, max_failures=3)
     good = {"optim.lr": 0.05, "mlp.depth": 1, "mlp.dropout": 0.0}
     points = [good, {**good, "optim.lr": 5000.0}, {**good, "optim.lr": OOM_LR}, {**good, "optim.lr": DATA_LR}]
-    for p in points:  # they take the places of the study's 4 trials
+    # They take the places of the study's 4 trials; the failed ones' replacements are three more
+    # good points (sampled ones could diverge in this wide space and pass the failure limit).
+    replacements = [{**good, "optim.lr": lr} for lr in (0.06, 0.07, 0.08)]
+    for p in points + replacements:
         study.enqueue_trial(p, skip_if_exists=False)
     study_def = studies.load(str(TINY))
     objective = Objective(study_def, "faults", {"device": "cpu", "threads": 1}, tmp_path / "artifacts")
@@ -466,9 +469,9 @@ def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, ti
            "data.test_subset": None}  # GPU hosts may lack Debian's Fashion-MNIST
     monkeypatch.setattr(Objective, "config", lambda self, params: replace(real_config(self, params), **npz))
 
-    def greedy_train(config, report=None, checkpoint=None, stop=None):
+    def greedy_train(config, report=None, checkpoint=None, stop=None, teacher=None):
         if config.optim.lr != greedy_lr:
-            return real_train(config, report, checkpoint, stop)
+            return real_train(config, report, checkpoint, stop, teacher)
         real_progress = train_mod.models.set_progress
 
         def progress(model, fraction, cfg):  # a real allocation far beyond the card's memory
@@ -478,7 +481,7 @@ def test_real_cuda_oom_fails_the_trial_and_the_worker_goes_on(tmp_path: Path, ti
 
         with pytest.MonkeyPatch.context() as m:
             m.setattr(train_mod.models, "set_progress", progress)
-            return real_train(config, report, checkpoint, stop)
+            return real_train(config, report, checkpoint, stop, teacher)
 
     monkeypatch.setattr(objective_mod, "train", greedy_train)
     url = f"sqlite:///{tmp_path / 'sweep.db'}"

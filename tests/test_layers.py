@@ -35,3 +35,40 @@ def test_importing_every_core_module_loads_no_optuna() -> None:
     mods = ", ".join(f"kdsweep.core.{p.stem}" for p in sorted(CORE.glob("*.py")) if p.stem != "__init__")
     code = f"import sys, {mods}; sys.exit('optuna' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the kdsweep modules it imports, at the top or inside functions."""
+    graph: dict[str, set[str]] = {}
+    package = ROOT / "kdsweep"
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in package.rglob("*.py")}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdsweep"):
+                for alias in node.names:  # `from kdsweep.core import data` names a module
+                    full = f"{node.module}.{alias.name}"
+                    deps.add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("kdsweep"))
+        graph[name] = {d for d in deps if d in modules and d != name and not d.endswith("__init__")}
+    return graph
+
+
+def test_no_import_circles() -> None:
+    graph = _graph()
+    assert "kdsweep.core.train" in graph, "the check looks in the wrong place"
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        for dep in sorted(graph.get(node, ())):
+            visit(dep, path + [node])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])

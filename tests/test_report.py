@@ -171,3 +171,15 @@ def test_the_summary_counts_requeued_attempts_apart_from_failures(tmp_path: Path
     report.write_report(Sweep(study), tmp_path)
     summary = (tmp_path / "summary.md").read_text()
     assert "complete 1, failed 1, requeued 1." in summary
+
+
+def test_family_figures_keep_a_group_whose_every_trial_was_pruned() -> None:
+    """A regulariser whose every trial the pruner stopped is a finding, not a missing group."""
+    rows = Q1_TRIALS + [({"model.family": "cnn", "optim.lr": 0.35, "reg.kind": "spatial_dropout"}, [0.1], True)]
+    study = _study("q1", rows, Q1_DIST)
+    data = report.figure_data(study)["family"]
+    fig = report.plotly_figure(study, "family", data)
+    assert [tr.name for tr in fig.data][-1] == "cnn/spatial_dropout"
+    png = report.png_figure(study, "family", data)
+    labels = [t.get_text() for t in png.axes[0].get_xticklabels()]
+    assert "cnn/spatial_dropout\n(n=0, +1 pruned)" in labels, labels

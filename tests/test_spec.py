@@ -60,7 +60,7 @@ def test_q1_space_holds_only_widths_that_meet_the_budget(q1: studies.StudySpec, 
         assert set(kept) < set(candidates)  # the narrowing really removes widths here
 
 
-@pytest.mark.parametrize("name", ["q1", "q2"])
+@pytest.mark.parametrize("name", ["q2"])
 def test_pruner_is_hyperband_over_the_epochs(name: str) -> None:
     study = studies.load(name)
     for preset in study.presets:
@@ -68,6 +68,17 @@ def test_pruner_is_hyperband_over_the_epochs(name: str) -> None:
         pruner = study.pruner(config)
         assert isinstance(pruner, optuna.pruners.HyperbandPruner)
         assert pruner._max_resource == config.epochs and pruner._min_resource == 1
+
+
+def test_q1_pruner_is_the_curve_pruner_over_the_epochs() -> None:
+    from kdsweep.service.pruners import CurvePruner
+
+    study = studies.load("q1")
+    for preset in study.presets:
+        config = study.preset(preset).config
+        pruner = study.pruner(config)
+        assert isinstance(pruner, CurvePruner)
+        assert pruner.max_epochs == config.epochs and 1 <= pruner.min_epoch < config.epochs
 
 
 def test_sampler_is_seeded_tpe(q2: studies.StudySpec) -> None:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
@@ -27,7 +28,7 @@ from pgcluster import Cluster, free_port, pg_cluster, wait_until  # noqa: F401
 
 from kdsweep.cli import main
 from kdsweep.service import storage
-from kdsweep.service.storage import StorageError, password_of, redact, redact_text
+from kdsweep.service.storage import StorageError, open_storage, password_of, redact, redact_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
@@ -87,6 +88,7 @@ def test_every_torch_load_is_weights_only() -> None:
 def test_dashboard_binds_to_loopback_by_default(tmp_path: Path) -> None:
     port = free_port()
     url = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=False))  # reads need one
     proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "dashboard", "--port", str(port), "--storage", url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
@@ -184,13 +186,24 @@ def test_compose_commands_exist_and_hold_no_credentials() -> None:
     assert gpu["capabilities"] == ["gpu"]
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None and shutil.which("docker") is None,
-                    reason="no docker client: apt-get install docker-compose to check the file parses")
-def test_compose_file_parses(tmp_path: Path) -> None:
+def compose_command() -> list[str] | None:
+    """The docker compose client that works here: `docker-compose`, or `docker compose` when
+    the docker binary has the compose plugin (a bare docker binary answers "unknown command")."""
     if shutil.which("docker-compose"):
-        cmd = ["docker-compose", "--env-file", str(ROOT / ".env.example"), "-f", str(COMPOSE), "config"]
-    else:
-        cmd = ["docker", "compose", "--env-file", str(ROOT / ".env.example"), "-f", str(COMPOSE), "config"]
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+def test_compose_file_parses(tmp_path: Path) -> None:
+    client = compose_command()
+    if client is None:
+        pytest.skip("no docker compose client (docker-compose, or docker with the compose plugin): "
+                    "apt-get install docker-compose to check the file parses")
+    cmd = [*client, "--env-file", str(ROOT / ".env.example"), "-f", str(COMPOSE), "config"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
@@ -223,3 +236,23 @@ def test_retries_are_bounded_and_end_in_one_sentence(monkeypatch: pytest.MonkeyP
     with pytest.raises(sqlalchemy.exc.IntegrityError):
         storage._retrying(broken, "add_trial")()
     assert len(calls) == 1
+
+
+def test_compose_client_needs_the_compose_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A docker binary without the compose plugin (`unknown command`) is no compose client, so
+    test_compose_file_parses skips there instead of failing on `unknown flag: --env-file`."""
+    fake = tmp_path / "docker"
+    fake.write_text('#!/bin/sh\necho "docker: unknown command: docker $1" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert compose_command() is None
+    fake.write_text('#!/bin/sh\necho "Docker Compose version v2.29.0"\n')
+    assert compose_command() == ["docker", "compose"]
+
+
+def test_git_ignores_the_sqlite_slot_lock_files() -> None:
+    """study_lock leaves `<file>.db.slots-<id>.lock` beside a SQLite file; git must not offer it."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "sweeps/kdsweep.db.slots-1.lock"], cwd=ROOT)
+    assert result.returncode == 0

@@ -41,6 +41,11 @@ def fresh_process_cache():
     teacher._LOADED.clear()
 
 
+def kd_train(cfg, **kwargs):
+    """train() as the objective calls it: the teacher prepared first, then passed in."""
+    return train(cfg, teacher=teacher.prepare(cfg), **kwargs)
+
+
 def runs(cache_dir: Path) -> list[str]:
     """Lines of every teacher's `.runs` file: one per time a teacher was trained."""
     return [line for f in (cache_dir / "teachers").glob("*.runs") for line in f.read_text().splitlines()]
@@ -49,7 +54,7 @@ def runs(cache_dir: Path) -> list[str]:
 def test_the_teacher_is_trained_once_and_every_trial_records_it(tiny_npz: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch):
     cfg = kd_config(tiny_npz, tmp_path)
-    first = train(cfg)
+    first = kd_train(cfg)
     assert len(runs(tmp_path)) == 1
     info = first.teacher
     assert info is not None and len(info["key"]) == 16 and 0.0 <= info["val_acc"] <= 1.0
@@ -65,7 +70,9 @@ def test_the_teacher_is_trained_once_and_every_trial_records_it(tiny_npz: Path, 
         return real_train(config, *args, **kwargs)
 
     monkeypatch.setattr("kdsweep.core.train.train", spy)
-    second = spy(replace(cfg, **{"kd.alpha": 0.9}))
+    monkeypatch.setattr(teacher, "train", spy)  # the teacher trains through the same train()
+    again = replace(cfg, **{"kd.alpha": 0.9})
+    second = spy(again, teacher=teacher.prepare(again))
     assert len(calls) == 1  # the student only; the teacher's train() was never called
     assert len(runs(tmp_path)) == 1
     assert second.teacher["key"] == info["key"] and second.teacher["val_acc"] == info["val_acc"]
@@ -73,11 +80,11 @@ def test_the_teacher_is_trained_once_and_every_trial_records_it(tiny_npz: Path, 
 
 def test_a_corrupt_teacher_file_is_rebuilt_not_trusted(tiny_npz: Path, tmp_path: Path):
     cfg = kd_config(tiny_npz, tmp_path)
-    key = train(cfg).teacher["key"]
+    key = kd_train(cfg).teacher["key"]
     path = tmp_path / "teachers" / f"{key}.pt"
     path.write_bytes(b"torn write")
     teacher._LOADED.clear()
-    again = train(cfg)
+    again = kd_train(cfg)
     assert len(runs(tmp_path)) == 2  # trained again
     assert again.teacher["key"] == key
     assert torch.load(path, weights_only=True)["state_dict"]  # and stored whole this time
@@ -133,7 +140,7 @@ def test_offline_imagenet_teacher_is_one_sentence(tiny_npz: Path, tmp_path: Path
     cfg = kd_config(tiny_npz, tmp_path, kd=kd,
                     data=DataConfig(dataset=f"npz:{tiny_npz}", val_size=200, train_subset=400, channels=3))
     with pytest.raises(ModelError) as info:
-        train(cfg)
+        kd_train(cfg)
     message = str(info.value)
     assert message.startswith("ImageNet weights for resnet50 are not in the torch hub cache")
     assert message.count(". ") == 0 and message.endswith("or use weights=none.")
@@ -143,7 +150,7 @@ def test_offline_imagenet_teacher_is_one_sentence(tiny_npz: Path, tmp_path: Path
 def test_teacher_logits_are_cached_per_view_and_computed_once(tiny_npz: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch):
     cfg = kd_config(tiny_npz, tmp_path)  # pad 1 and flips: 18 views of each of 400 images
-    first = train(cfg)
+    first = kd_train(cfg)
     path = Path(first.teacher["logit_cache"])
     views = data.num_views(1, True)
     cache = LogitCache(path, 400, views, 10)
@@ -156,7 +163,7 @@ def test_teacher_logits_are_cached_per_view_and_computed_once(tiny_npz: Path, tm
     # and the teacher runs only on pairs this trial draws for the first time.
     teacher._LOADED.clear()
     other = replace(cfg, **{"seed": 1, "kd.alpha": 0.2, "kd.temperature": 8.0})
-    assert Path(train(other).teacher["logit_cache"]) == path
+    assert Path(kd_train(other).teacher["logit_cache"]) == path
     after_two = LogitCache(path, 400, views, 10).stats()
     assert after_two["max_passes"] == 1
     assert after_one["filled"] < after_two["filled"] == after_two["total_passes"]

@@ -100,10 +100,49 @@ def test_tensorboard_command_finds_the_study_runs(sweep: tuple[Path, optuna.Stud
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = sweep
     calls = []
-    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    # The command's one call: serve that folder (TensorBoard itself is not started here).
+    monkeypatch.setattr("kdsweep.service.tensorboard.serve", lambda logdir, host, port: calls.append(logdir) or 0)
     monkeypatch.chdir(folder.parent)  # not the sweep folder: the storage URL leads there
     result = CliRunner().invoke(cli.main, ["tensorboard", "tiny", "--storage", f"sqlite:///{folder}/s.db"])
     assert result.exit_code == 0, result.output
-    assert calls and calls[0][calls[0].index("--logdir") + 1] == str(folder / "runs" / "tiny")
+    assert calls == [folder / "runs" / "tiny"]
     missing = CliRunner().invoke(cli.main, ["tensorboard", "nope", "--storage", f"sqlite:///{folder}/s.db"])
     assert missing.exit_code == 2 and "no TensorBoard runs" in missing.output
+
+
+def test_sigterm_to_the_command_stops_tensorboard_too(tmp_path: Path) -> None:
+    """`kill` (or docker stop) of `kdsweep tensorboard` once left TensorBoard running on its port."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "runs" / "q2" / "trial-0000").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDSWEEP_")}
+    proc = subprocess.Popen([sys.executable, "-m", "kdsweep", "tensorboard", "q2", "--logdir",
+                             str(tmp_path / "runs"), "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not listening():
+            assert proc.poll() is None and time.monotonic() < deadline, "TensorBoard never listened"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while listening() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not listening(), f"TensorBoard still holds port {port} after SIGTERM to kdsweep"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

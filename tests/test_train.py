@@ -211,3 +211,16 @@ def test_train_returns_the_last_epochs_per_image_validation_correctness(tiny_npz
     assert mask.float().mean().item() == pytest.approx(result.final_val_acc)
     # The resolved config records what was used: the dataset's own statistics.
     assert result.config.data.normalize == "dataset" and len(result.config.data.mean) == 1
+
+
+def test_a_kd_config_needs_its_teacher_prepared_first(tiny_npz: Path, tmp_path: Path) -> None:
+    # train() never hides the teacher's training (minutes, every core, a lock): it is passed in.
+    from kdsweep.core.config import ConfigError, KDConfig
+
+    cfg = dataclasses.replace(tiny(tiny_npz), cache_dir=str(tmp_path),
+                              kd=KDConfig(alpha=0.5, teacher=ModelConfig(arch="mlp", hidden=(16,))))
+    with pytest.raises(ConfigError, match=r"prepare it first with kdsweep.core.teacher.prepare\(config\)"):
+        train(cfg)
+    assert not (tmp_path / "teachers").exists()  # nothing was trained
+    alone = dataclasses.replace(cfg, kd=KDConfig(alpha=0.0, teacher=cfg.kd.teacher))
+    assert train(alone).teacher is None  # alpha = 0 is plain cross-entropy: no teacher needed

@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -185,6 +186,42 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+# ModelConfig fields each architecture reads; the others mean nothing for it.
+_USED = {
+    "mlp": {"arch", "budget", "depth", "rate", "hidden"},
+    "cnn": {"arch", "budget", "depth", "width", "factorized", "regularizer", "rate", "block_size",
+            "ramp", "channels", "block_sizes"},
+    "resnet18": {"arch", "weights", "stem", "trainable"},
+    "resnet50": {"arch", "weights", "stem", "trainable"},
+}
+
+
+def compact(config: dict[str, Any]) -> dict[str, Any]:
+    """`to_dict` output without the model fields its architecture never reads (a ResNet's
+    width, block_size, hidden, ...), for exports a person reads.
+
+    A field is left out only while it holds its default, so `from_dict` rebuilds exactly the
+    same config: `from_dict(TrainConfig, compact(to_dict(c))) == c`.
+    """
+    defaults = to_dict(ModelConfig())
+
+    def model(m: dict[str, Any]) -> dict[str, Any]:
+        used = _USED.get(m.get("arch", ""), set(m))
+        return {k: v for k, v in m.items()
+                if k in used or _jsonish(v) != _jsonish(defaults.get(k, object()))}
+
+    out = dict(config)
+    if isinstance(out.get("model"), dict):
+        out["model"] = model(out["model"])
+    if isinstance(out.get("kd"), dict) and isinstance(out["kd"].get("teacher"), dict):
+        out["kd"] = {**out["kd"], "teacher": model(out["kd"]["teacher"])}
+    return out
+
+
+def _jsonish(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
 def replace(config: Any, **changes: Any) -> Any:
     """dataclasses.replace that also takes dotted paths: replace(cfg, **{"kd.alpha": 0.5})."""
     nested: dict[str, dict[str, Any]] = {}
@@ -208,3 +245,17 @@ def replace(config: Any, **changes: Any) -> Any:
                 f"unknown setting {key!r} in {type(config).__name__}; valid: {', '.join(sorted(names))}."
             )
     return dataclasses.replace(config, **flat)
+
+
+def read_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig in a YAML or JSON file: an export of `kdsweep best` (its `config`) or a
+    bare config. ConfigError (one sentence) for a file that is not one."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML or JSON: {str(exc).splitlines()[0]}.") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping (a config or an export of `kdsweep best`).")
+    return from_dict(TrainConfig, doc.get("config", None) or doc)

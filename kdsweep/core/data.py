@@ -217,6 +217,33 @@ def _parse_dataset(cfg: DataConfig) -> tuple[str, Path]:
     raise DataError(f"unknown dataset {cfg.dataset!r}; use {_VALID_FORMS}.")
 
 
+# Native (C, H, W) and class count of the named datasets: what a model is built for, known
+# without the files (`kdsweep launch --dry-run` needs no data).
+KNOWN_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "fashion-mnist": ((1, 28, 28), 10),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What building a model needs of a dataset: its native image shape and class count."""
+
+    in_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def shape_of(cfg: DataConfig) -> Shape:
+    """The dataset's image shape and class count: from KNOWN_SHAPES for named datasets (no file
+    is read), else from the data itself (npz and folders are loaded)."""
+    name = cfg.dataset.strip().lower()
+    if name in KNOWN_SHAPES:
+        return Shape(*KNOWN_SHAPES[name])
+    splits = load_splits(cfg)
+    return Shape(splits.in_shape, splits.num_classes)
+
+
 # -- sources -----------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ running (`[w1 t12]`), through `trial_tag` and the formatter `install_log_format`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,17 +28,24 @@ log = logging.getLogger("kdsweep.core.progress")
 
 LINE_S = 30.0  # seconds between the plain log lines of a step that is still running
 _TRIAL: ContextVar[int | None] = ContextVar("kdsweep_trial", default=None)
+_LABEL: ContextVar[str | None] = ContextVar("kdsweep_label", default=None)  # how bars name the run
 T = TypeVar("T")
 
 
 @contextmanager
-def trial_tag(number: int) -> Iterator[None]:
-    """Tag log lines (and progress bars) written inside the block with trial `number`."""
-    token = _TRIAL.set(number)
+def trial_tag(number: int | None, label: str | None = None) -> Iterator[None]:
+    """Tag log lines (and progress bars) written inside the block with trial `number`.
+
+    `label` replaces "trial N" in progress lines, e.g. "verify run 3 (sweep trial 29)" for a
+    seed-verification run, whose own number means nothing next to the sweep's trials, or
+    "teacher" for the build every trial waits on (log lines then read `[w1 teacher]`).
+    """
+    token, label_token = _TRIAL.set(number), _LABEL.set(label)
     try:
         yield
     finally:
         _TRIAL.reset(token)
+        _LABEL.reset(label_token)
 
 
 def current_trial() -> int | None:
@@ -46,9 +54,17 @@ def current_trial() -> int | None:
 
 class _TrialFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        n = _TRIAL.get()
-        record.trial = f" t{n}" if n is not None else ""
+        n, label = _TRIAL.get(), _LABEL.get()
+        record.trial = f" {label.split(' ')[0]}" if label and n is None else (f" t{n}" if n is not None else "")
         return True
+
+
+def setup_logging(verbose: int, quiet: bool, worker: int | None = None) -> None:
+    """kdsweep's log lines on stderr: INFO by default, WARNING with -q, DEBUG with -vv."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    install_log_format(worker)  # "12:00:00 [w1 t12] ...": worker index and trial number
+    logging.getLogger("kdsweep").setLevel(level)
 
 
 def install_log_format(worker: int | None) -> None:
@@ -77,8 +93,9 @@ class Bar:
     """Progress of one step of `total` units; use as a context manager, call `update()`."""
 
     def __init__(self, total: int, desc: str, unit: str = "batch") -> None:
-        trial = _TRIAL.get()
-        self.desc = f"trial {trial}: {desc}" if trial is not None else desc
+        trial, label = _TRIAL.get(), _LABEL.get()
+        name = label or (f"trial {trial}" if trial is not None else None)
+        self.desc = f"{name}: {desc}" if name else desc
         self.total, self.unit, self.done = total, unit, 0
         self.mode = mode()
         self._bar = None
@@ -117,3 +134,93 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "item") -> Iter
         for item in items:
             yield item
             bar.update()
+
+
+# ---------------------------------------------------------------- a shared build others wait for
+# The teacher of a Q2 study is built once, by the first worker that needs it, while the others
+# wait on its file lock. The builder writes `<key>.progress.json` beside the lock after every
+# epoch, and each waiter a `<key>.waiting-<pid>` file, so `kdsweep launch` can say what is
+# happening ("building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it").
+
+
+
+def cache_dir() -> str:
+    """Where teachers are cached by default: $KDSWEEP_CACHE, else ~/.cache/kdsweep (a config's
+    own cache_dir overrides it; see kdsweep.core.train.cache_root)."""
+    return os.path.expanduser(os.environ.get("KDSWEEP_CACHE") or "~/.cache/kdsweep")
+
+
+def write_build_progress(path: str | os.PathLike, epoch: int, epochs: int, started: float,
+                         done: bool = False) -> None:
+    """Record a build's progress (epochs finished of `epochs`, wall-clock start) in `path`."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"epoch": epoch, "epochs": epochs, "started": started, "updated": time.time(),
+                   "done": done}, f)
+    os.replace(tmp, path)
+
+
+def build_status(folder: str | os.PathLike) -> str | None:
+    """'building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it' for a build
+    in progress under `folder` (the teacher cache), else None."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    now = time.time()
+    for name in names:
+        if not name.endswith(".progress.json"):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                p = json.load(f)
+        except (OSError, ValueError):
+            continue
+        key = name[: -len(".progress.json")]
+        if p.get("done") or not _held(os.path.join(folder, f"{key}.lock")):
+            continue  # finished, or its builder died (the OS released its lock)
+        waiting = sum(n.startswith(f"{key}.waiting-") for n in names)
+        epoch, epochs = int(p["epoch"]), int(p["epochs"])
+        left = ""
+        if epoch > 0:
+            per_epoch = (p["updated"] - p["started"]) / epoch
+            left = f", ~{_duration(per_epoch * (epochs - epoch) - (now - p['updated']))} left"
+        others = f"; {waiting} worker{'s' if waiting != 1 else ''} waiting for it" if waiting else ""
+        return f"building the teacher, once: epoch {epoch}/{epochs}{left}{others}"
+    return None
+
+
+def _held(lock_path: str) -> bool:
+    """Whether another process holds the file lock at `lock_path` (a build in progress)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def eta(wall_times: list[float], left: float, workers: int) -> str:
+    """'~3 min left' for `left` trials (a running one counts half) shared by `workers`.
+
+    `wall_times` are the finished trials' seconds in the order they finished. The first wave
+    (one trial per worker) includes the minutes a first run spends building the teacher, so
+    once later trials have finished only theirs count. '' before any trial finished or when
+    none is left.
+    """
+    if not wall_times or left <= 0:
+        return ""
+    later = wall_times[workers:] or wall_times
+    return f"~{_duration(sum(later) / len(later) * left / max(1, workers))} left"

@@ -11,29 +11,62 @@ under a file lock so concurrent workers do not race to train it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 
-from kdsweep.core import data, models
-from kdsweep.core.config import OptimConfig, TrainConfig, to_dict
-from kdsweep.core.devices import autocast, cpu_cores
+from kdsweep.core import data, models, progress
+from kdsweep.core.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from kdsweep.core.devices import autocast, cpu_cores, resolve_device
 from kdsweep.core.logit_cache import LogitCache
+from kdsweep.core.train import cache_root, input_shape, resolve_data, train
 
 log = logging.getLogger("kdsweep.core.teacher")
 
 # Teachers already loaded in this process, by content key: trials in one worker share them.
 _LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A prepared teacher: trained (once per content key) and cached; `train(teacher=...)` takes it."""
+
+    info: dict[str, Any]  # content key, validation accuracy, mode, arch
+
+    def logits_source(self, config: TrainConfig, splits: data.Splits, device: torch.device
+                      ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                                 dict[str, Any]]:
+        """See the module function `logits_source`; refuses a config of another teacher."""
+        fn, info = logits_source(config, splits, device)
+        if info["key"] != self.info["key"]:
+            raise ConfigError("the teacher passed to train() was prepared for other kd settings; "
+                              "prepare it from the same config.")
+        return fn, info
+
+
+def prepare(config: TrainConfig) -> Teacher | None:
+    """Train (once per content key, under a file lock) or load the teacher `config` distils from.
+
+    None when it needs none (no `kd`, or α = 0). This is the step that can take minutes: on the
+    CPU it uses every core while the other workers of the host wait on the lock.
+    """
+    if config.kd is None or config.kd.alpha <= 0:
+        return None
+    splits = data.load_splits(config.data)
+    _, info = load_teacher(config, splits, resolve_device(config.device))
+    return Teacher(info)
 
 
 def teacher_config(config: TrainConfig) -> TrainConfig:
@@ -86,8 +119,6 @@ def load_teacher(
     config: TrainConfig, splits: data.Splits, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
-    from kdsweep.core.train import cache_root, input_shape, resolve_data, train
-
     tconfig = resolve_data(teacher_config(config), splits)
     key = teacher_key(tconfig, splits)
     if (key, str(device)) in _LOADED:
@@ -96,12 +127,23 @@ def load_teacher(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.pt"
     mode = "linear probe" if tconfig.model.trainable == "head" else "full fine-tune (no pretrained weights)"
-    with FileLock(str(folder / f"{key}.lock")):
+    with _waiting_for(folder, key), progress.trial_tag(None, "teacher"):
         stored = _read(path)
         if stored is None:
-            log.info("training teacher %s (%s, %s, %d epochs)", key, tconfig.model.arch, mode, tconfig.epochs)
+            log.info("training the teacher %s once (%s, %s, %d epochs); the other workers wait for it",
+                     key, tconfig.model.arch, mode, tconfig.epochs)
             t0 = time.perf_counter()
-            result = _train_on_all_cores(train, tconfig, device)
+            progress_file = folder / f"{key}.progress.json"
+            started = time.time()
+            progress.write_build_progress(progress_file, 0, tconfig.epochs, started)
+
+            def report(epoch: int, metrics: dict[str, float]) -> None:
+                progress.write_build_progress(progress_file, epoch, tconfig.epochs, started)
+
+            try:
+                result = _train_on_all_cores(train, tconfig, device, report)
+            finally:
+                progress_file.unlink(missing_ok=True)
             stored = {
                 "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()},
                 "val_acc": result.final_val_acc,  # the weights stored are the final ones
@@ -123,14 +165,36 @@ def load_teacher(
     return model, info
 
 
-def _train_on_all_cores(train: Callable[[TrainConfig], Any], tconfig: TrainConfig, device: torch.device) -> Any:
+@contextlib.contextmanager
+def _waiting_for(folder: Path, key: str) -> Iterator[None]:
+    """Hold the teacher's file lock; while another process holds it (building the teacher),
+    say so once and leave a `<key>.waiting-<pid>` file, which `kdsweep launch` counts."""
+    lock = FileLock(str(folder / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        marker = folder / f"{key}.waiting-{os.getpid()}"
+        marker.touch()
+        log.info("waiting for the teacher %s, which another worker is building (once for all)", key)
+        try:
+            lock.acquire()
+        finally:
+            marker.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_on_all_cores(train: Callable[..., Any], tconfig: TrainConfig, device: torch.device,
+                        report: Callable[[int, dict[str, float]], None] | None = None) -> Any:
     # Every worker of a study needs this teacher and waits on its lock meanwhile, so on CPU the
     # one that trains it takes the idle cores, not its 1/W share; the share is restored after.
     if device.type != "cpu":
-        return train(tconfig)
+        return train(tconfig, report=report)
     before = torch.get_num_threads()
     try:
-        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, idle_cores())))
+        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, idle_cores())), report=report)
     finally:
         torch.set_num_threads(before)
 
@@ -179,8 +243,6 @@ def logits_source(
     to its own input size. With `kd.cache_logits`, logits are cached per (image, view) on disk
     and computed lazily, so no (image, view) pair is ever run through the teacher twice.
     """
-    from kdsweep.core.train import cache_root, resolve_data
-
     kd = config.kd
     model, info = load_teacher(config, splits, device)
     tdata = resolve_data(teacher_config(config), splits).data  # the normalisation it trained with
@@ -226,7 +288,6 @@ def preflight(config: TrainConfig, splits: data.Splits) -> str:
     DataError, ModelError or ConfigError with one sentence; returns one line for a header.
     """
     from kdsweep.core.resnets import check_weights, describe_stem
-    from kdsweep.core.train import input_shape, resolve_data
 
     kd = config.kd
     if kd is None:

@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdsweep.core import budget, data, models, progress
-from kdsweep.core.config import TrainConfig, validate
+from kdsweep.core.config import ConfigError, TrainConfig, validate
 from kdsweep.core.devices import autocast, resolve_device, set_threads
 from kdsweep.core.distill import kd_loss
 
@@ -243,13 +243,26 @@ def _load_checkpoint(path: Path | None) -> dict[str, Any] | None:
         return None
 
 
+class TeacherSource(Protocol):
+    """A prepared teacher (`kdsweep.core.teacher.prepare`): gives logits for training batches."""
+
+    def logits_source(self, config: TrainConfig, splits: data.Splits, device: torch.device
+                      ) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                                 dict[str, Any]]: ...
+
+
 def train(
     config: TrainConfig,
     report: Report | None = None,
     checkpoint: str | Path | None = None,
     stop: threading.Event | None = None,
+    teacher: TeacherSource | None = None,
 ) -> TrainResult:
-    """Train `config.model` on `config.data`, distilling from a teacher when `config.kd` is set.
+    """Train `config.model` on `config.data`, distilling from `teacher` when `config.kd` is set.
+
+    A KD config (α > 0) needs its teacher prepared first and passed in:
+    `train(config, teacher=kdsweep.core.teacher.prepare(config))`. Preparing may train the
+    teacher (minutes, every core, under a file lock); `train` itself never does.
 
     After each epoch `report(epoch, metrics)` is called (epochs count from 1) with at least
     `val_acc` (validation accuracy in [0, 1]), `train_loss`, `lr`, `images_per_s`, `seconds`.
@@ -282,9 +295,12 @@ def train(
     teacher_fn = None
     teacher_info = None
     if config.kd is not None and config.kd.alpha > 0:
-        from kdsweep.core import teacher as teacher_mod
-
-        teacher_fn, teacher_info = teacher_mod.logits_source(config, splits, device)
+        if teacher is None:
+            raise ConfigError(
+                "this config distils from a teacher (kd.alpha > 0): prepare it first with "
+                "kdsweep.core.teacher.prepare(config) and pass it as train(..., teacher=...)."
+            )
+        teacher_fn, teacher_info = teacher.logits_source(config, splits, device)
 
     train_x = splits.train_x.to(device)
     train_y = splits.train_y.to(device)

@@ -22,6 +22,7 @@ SEED = "kdsweep.seed"  # the sampler seed the study was created with (--seed)
 VERIFY_OF = "kdsweep.verify_of"  # on a `<study>.verify` sibling: the sweep it verifies
 BASELINE_OF = "kdsweep.baseline_of"  # on a `<study>.baseline` sibling: the sweep it is the reference of
 DESCRIPTION = "description"  # shown by optuna-dashboard
+STOP = "kdsweep.stop"  # set by `kdsweep stop` (drain): workers re-queue their trial and leave
 
 # ---- trial user attributes: the record of a trial (written by the objective)
 CONFIG = "config"  # the full resolved TrainConfig (to_dict): the storage alone reproduces it
@@ -43,6 +44,8 @@ BEST_VAL_ACC = "best_val_acc"
 TEACHER_KEY = "teacher_key"
 TEACHER_VAL_ACC = "teacher_val_acc"
 WEIGHTS = "weights"  # path of the kept weights (best few trials only)
+HOST = "host"  # the host name of the worker that ran the attempt
+LOG_FILE = "log_file"  # the attempt's own log file, beside its TensorBoard run
 INFEASIBLE = "infeasible"  # its choices cannot meet the budget: PRUNED, not counted in N
 FAIL_REASON = "fail_reason"  # why an attempt failed (or was re-queued)
 PRUNED_REASON = "pruned_reason"

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from kdsweep.service.spec import StudySpec
 from kdsweep.service.sweep import Counts, Sweep
 
 
@@ -56,7 +59,10 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
         env["OMP_NUM_THREADS"] = str(threads)
         env["PYTHONUNBUFFERED"] = "1"
         # Several workers share one terminal: log lines, not bars that overwrite each other.
-        env.setdefault("KDSWEEP_PROGRESS", "bars" if workers == 1 else "lines")
+        # One worker decides by itself (bars only when its stderr, launch's, is a terminal),
+        # so a launch whose output goes to a log file never writes bars into it.
+        if workers > 1:
+            env.setdefault("KDSWEEP_PROGRESS", "lines")
         level = logging.getLogger("kdsweep").getEffectiveLevel()  # -q / -vv reach the workers
         if level >= logging.WARNING:
             env["KDSWEEP_QUIET"] = "1"
@@ -66,6 +72,29 @@ def plan_workers(workers: int, device: str, storage_url: str) -> list[WorkerPlan
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         plans.append(WorkerPlan(i, env, "cuda" if gpus else "cpu"))
     return plans
+
+
+ETA_EVERY_S = 30.0  # seconds between status lines that differ only in their time left
+_ETA = re.compile(r"~[^;|]* left")
+
+
+def status_line(sweep: Sweep, workers: int) -> str:
+    """The progress line, with what a first run spends its first minutes on (the teacher's
+    build, which the other workers wait for) and the sweep's ETA."""
+    from optuna.trial import TrialState
+
+    from kdsweep.core import progress
+    from kdsweep.service import keys
+
+    c = sweep.counts()
+    line = sweep.progress_line(c)
+    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"))
+    if building:
+        return f"{line} | {building}"
+    done = sorted((t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
+                   if keys.WALL_TIME in t.user_attrs and t.datetime_complete), key=lambda t: t.datetime_complete)
+    left = progress.eta([t.user_attrs[keys.WALL_TIME] for t in done], c.waiting + 0.5 * c.running, workers)
+    return f"{line} | {left}" if left else line
 
 
 def run(
@@ -96,7 +125,7 @@ def run(
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.monotonic()
-    last = ""
+    last, last_news, shown_at = "", "", 0.0
     try:
         while any(p.poll() is None for p in procs):
             if stop["why"]:
@@ -104,10 +133,12 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = sweep.progress_line()
-            if line != last:
+            line = status_line(sweep, len(procs))
+            # A new line when something happened; a countdown alone only every ETA_EVERY_S.
+            news = _ETA.sub("", line)
+            if news != last_news or (line != last and time.monotonic() - shown_at >= ETA_EVERY_S):
                 echo(line)
-                last = line
+                last, last_news, shown_at = line, news, time.monotonic()
             # Short naps: time.sleep resumes after a signal handler, and Ctrl-C should stop
             # the workers at once, not after a whole polling period.
             nap_until = time.monotonic() + poll
@@ -129,5 +160,197 @@ def run(
         for s, h in old.items():
             signal.signal(s, h)
     final = sweep.counts()
-    echo(sweep.progress_line(final))
+    line = status_line(sweep, len(procs))
+    if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
+        echo(line)
     return final, stop["why"] or "done"
+
+
+# ---------------------------------------------------------------- what launch and worker check first
+
+
+def runtime(device: str, data: str | None, download: bool = False, threads: int | None = None) -> dict[str, object]:
+    """Per-host settings of a trial's config: device, data folder, CPU threads (this process's
+    share of the cores: launch gives each of W workers cores // W; by hand, every core)."""
+    out: dict[str, object] = {"device": device, "threads": threads or cpu_cores()}
+    if data:
+        out["data.root"] = data
+    if download:
+        out["data.download"] = True
+    return out
+
+
+def artifacts_folder(storage_url: str, study_name: str, explicit: str | None = None) -> Path:
+    """Checkpoints and kept weights of a study: --artifacts, else beside the SQLite file."""
+    if explicit:
+        return Path(explicit) / study_name
+    if storage_url.startswith("sqlite:///"):
+        return Path(storage_url[len("sqlite:///"):]).expanduser().resolve().parent / "kdsweep-artifacts" / study_name
+    return Path("kdsweep-artifacts") / study_name
+
+
+def load_spec(study: str, preset: str, overrides: Sequence[str]) -> tuple[StudySpec, dict[str, object]]:
+    """The study file (by name or path), checked with its preset and `--set` overrides."""
+    from kdsweep.service import spec as specs
+
+    spec = specs.load(study)
+    spec.preset(preset)
+    changes = specs.parse_overrides(overrides)
+    spec.check_overrides(preset, changes)
+    spec.space_for(preset, changes)
+    return spec, changes
+
+
+def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
+    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced)."""
+    import torch
+
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.service.spec import StudyError
+
+    resolve_device(device)
+    if needs_gpu and not torch.cuda.is_available() and not force:
+        raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
+                         "use --preset smoke, or add --force to run it on the CPU anyway.")
+
+
+def default_workers(device: str, trials_per_device: int) -> int:
+    """One worker per visible GPU (times `trials_per_device`), or 1 on the CPU."""
+    gpus = visible_gpus() if device != "cpu" else []
+    return len(gpus) * trials_per_device if gpus else 1
+
+
+def preflight(spec, preset: str, overrides: Mapping[str, object], runtime: Mapping[str, object]) -> list[str]:
+    """Load the data a trial will read (the teacher's too) and check the teacher's settings, so
+    any problem is one sentence before anything is stored; returns the launch header's lines
+    (the data and, for KD studies, the teacher, as they will actually be used)."""
+    from kdsweep.core import data, teacher
+    from kdsweep.core.train import input_shape, resolve_data
+
+    config = spec.config_for(preset, {}, overrides, **runtime)
+    splits = data.load_splits(config.data)
+    config = resolve_data(config, splits)
+    lines = [f"data: {data.describe(config.data, splits, input_shape(config, splits))}"]
+    if config.kd is not None:
+        lines.append(f"teacher: {teacher.preflight(config, splits)}")
+    return lines
+
+
+def with_dataset(spec, preset: str, overrides: Mapping[str, object], dataset: str | None,
+                 runtime: Mapping[str, object]) -> dict[str, object]:
+    """The overrides with --dataset and that data's augmentation recorded in them.
+
+    Another dataset than the preset's drops the preset's flips and shifts (made for its own
+    data) for the new data's defaults unless --set gives them; unset ones become explicit, so
+    the study's definition says what every trial does.
+    """
+    from kdsweep.core import data
+
+    changes = dict(overrides)
+    base = spec.base_config(preset, changes).data
+    if dataset and dataset != base.dataset:
+        changes["data.dataset"] = dataset
+        for key in ("data.pad", "data.flip"):
+            changes.setdefault(key, None)
+    base = spec.config_for(preset, {}, changes, **runtime).data
+    if base.pad is None or base.flip is None:
+        pad, flip = data.default_augmentation(base.dataset, data.load_splits(base).in_shape)
+        if base.pad is None:
+            changes["data.pad"] = pad
+        if base.flip is None:
+            changes["data.flip"] = flip
+    return changes
+
+
+def worker_args(source: str, study_name: str, data: str | None, download: bool, artifacts: str | None,
+                tensorboard: bool) -> list[str]:
+    """The `kdsweep worker` arguments launch gives each of its workers."""
+    args = [source, "--study-name", study_name]
+    if data:
+        args += ["--data", data]
+    if download:
+        args.append("--download")
+    if artifacts:
+        args += ["--artifacts", artifacts]
+    if not tensorboard:
+        args.append("--no-tensorboard")
+    return args
+
+
+def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Mapping[str, object],
+                 artifacts, tensorboard, worker_index: int = 0):
+    """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
+    run its waiting trials; returns the worker's summary."""
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.spec import StudyError
+    from kdsweep.service.sweep import SweepNotFound
+    from kdsweep.service.worker import run_worker
+
+    try:
+        found = Sweep.load(storage, study_name, spec)
+    except SweepNotFound:
+        raise StudyError(f"no study named {study_name!r} in this storage; "
+                         "create it with `kdsweep create` or `kdsweep launch`.") from None
+    if preset is not None and found.definition.get("preset") not in (None, preset):
+        raise StudyError(f"study {study_name!r} was created with preset {found.preset!r}, not {preset!r}; "
+                         "drop --preset (workers read it from the study) or use another --study-name.")
+    sweep = Sweep.join(storage, study_name, spec)
+    resolve_device(str(runtime["device"]))
+    preflight(spec, sweep.preset, sweep.overrides, runtime)
+    objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
+                          overrides=sweep.overrides)
+    summary = run_worker(sweep, objective)
+    logging.getLogger("kdsweep").info(
+        "worker %d done: %d trials (%d complete, %d pruned, %d failed, %d re-queued)%s", worker_index,
+        summary.ran, summary.complete, summary.pruned, summary.failed, summary.requeued,
+        " - interrupted" if summary.interrupted else (" - stopped" if summary.stopped else ""))
+    return summary
+
+
+def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_name: str | None,
+           n_trials: int | None, seed: int, device: str, force: bool, workers: int | None,
+           trials_per_device: int, data: str | None, download: bool, artifacts: str | None,
+           tensorboard: bool, timeout: float | None, echo: Callable[[str], None]) -> tuple[Sweep, Counts, str]:
+    """`kdsweep launch`: check the device and the data, create or resume the sweep, run its
+    workers; (sweep, final counts, how it ended: done, finished, timeout or interrupted).
+
+    A sweep that has nothing left to run prints its summary and starts no worker ('finished').
+    """
+    from kdsweep.service.storage import open_storage, redact
+
+    check_device(device, spec.preset(preset).needs_gpu, preset, force)
+    workers = workers or default_workers(device, trials_per_device)
+    header = preflight(spec, preset, overrides, runtime(device, data, download))  # before anything is stored
+    sweep = Sweep.create(open_storage(url), spec, preset, study_name, n_trials, seed=seed, overrides=overrides)
+    c = sweep.counts()
+    if c.waiting + c.running == 0:
+        echo(f"{sweep.progress_line(c)}\n{sweep.summary_table()}")
+        return sweep, c, "finished"
+    echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(url)}: "
+         f"{sweep.n_trials} trials, {workers} worker(s)")
+    for line in header:
+        echo(line)
+    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard)
+    final, how = run(sweep, args, plan_workers(workers, device, url), echo, timeout=timeout)
+    from kdsweep.service import baseline, report
+
+    reference = baseline.prepare(sweep) if how == "done" else None
+    if reference is not None:  # the student alone (alpha=0), outside N: one run, this host's cores
+        baseline.run(reference, args, plan_workers(1, device, url), echo)
+    echo(sweep.summary_table())
+    for line in report.noise_summary(sweep):  # issue 10: how much of the top is noise
+        echo(line)
+    return sweep, final, how
+
+
+def ending(sweep: Sweep, final: Counts, how: str) -> tuple[str, int]:
+    """The closing sentence of a launch and its exit code (0, 1 a study short of N, 130)."""
+    if how == "done" and sweep.stop_requested:
+        return "stopped by `kdsweep stop`: run the same command again to finish the study.", 0
+    if how in ("interrupted", "timeout"):
+        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else 0
+    if how == "done" and final.finished < (sweep.n_trials or 0):
+        return (f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
+                "failures; see `kdsweep status` for their reasons."), 1
+    return "", 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import kdsweep
 from kdsweep.core.budget import BudgetError
 from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
+from kdsweep.core.teacher import prepare as prepare_teacher
 from kdsweep.core.train import input_shape, resolve, train
 from kdsweep.service import keys, stats
 from kdsweep.service import space as sp
@@ -54,6 +56,22 @@ def count_flops(config: TrainConfig) -> int:
 
     splits = data.load_splits(config.data)
     return budget.count_flops(config.model, input_shape(config, splits), splits.num_classes)
+
+
+class _TrialLog:
+    """Copies kdsweep's log lines into one file while a trial runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        self.handler.setLevel(logging.INFO)
+        logging.getLogger("kdsweep").addHandler(self.handler)
+
+    def close(self) -> None:
+        logging.getLogger("kdsweep").removeHandler(self.handler)
+        self.handler.close()
 
 
 @dataclass
@@ -93,13 +111,19 @@ class Objective:
         trial.set_user_attr(keys.PARAMS_COUNT, count_params(config))
         trial.set_user_attr(keys.FLOPS, count_flops(config))  # beside params: budgets match one, not both
         trial.set_user_attr(keys.VERSION, kdsweep.__version__)
+        trial.set_user_attr(keys.HOST, socket.gethostname())
 
         checkpoint = self._checkpoint(trial)
         writer = None
+        trial_log = None
         if self.tensorboard is not None:
             from kdsweep.service.tensorboard import TrialWriter
 
             writer = TrialWriter(self.tensorboard / f"trial-{trial.number:04d}")
+            # The attempt's own log lines, beside its run (`kdsweep trial` shows the path);
+            # retries of the same trial append to it.
+            trial_log = _TrialLog(writer.folder / "log.txt")
+            trial.set_user_attr(keys.LOG_FILE, str(trial_log.path))
         start = time.perf_counter()
 
         def report(epoch: int, metrics: Mapping[str, float]) -> None:
@@ -107,7 +131,7 @@ class Objective:
             trial.set_user_attr(keys.EPOCHS_RUN, epoch)
             if writer is not None:
                 writer.epoch(epoch, metrics)
-            log.info("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
+            log.debug("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
                      metrics[self.study.metric])
             # Never at the last epoch: the trial has paid for all of it, and pruning it then would
             # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in
@@ -118,7 +142,9 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
-            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop)
+            # The teacher first (trained once per host and cached; minutes the first time).
+            teacher = prepare_teacher(config)
+            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
         except (optuna.TrialPruned, Exception):
@@ -130,6 +156,8 @@ class Objective:
             trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - start, 3))
             if writer is not None:
                 writer.close(params, {"trial": trial.number, "seed": config.seed})
+            if trial_log is not None:
+                trial_log.close()
         # params and device were stored before training (the same values train() reports).
         trial.set_user_attr(keys.PARAM_SPLIT, result.param_split)
         trial.set_user_attr(keys.EPOCHS_RUN, result.epochs_run)

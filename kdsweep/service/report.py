@@ -151,6 +151,11 @@ def family_data(study: optuna.Study) -> dict[str, Any]:
             "flops": {k: statistics.fmean(flops[k]) for k in order if k in flops}}  # mean per image
 
 
+def _with_pruned_only(groups: Mapping[str, list[float]], pruned: Mapping[str, int]) -> dict[str, list[float]]:
+    """The groups with complete trials, then those whose every trial was pruned (empty)."""
+    return {**groups, **{g: [] for g in sorted(pruned) if g not in groups}}
+
+
 def _family_key(params: Mapping[str, Any]) -> str:
     return "mlp" if params["model.family"] != "cnn" else f"cnn/{params.get('reg.kind', 'none')}"
 
@@ -219,7 +224,7 @@ def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
         fig.update_layout(title="Intermediate values (pruned trials dotted, x where stopped)",
                           xaxis_title="epoch", yaxis_title=metric)
     elif name == "family":
-        for group, values in data["groups"].items():
+        for group, values in _with_pruned_only(data["groups"], data["pruned"]).items():
             fig.add_trace(go.Box(y=values, name=group, boxpoints="all", jitter=0.3))
         budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
         fig.update_layout(title=f"MLP vs CNN by regulariser{budget}", yaxis_title=metric)
@@ -288,15 +293,15 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
                title=f"{study.study_name}: {metric} over alpha x T")
     elif name in ("family", "dropblock"):
         if name == "family":
-            groups = data["groups"]
             pruned = data["pruned"]
+            groups = _with_pruned_only(data["groups"], pruned)  # a group all pruned is a finding too
             budget = f" at {data['budget']:,} parameters" if data["budget"] else ""
             title = f"{study.study_name}: MLP vs CNN by regulariser{budget}"
         else:
             groups = {f"block {s}": v for s, v in data["sizes"].items()}
             pruned = {f"block {s}": n for s, n in data["pruned"].items()}
             title = f"{study.study_name}: DropBlock block size"
-        if not groups:
+        if not any(groups.values()):
             ax.text(0.5, 0.5, "no complete trial in any group yet", ha="center", va="center",
                     transform=ax.transAxes)
         labels = list(groups)
@@ -304,7 +309,8 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
             values = groups[label]
             xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(values))]
             ax.scatter(xs, values, s=18, alpha=0.7)
-            ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
+            if values:
+                ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color="black")
         ax.set_xticks(range(len(labels)), [
             f"{k}\n(n={len(groups[k])}" + (f", +{pruned[k]} pruned)" if pruned.get(k) else ")") for k in labels])
         ax.set(ylabel=metric, title=title + " (complete trials; bar: mean)")

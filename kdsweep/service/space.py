@@ -170,6 +170,17 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def parse_point(items: Sequence[str]) -> dict[str, Any]:
+    """`["kd.alpha=0.9", "kd.temperature=10"]` -> a point; SpaceError for an item without `=`."""
+    point = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise SpaceError(f"{item!r} is not key=value.")
+        point[key] = parse_value(raw)
+    return point
+
+
 def describe(space: Sequence[Param]) -> dict[str, Any]:
     """JSON-ready description, stored in the study so a worker can check it joins the same one."""
     return {p.name: p.describe() for p in space}

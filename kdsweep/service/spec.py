@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,20 +85,26 @@ class StudySpec:
             raise StudyError(f"study {self.name!r}: cannot override the preset: {exc}") from None
 
     def check_overrides(self, preset: str, overrides: Mapping[str, Any]) -> None:
-        """Refuse overrides of sampled parameters and of per-host runtime settings."""
+        """Refuse overrides of sampled parameters, of per-host runtime settings, of unknown
+        settings and of values of the wrong type, each in one sentence."""
         sampled = {p.path: p.name for p in self.space}
+        names = {p.name: p.path for p in self.space}
         for key in overrides:
-            if key in sampled:
+            if key in sampled or key in names:
+                name = sampled.get(key, key)
                 raise StudyError(
-                    f"{key!r} is sampled by study {self.name!r} (as {sampled[key]!r}); "
-                    "narrow its range in a preset instead of overriding it."
+                    f"--set {key}: {name!r} is sampled by study {self.name!r}, so it cannot be set; "
+                    f"narrow its range in a preset's space instead (e.g. {{{name!r}: {{'choices': [...]}}}} "
+                    "or low/high)."
                 )
             head, _, rest = key.partition(".")
             if key in RUNTIME_KEYS or (head == "data" and rest in RUNTIME_DATA_KEYS):
                 raise StudyError(
                     f"{key!r} is a per-host setting, not part of the study; use the command's option."
                 )
-        self.base_config(preset, overrides)  # unknown keys and bad values fail here
+        for key, value in overrides.items():
+            _check_setting(key, value)
+        self.base_config(preset, overrides)  # values out of range fail here
 
     def space_for(self, preset: str, overrides: Mapping[str, Any] | None = None) -> list[sp.Param]:
         """The search space with the preset's overrides and the study's narrowing applied, checked."""
@@ -158,6 +165,46 @@ class StudySpec:
             "config": config,
             "kdsweep_version": kdsweep.__version__,
         }))
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _check_setting(key: str, value: Any) -> None:
+    """StudyError unless `key` is a TrainConfig setting (dotted) and `value` fits its type."""
+    cls: Any = TrainConfig
+    hint: Any = None
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the config"
+            valid = ", ".join(sorted(".".join([*parts[:i], h]) for h in hints))
+            raise StudyError(f"--set {key}: unknown setting {part!r} in {where}; valid: {valid}.")
+        hint = hints[part]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(inner[0]):
+                raise StudyError(f"--set {key}: {'.'.join(parts[:i + 1])!r} has no sub-settings.")
+            cls = inner[0]
+    optional = type(None) in typing.get_args(hint)
+    kind = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = typing.get_origin(kind[0]) or kind[0]
+    if value is None:
+        if optional:
+            return
+        raise StudyError(f"--set {key}=none: {key} needs {_KINDS.get(kind, 'a value')}.")
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise StudyError(
+            f"--set {key}={value}: {key} takes {_KINDS[kind]}"
+            f"{' or none' if optional else ''}, not {value!r}."
+        )
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

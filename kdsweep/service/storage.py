@@ -85,6 +85,10 @@ class StorageError(RuntimeError):
     """The storage cannot be used; the message names it (password hidden) and what to do."""
 
 
+class NoStudies(StorageError):
+    """A read-only open found no Optuna tables (or no SQLite file): the storage holds no study."""
+
+
 # user:password@ in a URL's authority; searched after "://" (or anywhere in a malformed URL
 # such as "postgres//user:pw@host", which must not leak its password in the error either).
 _USERINFO = re.compile(r"([^:/@\s]*):([^@\s]*)@")
@@ -226,12 +230,18 @@ def _prepare_sqlite(url: str) -> None:
         raise StorageError(f"cannot open the SQLite file {path}: {exc} (is the folder writable?).") from None
 
 
-def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = False) -> RetryingStorage:
+def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = False,
+                 create: bool = True) -> RetryingStorage:
     """Open (creating the schema if needed) the storage at `url`; StorageError if impossible.
 
     With `wait`, a database that is down or restarting is retried with the same back-off as
     every later call (about 75 s): a worker started during an outage waits for it, as one
     already running does. Without it (commands a person types), the first failure is reported.
+
+    With `create=False` (read commands: status, best, report, ls, dashboard) nothing is ever
+    written: a missing SQLite file or a database without Optuna's tables raises NoStudies
+    instead of being given a schema (Optuna's RDBStorage creates 13 tables, and a version row,
+    in any database it is pointed at).
     """
     url = url or DEFAULT_URL
     if not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql\+\w+|mysql)://", url):
@@ -243,7 +253,8 @@ def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = Fa
         url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3, not psycopg2
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        _prepare_sqlite(url)
+        if create:
+            _prepare_sqlite(url)
         engine_kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
@@ -258,9 +269,11 @@ def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = Fa
         with warnings.catch_warnings():
             # Heartbeats are marked experimental; kdsweep relies on them knowingly (dead workers).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create, **kwargs)
 
     try:
+        if not create:
+            _require_tables(url, engine_kwargs)
         rdb = _retrying(connect, "connect")() if wait else connect()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
@@ -271,6 +284,22 @@ def open_storage(url: str | None = None, heartbeat: bool = True, wait: bool = Fa
         _serialize_sqlite(rdb.engine)
     # get_storage adds Optuna's own cache of finished trials in front of the RDB storage.
     return RetryingStorage(optuna.storages.get_storage(rdb))
+
+
+def _require_tables(url: str, engine_kwargs: dict[str, Any]) -> None:
+    """NoStudies unless the database at `url` already holds Optuna's schema; writes nothing."""
+    path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and not Path(path).expanduser().is_file():
+        raise NoStudies(f"the SQLite file {path} does not exist")
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        # Optuna's RDBStorage also adds its version row and alembic table when they are
+        # missing, so all three must be there before it is constructed.
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not {"studies", "version_info", "alembic_version"} <= tables:
+        raise NoStudies(f"{redact(url)} holds no Optuna study (no Optuna tables)")
 
 
 def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:

@@ -34,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import json
 import logging
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 import kdsweep
+from kdsweep.core.config import compact
 from kdsweep.service import keys
 from kdsweep.service import space as sp
 from kdsweep.service.spec import StudyError, StudySpec, diff_definitions
@@ -148,8 +151,12 @@ class Sweep:
     """One kdsweep study: `Sweep.create` (or resume), `Sweep.load` (read), then its methods."""
 
     def __init__(self, study: optuna.Study, spec: StudySpec | None = None) -> None:
+        # Set by run_worker: each heartbeat that finds `kdsweep stop`'s flag sets it, and the
+        # training loop (which checks it before every batch) stops: no database read per batch.
+        self.stop_event: threading.Event | None = None
         self.study = study
         self.spec = spec
+        self._numbers: dict[int, int] = {}  # trial id -> number of the trials pop() took
 
     # ------------------------------------------------------------------ opening
 
@@ -181,7 +188,14 @@ class Sweep:
             study.set_user_attr(keys.UID, uuid.uuid4().hex)  # tells its checkpoints from a namesake's
             study.set_user_attr(keys.SEED, seed)
             study.set_user_attr(keys.DESCRIPTION, spec.description)
+            with warnings.catch_warnings():  # experimental in Optuna; names the dashboard's axis
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([spec.metric])
         n = n_trials if n_trials is not None else sweep.n_trials or DEFAULT_N
+        if sweep.n_trials is not None and n < sweep.n_trials:
+            sweep._lower_n(n)
+        if sweep.stop_requested:  # launch / create resume a drained sweep
+            sweep.study.set_user_attr(keys.STOP, False)
         if max_failures is None:
             max_failures = sweep.study.user_attrs.get(keys.MAX_FAILURES) if n_trials is None else None
         sweep.study.set_user_attr(keys.MAX_FAILURES,
@@ -199,6 +213,21 @@ class Sweep:
         except KeyError:
             raise SweepNotFound(f"no study named {name!r} in this storage.") from None
         return cls(study, spec)
+
+    @classmethod
+    def open(cls, url: str, name: str, write: bool = False) -> Sweep:
+        """The sweep `name` in the storage at `url`, for a command: opened read-only first, so
+        asking for a study that is not there never creates a file or a schema; StudyError
+        (naming the studies there) when it is missing. `write` reopens it to change it."""
+        from kdsweep.service.storage import open_storage, redact, study_names
+
+        storage = read_storage(url)
+        try:
+            sweep = cls.load(storage, name)
+        except SweepNotFound:
+            raise StudyError(f"no study named {name!r} in {redact(url)}; studies there: "
+                             f"{', '.join(study_names(storage)) or 'none'}.") from None
+        return cls.load(open_storage(url), name) if write else sweep
 
     @classmethod
     def join(cls, storage: BaseStorage, name: str, spec: StudySpec) -> Sweep:
@@ -348,7 +377,8 @@ class Sweep:
         return c
 
     def failure_limit_passed(self) -> bool:
-        return self.counts().failed > self.max_failures
+        failed = self._storage.get_all_trials(self._id, deepcopy=False, states=(TrialState.FAIL,))
+        return sum(map(failed_for_good, failed)) > self.max_failures
 
     def _add_slots(self, n: int) -> None:
         """Enqueue `n` empty WAITING trials; user-enqueued points are WAITING too and count alike."""
@@ -378,6 +408,7 @@ class Sweep:
         for t in storage.get_all_trials(self._id, deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    self._numbers[t._trial_id] = t.number  # start() needs no extra read
                     return t._trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
@@ -385,7 +416,9 @@ class Sweep:
 
     def start(self, trial_id: int) -> optuna.Trial:
         """The taken trial as an optuna.Trial, its sampler seeded for this trial (recorded)."""
-        number = self._storage.get_trial_number_from_id(trial_id)
+        number = self._numbers.pop(trial_id, None)
+        if number is None:
+            number = self._storage.get_trial_number_from_id(trial_id)
         seed = sampler_seed(self.seed, number)
         if self.spec is not None:
             self.study.sampler = self.spec.sampler(seed)
@@ -471,6 +504,9 @@ class Sweep:
                 try:
                     storage.record_heartbeat(trial_id)
                     self.reap()
+                    if self.stop_event is not None and self.stop_requested:
+                        log.warning("`kdsweep stop %s`: re-queuing this trial and leaving", self.name)
+                        self.stop_event.set()
                 except Exception as exc:  # a database restart; the next beat tries again
                     log.warning("heartbeat for trial id %d failed: %s", trial_id, type(exc).__name__)
 
@@ -547,7 +583,8 @@ class Sweep:
             "metric": self.metric,
             "params": best.params,
             "kdsweep_version": best.user_attrs.get(keys.VERSION, kdsweep.__version__),
-            "config": best.user_attrs[keys.CONFIG],
+            # Without the model fields its architecture never reads (from_dict defaults them).
+            "config": compact(best.user_attrs[keys.CONFIG]),
         }
 
     def best_line(self) -> str:
@@ -579,6 +616,76 @@ class Sweep:
     def last_activity(self) -> datetime.datetime | None:
         stamps = [s for t in self.trials() for s in (t.datetime_complete, t.datetime_start) if s]
         return max(stamps) if stamps else None
+
+    # ------------------------------------------------------------------ managing a sweep
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether `kdsweep stop` asked the workers to leave (read fresh from the storage)."""
+        return bool(self._storage.get_study_user_attrs(self._id).get(keys.STOP))
+
+    def request_stop(self) -> int:
+        """Drain: every worker, on every host, re-queues its running trial (at its next
+        heartbeat) and leaves; none takes a new one until launch or create resumes the sweep.
+        Returns the number of trials running now."""
+        self.study.set_user_attr(keys.STOP, True)
+        return len(self.trials(TrialState.RUNNING))
+
+    def _lower_n(self, n: int) -> None:
+        """Lower N to `n`: allowed while no more than `n` trials have finished or run; slots
+        waiting beyond it are withdrawn (FAIL, marked re-queued, so never a failure)."""
+        with self.lock():
+            c = self.counts()
+            if c.finished + c.running > n:
+                raise StudyError(
+                    f"cannot lower N of study {self.name!r} to {n}: {c.finished} trials have finished "
+                    f"and {c.running} are running; give -n {c.finished + c.running} or more.")
+            waiting = self.trials(TrialState.WAITING)
+            extra = max(0, c.finished + c.running + len(waiting) - n)
+            for t in waiting[len(waiting) - extra:]:  # the last made first
+                self._storage.set_trial_user_attr(t._trial_id, keys.REQUEUED, "N lowered")
+                self._storage.set_trial_user_attr(t._trial_id, keys.FAIL_REASON, f"withdrawn: N lowered to {n}")
+                try:
+                    self._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
+
+    def summary(self) -> dict[str, Any]:
+        """What `kdsweep ls` and `status --json` show: counts, N, best value, last activity."""
+        best, last = self.best_trial, self.last_activity()
+        return {"study": self.name, "spec": self.spec_name, "preset": self.preset,
+                "n_trials": self.n_trials, **self.counts().as_dict(),
+                "best": None if best is None else {"trial": best.number, "value": best.value,
+                                                   "params": best.params},
+                "last_activity": None if last is None else last.isoformat(timespec="seconds"),
+                "stopped": self.stop_requested, "verifies": self.verifies}
+
+    def status(self) -> dict[str, Any]:
+        """`kdsweep status --json`: the summary, the running trials, the last failures."""
+        running = [{"trial": t.number, "epoch": max(t.intermediate_values, default=0), "params": t.params}
+                   for t in self.trials(TrialState.RUNNING)]
+        failed = [{"trial": t.number, "reason": t.user_attrs.get(keys.FAIL_REASON, "?")}
+                  for t in self.trials(TrialState.FAIL) if failed_for_good(t)][-5:]
+        return {**self.summary(), "running_trials": running, "last_failures": failed}
+
+    def status_text(self) -> str:
+        s, c = self.status(), self.counts()
+        requeued = f", {c.requeued} re-queued" if c.requeued else ""
+        lines = [f"study {self.name!r}: {c.complete} complete, {c.pruned} pruned, {c.failed} failed{requeued}, "
+                 f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting (N={self.n_trials})"
+                 + (" - stopped (`kdsweep stop`)" if s["stopped"] else ""),
+                 self.best_line()]
+        lines += [f"  running trial {r['trial']}: epoch {r['epoch']}, {json.dumps(r['params'])}"
+                  for r in s["running_trials"]]
+        lines += [f"  failed trial {f['trial']}: {f['reason']}" for f in s["last_failures"]]
+        return "\n".join(lines)
+
+    def delete(self) -> list[str]:
+        """Delete this study and its verify sibling from the storage; their names."""
+        names = [s.name for s in (self, self.sibling(VERIFY_SUFFIX)) if s is not None]
+        for name in names:
+            optuna.delete_study(study_name=name, storage=self._storage)
+        return names
 
     # ------------------------------------------------------------------ siblings
 
@@ -626,6 +733,28 @@ class Sweep:
             # Its own N: every run asked for so far that has not failed for good.
             study.set_user_attr(keys.N_TRIALS, len(present))
         return sibling, len(best) * len(seeds)
+
+
+def optuna_verbosity(verbose: int) -> None:
+    """Optuna's own log lines: warnings only, unless -vv."""
+    optuna.logging.set_verbosity(logging.INFO if verbose > 1 else logging.WARNING)
+
+
+def read_storage(url: str) -> BaseStorage:
+    """The storage at `url`, to read: never creates a file, a schema or a row; StudyError (a
+    usage error: the wrong --storage) when it holds no Optuna study."""
+    from kdsweep.service.storage import NoStudies, open_storage
+
+    try:
+        return open_storage(url, heartbeat=False, create=False)
+    except NoStudies as exc:
+        raise StudyError(f"{exc}; pass the --storage the study was launched with.") from None
+
+
+def all_sweeps(storage: BaseStorage) -> list[Sweep]:
+    """Every study in `storage`, as sweeps (read only)."""
+    return [Sweep.load(storage, s.study_name)
+            for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
 def _fmt(v: object) -> str:

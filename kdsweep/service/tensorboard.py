@@ -10,11 +10,12 @@ config text, paths or storage URLs, so nothing secret ends up in event files.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from torch.utils.tensorboard import SummaryWriter
 
 SCALARS = {
     "train_loss": "train/loss",
@@ -36,6 +37,31 @@ def runs_root(storage_url: str | None, explicit: str | Path | None = None) -> Pa
     return Path("runs")
 
 
+def serve(folder: Path, host: str, port: int) -> int:
+    """Run TensorBoard on `folder` until it exits or this process gets SIGTERM/SIGINT; returns
+    its exit code. The signal is passed on and TensorBoard waited for, so stopping the command
+    (`kill`, `docker stop`, Ctrl-C) never leaves an orphaned TensorBoard holding the port."""
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host,
+           "--port", str(port)]
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum: int, frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
+
+
 def trial_folder(root: Path, study_name: str, number: int) -> Path:
     return root / study_name / f"trial-{number:04d}"
 
@@ -49,6 +75,9 @@ class TrialWriter:
     """Writes one trial's events to `folder`: scalars each epoch, HParams when it ends."""
 
     def __init__(self, folder: Path) -> None:
+        # Imported here: `kdsweep tensorboard` only serves the files and needs no torch.
+        from torch.utils.tensorboard import SummaryWriter
+
         self.folder = Path(folder)
         self.writer = SummaryWriter(log_dir=str(self.folder))
         self.last: dict[str, float] = {}

@@ -36,6 +36,10 @@ log = logging.getLogger("kdsweep.service.worker")
 POLL_S = 2.0
 
 
+def _ignore(signum: int, frame: Any) -> None:
+    """A second SIGTERM/SIGINT while the first is being handled: nothing more to do."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, delivered as an exception so the running trial can be re-queued cleanly."""
 
@@ -48,6 +52,7 @@ class WorkerSummary:
     failed: int = 0  # failed for good
     requeued: int = 0  # interrupted or dropped (declared dead meanwhile): re-queued, not failed
     interrupted: bool = False
+    stopped: bool = False  # left because of `kdsweep stop`
     trials: list[int] = field(default_factory=list)
 
 
@@ -63,12 +68,19 @@ def run_worker(sweep: Sweep, objective: Objective) -> WorkerSummary:
     stop = threading.Event()  # a signal came: finish or re-queue the trial, then leave
     interruptible = threading.Event()  # set while the objective runs (see _run_trial)
     objective = dataclasses.replace(objective, stop=stop)
+    sweep.stop_event = stop  # `kdsweep stop`: the heartbeat sets it (see Sweep.heartbeat)
+
+    signalled = threading.Event()  # a signal, not `kdsweep stop`, set `stop`
 
     def on_term(signum: int, frame: Any) -> None:
+        signalled.set()
         # Ctrl-C reaches launch and every worker at once, and launch then sends SIGTERM too:
         # only the first signal counts, so re-queuing the running trial is never cut short.
+        # A no-op handler, not SIG_IGN: the second signal may already be pending, and CPython
+        # reports "OSError: Signal 15 ignored due to race condition" (from wherever the main
+        # thread is, e.g. inside autograd) for a pending signal whose handler became SIG_IGN.
         for s in handled:
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, _ignore)
         stop.set()
         # An exception raised here lands wherever the main thread happens to be. Inside the
         # objective that is safe (the trial is re-queued) and needed (a teacher may take
@@ -85,6 +97,10 @@ def run_worker(sweep: Sweep, objective: Objective) -> WorkerSummary:
         while True:
             if stop.is_set():
                 raise Interrupted()
+            if sweep.stop_requested:  # `kdsweep stop`: take no new trial
+                log.warning("study %r is stopped (`kdsweep stop`); this worker leaves", sweep.name)
+                summary.stopped = True
+                break
             sweep.reap()  # a dead worker's trial is re-queued here
             trial_id = sweep.pop()
             if trial_id is None and sweep.top_up():
@@ -114,7 +130,8 @@ def run_worker(sweep: Sweep, objective: Objective) -> WorkerSummary:
             else:
                 summary.failed += 1
     except KeyboardInterrupt:
-        summary.interrupted = True
+        summary.interrupted = signalled.is_set()
+        summary.stopped = not summary.interrupted  # drained by `kdsweep stop`
     finally:
         if threading.current_thread() is threading.main_thread():
             for s, handler in previous.items():
@@ -139,8 +156,11 @@ def _run_trial(sweep: Sweep, trial_id: int, objective: Objective,
                interruptible: threading.Event) -> TrialState:
     try:
         with sweep.heartbeat(trial_id):
-            number = sweep.frozen(trial_id).number
-            with trial_tag(number):
+            frozen = sweep.frozen(trial_id)
+            number = frozen.number
+            source = frozen.user_attrs.get(keys.VERIFY_SOURCE)  # a seed-verification run
+            label = None if source is None else f"verify run {number} (sweep trial {source})"
+            with trial_tag(number, label):
                 interruptible.set()
                 try:
                     if objective.stop is not None and objective.stop.is_set():
