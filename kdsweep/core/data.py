@@ -651,7 +651,7 @@ def default_augmentation(dataset: str, in_shape: Sequence[int]) -> tuple[int, bo
     return min(4, side // 16), False
 
 
-def with_augmentation(cfg: DataConfig, splits: Splits) -> DataConfig:
+def with_augmentation(cfg: DataConfig, splits: Splits | Shape) -> DataConfig:
     """`cfg` with `pad` and `flip` set: the given values, else the dataset's defaults."""
     pad, flip = default_augmentation(cfg.dataset, splits.in_shape)
     return dataclasses.replace(

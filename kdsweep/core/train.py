@@ -112,8 +112,11 @@ def resolve(config: TrainConfig, splits: data.Splits | None = None) -> TrainConf
     the dataset's default augmentation (`data.pad`, `data.flip`) and the input normalisation
     (`data.normalize`, `data.mean`, `data.std`; see `resolve_data`)."""
     config = validate(config)
-    splits = splits or data.load_splits(config.data)
-    config = resolve_data(config, splits)
+    splits = splits if splits is not None else data.load_splits(config.data)
+    if isinstance(splits, data.Splits):
+        config = resolve_data(config, splits)
+    else:  # a data.Shape (a dry run reads no images): augmentation only; statistics need the images
+        config = dataclasses.replace(config, data=data.with_augmentation(config.data, splits))
     if config.model.arch in ("mlp", "cnn") and config.model.budget:
         model_cfg = budget.resolve(config.model, input_shape(config, splits), splits.num_classes)
         config = dataclasses.replace(config, model=model_cfg)
