@@ -16,6 +16,8 @@ import kdsweep
 from kdsweep.cli_options import (
     CONTEXT,
     DEFAULT_URL,  # noqa: F401  (kept importable from kdsweep.cli)
+    check_data,
+    dataset_option,
     echo_json,
     friendly,
     json_option,
@@ -55,6 +57,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @main.command()
 @sweep_options
 @set_option
+@dataset_option
 @n_trials_option
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=None, envvar="KDSWEEP_WORKERS",
               help="Worker processes (default: GPUs x --trials-per-device, or 1 on CPU; env KDSWEEP_WORKERS).")
@@ -72,9 +75,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], n_trials: int | None, workers: int | None, trials_per_device: int,
-           threads: int | None, fuse: int, timeout: float | None, dry_run: bool, force: bool,
-           as_json: bool) -> None:
+           overrides: tuple[str, ...], dataset: str | None, n_trials: int | None, workers: int | None,
+           trials_per_device: int, threads: int | None, fuse: int, timeout: float | None, dry_run: bool,
+           force: bool, as_json: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -89,6 +92,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.service import launch as launcher
 
     spec, changes = launcher.load_spec(study, preset, overrides)
+    changes = launcher.with_dataset(spec, preset, changes, dataset, launcher.runtime("cpu", data, download))
     if dry_run:
         from kdsweep.service.preview import preview, preview_table
 
@@ -118,11 +122,12 @@ def _status_echo(line: str) -> None:
 @main.command()
 @sweep_options
 @set_option
+@dataset_option
 @n_trials_option
 @friendly
 def create(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           overrides: tuple[str, ...], n_trials: int | None) -> None:
+           overrides: tuple[str, ...], dataset: str | None, n_trials: int | None) -> None:
     """Create STUDY (or raise or lower its N) to finish N trials, without running workers.
 
     For many hosts: create once, then run `kdsweep worker` on each GPU host. N can be
@@ -131,10 +136,13 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     \b
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
-    from kdsweep.service.launch import load_spec
+    from kdsweep.service.launch import load_spec, runtime, with_dataset
     from kdsweep.service.sweep import Sweep
 
     spec, changes = load_spec(study, preset, overrides)
+    # No preflight: the host that creates a study need not hold its data (npz/folder data is
+    # read once here, to record its default augmentation).
+    changes = with_dataset(spec, preset, changes, dataset, runtime(device, data, download))
     sweep = Sweep.create(open_storage(storage), spec, preset, study_name, n_trials, seed=seed, overrides=changes)
     c = sweep.counts()
     click.echo(f"study {sweep.name!r} (N={sweep.n_trials}): {c.waiting} waiting, {c.running} running, "
@@ -199,6 +207,11 @@ def status(study_name: str, storage: str, as_json: bool) -> None:
         echo_json(sweep.status())
     else:
         click.echo(sweep.status_text())
+        if sweep.best_trial is not None:
+            from kdsweep.service.report import noise_summary
+
+            for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+                click.echo(f"  {line}")
 
 
 @main.command()
@@ -306,7 +319,8 @@ def stop(study_name: str, storage: str) -> None:
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes that run the --verify trials here.")
 @click.option("--device", default="auto", show_default=True, help="Device of the --verify workers.")
-@click.option("--data", default=None, metavar="DIR", help="Data directory of the --verify workers.")
+@click.option("--data", default=None, metavar="DIR", callback=check_data,
+              help="Data folder of the --verify workers.")
 @click.option("--no-run", is_flag=True,
               help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
@@ -334,6 +348,10 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     if checked:
         click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
     doc = sweep.export_best()
+    from kdsweep.service.report import noise_summary
+
+    for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+        click.echo(line, err=True)
     if weights:
         from kdsweep.service.weights import export_weights
 
@@ -352,7 +370,7 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="YAML or JSON: an export of `kdsweep best`, or a bare config.")
 @click.option("--device", default=None, help="Override the config's device.")
-@click.option("--data", default=None, metavar="DIR", help="Data directory (env KDSWEEP_DATA).")
+@click.option("--data", default=None, metavar="DIR", callback=check_data, help="Data folder (env KDSWEEP_DATA).")
 @click.option("--seed", type=int, default=None, help="Override the config's seed.")
 @friendly
 def train_cmd(config_file: str, device: str | None, data: str | None, seed: int | None) -> None:

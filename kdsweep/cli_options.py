@@ -9,6 +9,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -97,6 +98,42 @@ def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 
 
+def check_data(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--data is a folder: a dataset spec or a folder that does not exist is a usage error."""
+    from kdsweep.core.data import DataError, check_root
+
+    try:
+        check_root(value, bool(ctx.params.get("download")))
+    except DataError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
+def _check_dataset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--dataset: a known name, or npz:FILE / folder:DIR that exists (made absolute)."""
+    if value is None:
+        return None
+    name = value.strip()
+    if name.lower() in ("cifar10", "cifar100", "fashion-mnist"):
+        return name.lower()
+    for prefix, exists in (("npz:", Path.is_file), ("folder:", Path.is_dir)):
+        if name.startswith(prefix) and name[len(prefix):].strip():
+            path = Path(name[len(prefix):].strip()).expanduser().resolve()
+            if not exists(path):
+                raise click.BadParameter(f"{path} does not exist; give {prefix}PATH of an existing "
+                                         f"{'.npz file' if prefix == 'npz:' else 'folder'}.", ctx, param)
+            return f"{prefix}{path}"
+    raise click.BadParameter(f"unknown dataset {value!r}; use cifar10, cifar100, fashion-mnist, "
+                             "npz:FILE or folder:DIR (a folder of images is --data's job only for "
+                             "the named datasets).", ctx, param)
+
+
+dataset_option = click.option(
+    "--dataset", default=None, envvar="KDSWEEP_DATASET", callback=_check_dataset,
+    help="Dataset instead of the preset's: cifar10, cifar100, fashion-mnist, npz:FILE or folder:DIR "
+         "(env KDSWEEP_DATASET). Part of the study: its workers use it too.")
+
+
 def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("study"),
@@ -105,9 +142,11 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Preset of the study file (env KDSWEEP_PRESET)."),
         click.option("--study-name", default=None, envvar="KDSWEEP_STUDY_NAME", callback=_check_study_name,
                      help="Name in the storage (default: STUDY; env KDSWEEP_STUDY_NAME)."),
-        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA",
-                     help="Data directory (env KDSWEEP_DATA)."),
-        click.option("--download", is_flag=True, help="Let torchvision download the dataset if missing."),
+        click.option("--data", default=None, metavar="DIR", envvar="KDSWEEP_DATA", callback=check_data,
+                     help="Folder that holds the named datasets' files (env KDSWEEP_DATA); the "
+                          "dataset itself is --dataset."),
+        click.option("--download", is_flag=True, is_eager=True,
+                     help="Let torchvision download the dataset if missing."),
         click.option("--device", default="auto", show_default=True, envvar="KDSWEEP_DEVICE",
                      help="auto, cpu, cuda or cuda:N (env KDSWEEP_DEVICE)."),
         click.option("--seed", type=int, default=0, show_default=True, envvar="KDSWEEP_SEED",

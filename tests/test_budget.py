@@ -191,3 +191,19 @@ def test_resolve_needs_a_budget_and_a_q1_architecture():
         resolve(ModelConfig(arch="resnet18", budget=1_000_000), (3, 32, 32), 10)
     with pytest.raises(ConfigError, match="regularizer"):
         feasible(cnn(100_000, 8, 2, regularizer="cutout"), (1, 28, 28), 10)
+
+
+def test_forward_flops_are_counted_beside_parameters():
+    from kdsweep.core.budget import count_flops
+
+    mlp = ModelConfig(arch="mlp", hidden=(64, 32))
+    # Linear layers only: 2 x (784*64 + 64*32 + 32*10) multiply-accumulates.
+    assert count_flops(mlp, (1, 28, 28), 10) == 2 * (784 * 64 + 64 * 32 + 32 * 10)
+    # At one 100k-parameter budget the CNN does ~87x the MLP's FLOPs (the figure).
+    m = resolve(ModelConfig(arch="mlp", budget=100_000), (1, 28, 28), 10)
+    c = resolve(ModelConfig(arch="cnn", budget=100_000, width=16), (1, 28, 28), 10)
+    ratio = count_flops(c, (1, 28, 28), 10) / count_flops(m, (1, 28, 28), 10)
+    assert 60 < ratio < 120
+    # ResNet-18 at 224 px: 1.8 G multiply-accumulates, torchvision's published figure.
+    r18 = ModelConfig(arch="resnet18", stem="imagenet")
+    assert count_flops(r18, (3, 224, 224), 1000) / 2 == pytest.approx(1.81e9, rel=0.01)

@@ -419,4 +419,63 @@ def test_default_storage_url_matches_the_storage_module() -> None:
 def test_set_errors_are_one_sentence(in_tmp: Path, study: str, setting: str, expected: str) -> None:
     user_error(run("launch", study, "--preset", "smoke", "--set", setting), 2, f"--set {setting.split('=')[0]}",
                expected)
+
+
+# ---------------------------------------------------------------- one meaning per option (issue 10)
+
+
+def test_a_dataset_given_as_the_data_folder_is_refused(in_tmp: Path, tiny_npz: Path) -> None:
+    """Before: `--data npz:...` was stored as data.root and the sweep trained on Fashion-MNIST."""
+    sentence = user_error(run("launch", "q1", "--preset", "smoke", "--data", f"npz:{tiny_npz}", "--dry-run"),
+                          2, "is a dataset, not a data folder")
+    assert f"--dataset npz:{tiny_npz}" in sentence
+    user_error(run("launch", "q1", "--preset", "smoke", "--data", str(in_tmp / "nowhere"), "--dry-run"),
+               2, "does not exist")
+    user_error(run("launch", "q1", "--preset", "smoke", "--dataset", "digits", "--dry-run"), 2,
+               "unknown dataset 'digits'")
+    user_error(run("launch", "q1", "--preset", "smoke", "--dataset", "npz:/no/such.npz", "--dry-run"), 2,
+               "does not exist")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_dataset_option_records_the_data_and_its_augmentation(in_tmp: Path, tiny_npz: Path) -> None:
+    result = run("launch", "q1", "--preset", "smoke", "--dataset", f"npz:{tiny_npz}", "--dry-run",
+                 "--set", "data.val_size=100", "--set", "data.train_subset=500")
+    assert result.exit_code == 0, result.output
+    assert f'"data.dataset": "npz:{tiny_npz}"' in result.output
+    # The preset's pad 2 and flips were chosen for Fashion-MNIST: 8x8 data gets its own defaults.
+    assert '"data.pad": 0' in result.output and '"data.flip": false' in result.output
+    # From the environment too; --set still wins for what it names.
+    result = run("launch", "q1", "--preset", "smoke", "--dry-run", "--set", "data.val_size=100", "--set", "data.train_subset=500",
+                 "--set", "data.pad=1", env={"KDSWEEP_DATASET": f"npz:{tiny_npz}"})
+    assert result.exit_code == 0, result.output
+    assert '"data.pad": 1' in result.output and '"data.flip": false' in result.output
+
+
+@pytest.mark.slow
+def test_launch_trains_on_the_dataset_given_and_says_so(in_tmp: Path, tiny_npz: Path) -> None:
+    url = f"sqlite:///{in_tmp / 'd.db'}"
+    result = run("launch", "q1", "--preset", "smoke", "--dataset", f"npz:{tiny_npz}", "-n", "2", "-w", "1",
+                 "--device", "cpu", "--storage", url, "--no-tensorboard", "--set", "epochs=1",
+                 "--set", "data.val_size=100", "--set", "data.train_subset=200")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("data: "))
+    assert f"npz:{tiny_npz}" in header and "network input 1x8x8" in header and "augmentation none" in header
+    assert "train 200 (of 1100), val 100, test 300" in header
+    study = optuna.load_study(study_name="q1", storage=url)
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+        data = t.user_attrs["config"]["data"]
+        assert data["dataset"] == f"npz:{tiny_npz}" and (data["pad"], data["flip"]) == (0, False)
+        assert t.user_attrs["flops"] > 0 and t.user_attrs["params"] > 0
+    assert "biased upwards" in result.output  # the launch summary speaks of noise
+
+
+@pytest.mark.slow
+def test_a_teacher_setting_the_data_cannot_meet_is_refused_before_storing(in_tmp: Path) -> None:
+    """Before: the preflight checked the student's data only; every trial then failed, naming
+    data.train_subset."""
+    result = run("launch", "q2", "--preset", "smoke", "--device", "cpu", "-n", "1", "-w", "1",
+                 "--set", "kd.teacher_train_subset=100000")
+    user_error(result, 1, "kd.teacher_train_subset=100000 but")
+    assert "teacher" not in result.output.split("Error: ")[0] or "data: " not in result.output
     assert not (in_tmp / "kdsweep.db").exists()

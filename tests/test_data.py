@@ -73,7 +73,8 @@ def image_ids(x: torch.Tensor) -> set[int]:
 
 def test_fashion_mnist_from_debian_files_leaves_them_untouched(fmnist_dir: Path, tmp_path: Path):
     before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in fmnist_dir.iterdir()}
-    root = tmp_path / "empty"
+    root = tmp_path / "empty"  # an existing folder without the files: Debian's are found
+    root.mkdir()
     full = load_splits(DataConfig(dataset="fashion-mnist", root=str(root), val_size=500))
     sub = load_splits(
         DataConfig(dataset="fashion-mnist", root=str(root), val_size=500, train_subset=2000)
@@ -92,7 +93,7 @@ def test_fashion_mnist_from_debian_files_leaves_them_untouched(fmnist_dir: Path,
     assert torch.equal(sub.train_x, full.train_x[:2000]) and torch.equal(sub.val_y, full.val_y)
     after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in fmnist_dir.iterdir()}
     assert after == before
-    assert not root.exists()
+    assert not any(root.iterdir())  # nothing written into the data folder
 
 
 @pytest.mark.parametrize("layout", ["gz in root", "torchvision raw"])
@@ -455,3 +456,52 @@ def test_tiny_npz_is_learnable_by_a_small_mlp(tiny_npz: Path):
         logits = model(to_input(splits.test_x, splits.mean, splits.std))
     accuracy = (logits.argmax(1) == splits.test_y).float().mean().item()
     assert accuracy > 0.6  # chance is 0.1
+
+
+# -- augmentation and folders that fit the data (issue 10) -----------------------------------
+
+
+def test_digits_like_npz_gets_no_flips_and_no_shifts_by_default(tiny_npz: Path):
+    from kdsweep.core.config import ModelConfig, TrainConfig
+    from kdsweep.core.train import resolve
+
+    config = resolve(TrainConfig(data=DataConfig(dataset=f"npz:{tiny_npz}", val_size=100),
+                                 model=ModelConfig(arch="mlp", hidden=(16,))))
+    assert (config.data.pad, config.data.flip) == (0, False)  # 8x8: a shift of 1 is 1/8 of it
+    # Given values are kept; named datasets keep today's defaults; larger npz images get
+    # shifts of at most side/16 each way, never flips.
+    given = resolve(TrainConfig(data=DataConfig(dataset=f"npz:{tiny_npz}", val_size=100, pad=1, flip=True),
+                                model=ModelConfig(arch="mlp", hidden=(16,))))
+    assert (given.data.pad, given.data.flip) == (1, True)
+    assert data.default_augmentation("fashion-mnist", (1, 28, 28)) == (4, True)
+    assert data.default_augmentation("cifar10", (3, 32, 32)) == (4, True)
+    assert data.default_augmentation("npz:/x.npz", (3, 32, 32)) == (2, False)
+    assert data.default_augmentation("folder:/x", (3, 224, 224)) == (4, False)
+
+
+def test_a_dataset_or_a_missing_folder_as_the_data_folder_is_refused(tmp_path: Path):
+    with pytest.raises(DataError, match="is a dataset, not a data folder; pass it as --dataset"):
+        data.check_root("npz:/x.npz")
+    with pytest.raises(DataError, match="does not exist"):
+        data.check_root(str(tmp_path / "nowhere"))
+    data.check_root(str(tmp_path / "nowhere"), download=True)  # torchvision creates it
+    data.check_root(str(tmp_path))
+    # Through load_splits too: never a silent fall-back to Debian's Fashion-MNIST.
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(tmp_path / "nowhere")))
+
+
+def test_normalisation_statistics_are_the_whole_training_splits(tiny_npz: Path):
+    """Every subset of one split (the teacher's and the student's) shares one normalisation."""
+    small = load_splits(DataConfig(dataset=f"npz:{tiny_npz}", val_size=100, train_subset=50))
+    full = load_splits(DataConfig(dataset=f"npz:{tiny_npz}", val_size=100))
+    assert small.mean == full.mean and small.std == full.std
+    assert small.train_available == full.train_available == len(full.train_y) == 1100
+
+
+def test_imagenet_statistics_on_grey_images_made_rgb():
+    x = torch.full((2, 1, 4, 4), 255, dtype=torch.uint8)
+    out = data.to_input(x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels=3)
+    expect = torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+    assert out.shape == (2, 3, 4, 4)
+    assert torch.allclose(out[0, :, 0, 0], expect)

@@ -191,3 +191,28 @@ def test_the_teacher_beats_a_student_trained_alone(fmnist_teacher):
     teacher_acc, student_acc = fmnist_teacher["teacher_val_acc"], fmnist_teacher["student_val_acc"]
     assert teacher_acc > student_acc + 0.05, fmnist_teacher
     assert teacher_acc > 0.5  # chance is 0.1
+
+
+def test_teacher_preflight_names_the_teacher_key_and_one_normalisation(fmnist_dir: Path):
+    from kdsweep.core.train import resolve_data
+
+    config = TrainConfig(
+        data=DataConfig(dataset="fashion-mnist", val_size=500, train_subset=300, channels=3, pad=1),
+        model=ModelConfig(arch="resnet18"), kd=KDConfig(alpha=0.5, teacher=ModelConfig(arch="resnet50"),
+                                                        teacher_train_subset=10**6))
+    splits = data.load_splits(config.data)
+    with pytest.raises(data.DataError, match=r"^kd\.teacher_train_subset=1000000 but"):
+        teacher.preflight(config, splits)
+    ok = replace(config, **{"kd.teacher_train_subset": 1000})
+    line = teacher.preflight(ok, splits)
+    assert "first 1000 images" in line and "the student has 300" in line and "normalisation dataset" in line
+    # One normalisation for the teacher whichever split it is applied to: its own training
+    # split (1000 images) and the student's (300) give the same statistics.
+    tconfig = teacher.teacher_config(ok)
+    own = resolve_data(tconfig, data.load_splits(tconfig.data)).data
+    on_student = resolve_data(tconfig, splits).data
+    assert own.mean == on_student.mean and own.std == on_student.std
+    # ImageNet weights: the teacher gets ImageNet's statistics, whatever the student uses.
+    probed = replace(ok, **{"kd.teacher": ModelConfig(arch="resnet50", weights="imagenet")})
+    tdata = resolve_data(teacher.teacher_config(probed), splits).data
+    assert tdata.normalize == "imagenet" and tdata.mean == pytest.approx((0.485, 0.456, 0.406))

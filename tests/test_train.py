@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.core.models import dropblock_sizes
@@ -198,6 +199,18 @@ def test_train_module_imports_no_optuna():
 def test_evaluate_test_reports_test_accuracy(tiny_npz: Path):
     result = train(tiny(tiny_npz, epochs=1, evaluate_test=True))
     assert result.test_acc is not None and 0.0 <= result.test_acc <= 1.0
+
+
+def test_train_returns_the_last_epochs_per_image_validation_correctness(tiny_npz: Path):
+    config = TrainConfig(data=DataConfig(dataset=f"npz:{tiny_npz}", val_size=150, pad=0, flip=False),
+                         model=ModelConfig(arch="mlp", hidden=(32,)), epochs=2, batch_size=64,
+                         device="cpu", threads=1)
+    result = train(config)
+    mask = result.val_correct
+    assert mask is not None and mask.dtype == torch.bool and mask.shape == (150,)
+    assert mask.float().mean().item() == pytest.approx(result.final_val_acc)
+    # The resolved config records what was used: the dataset's own statistics.
+    assert result.config.data.normalize == "dataset" and len(result.config.data.mean) == 1
 
 
 def test_a_kd_config_needs_its_teacher_prepared_first(tiny_npz: Path, tmp_path: Path) -> None:

@@ -33,8 +33,18 @@ class DataConfig:
     test_subset: int | None = None  # keep this many test images; None: all
     image_size: int | None = None  # square side the network sees, resized per batch; None: native
     channels: int | None = None  # 3 turns grayscale into RGB for ResNets; None: native
-    pad: int = 4  # random-crop padding in pixels (integer shifts in [-pad, pad]); 0: no shifts
-    flip: bool = True  # random horizontal flips
+    # Augmentation; None: the dataset's default (`kdsweep.core.data.default_augmentation`: CIFAR
+    # and Fashion-MNIST pad 4 with flips, npz:/folder: data no flips and pad <= side/16).
+    pad: int | None = None  # random-crop padding in pixels (integer shifts in [-pad, pad]); 0: none
+    flip: bool | None = None  # random horizontal flips
+    # Input normalisation: dataset (per-channel mean/std of the whole training split, before
+    # train_subset, so every subset and the teacher share it) | imagenet (the ImageNet weights'
+    # own mean/std, from torchvision's weights metadata) | auto (imagenet when model.weights is
+    # imagenet, else dataset). `mean`/`std` (per network input channel, [0, 1] pixel scale)
+    # are filled in when a config is resolved; given, they are used as they are.
+    normalize: str = "auto"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class KDConfig:
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet50"))
     teacher_epochs: int = 5  # epochs of the teacher's probe (or fine-tune when weights="none")
     teacher_lr: float = 0.05
+    teacher_batch_size: int | None = None  # images per teacher step; None: the student's batch_size
     teacher_image_size: int | None = None  # None: same as the student's data.image_size
     # Training images the teacher learns from, the first of the same training split (the
     # student's subset is their first part; never the validation split). None: the student's.
@@ -161,6 +172,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}.")
     if config.data.val_size < 1:
         raise ConfigError(f"data.val_size must be at least 1, got {config.data.val_size}.")
+    d = config.data
+    if d.normalize not in ("auto", "dataset", "imagenet"):
+        raise ConfigError(f"unknown data.normalize {d.normalize!r}; choose auto, dataset or imagenet.")
+    if len(d.mean) != len(d.std) or any(s <= 0 for s in d.std):
+        raise ConfigError("data.mean and data.std need one value each per channel, std positive.")
+    if d.pad is not None and d.pad < 0:
+        raise ConfigError(f"data.pad must be 0 or more pixels, got {d.pad}.")
     if config.model.arch not in ("mlp", "cnn", "resnet18", "resnet50"):
         raise ConfigError(
             f"unknown model.arch {config.model.arch!r}; choose mlp, cnn, resnet18 or resnet50."
@@ -172,6 +190,12 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise ConfigError(f"kd.alpha must be in [0, 1], got {config.kd.alpha}.")
         if config.kd.temperature <= 0:
             raise ConfigError(f"kd.temperature must be positive, got {config.kd.temperature}.")
+        if config.kd.teacher_epochs < 1:
+            raise ConfigError(f"kd.teacher_epochs must be at least 1, got {config.kd.teacher_epochs}.")
+        for key in ("teacher_train_subset", "teacher_image_size", "teacher_batch_size"):
+            value = getattr(config.kd, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"kd.{key} must be at least 1 or none, got {value}.")
     return config
 
 

@@ -12,6 +12,7 @@ teacher saw.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -71,9 +72,12 @@ class Splits:
     """Train/validation/test images of one dataset, decoded once and shared within a process.
 
     x tensors are uint8, N×C×H×W, contiguous, on the CPU; y tensors are int64. `mean`/`std`
-    are per native channel on the [0, 1] pixel scale, computed on `train_x`. `key` is a short
-    hash of everything that defines these splits (see `load_splits`). The object is cached and
-    shared: never modify its tensors in place.
+    are per native channel on the [0, 1] pixel scale, computed on the whole training split
+    before `train_subset` (so every subset of one split, the teacher's included, shares them).
+    `key` is a short hash of everything that defines these splits (see `load_splits`);
+    `source` names the data actually read (kind and absolute path); `train_available` is the
+    size of the training split before `train_subset`. The object is cached and shared: never
+    modify its tensors in place.
     """
 
     train_x: torch.Tensor
@@ -86,6 +90,8 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     key: str
+    source: str = ""
+    train_available: int = 0
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -127,13 +133,36 @@ def resolve_root(cfg: DataConfig) -> Path:
     return Path(root).expanduser().resolve()
 
 
+def check_root(root: str | None, download: bool = False) -> None:
+    """Refuse a data folder given by a user (--data, $KDSWEEP_DATA) that cannot be one.
+
+    A dataset spec (npz:PATH, folder:PATH) given as the folder, or a folder that does not
+    exist (unless torchvision may create it to download into), raises DataError: otherwise a
+    named dataset would silently be looked for elsewhere (Debian's Fashion-MNIST).
+    """
+    if not root:
+        return
+    for prefix in ("npz:", "folder:"):
+        if root.startswith(prefix):
+            raise DataError(
+                f"{root!r} is a dataset, not a data folder; pass it as --dataset {root} "
+                "(env KDSWEEP_DATASET) and keep --data for the folder that holds downloaded datasets."
+            )
+    path = Path(root).expanduser()
+    if not download and not path.is_dir():
+        raise DataError(
+            f"the data folder {path} does not exist; pass --data DIR with an existing folder "
+            "(or none, for the default), or add --download to create it."
+        )
+
+
 def clear_cache() -> None:
     """Forget every `Splits` loaded in this process (frees their memory once unreferenced)."""
     with _CACHE_LOCK:
         _CACHE.clear()
 
 
-def load_splits(cfg: DataConfig) -> Splits:
+def load_splits(cfg: DataConfig, names: dict[str, str] | None = None) -> Splits:
     """Load `cfg.dataset`, split it, and cache the result in this process.
 
     Sources: ``cifar10``/``cifar100`` (torchvision, under the data root), ``fashion-mnist``
@@ -154,7 +183,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     one `Splits`. Files changed on disk after the first load are not noticed in-process.
 
     Raises DataError (one sentence saying what to do) for missing, unreadable or malformed
-    data and for sizes the data cannot satisfy.
+    data and for sizes the data cannot satisfy; `names` renames the settings such a message
+    names (e.g. {"train_subset": "kd.teacher_train_subset"} for the teacher's data).
     """
     kind, path = _parse_dataset(cfg)
     cache_key = (kind, str(path), cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset)
@@ -169,7 +199,7 @@ def load_splits(cfg: DataConfig) -> Splits:
                 source = _load_npz(path)
             else:
                 source = _load_folder(path)
-            splits = _CACHE[cache_key] = _split(source, cfg)
+            splits = _CACHE[cache_key] = _split(source, cfg, names or {})
     return splits
 
 
@@ -177,6 +207,7 @@ def _parse_dataset(cfg: DataConfig) -> tuple[str, Path]:
     """(kind, absolute path): the data root for named datasets, else the file or directory."""
     name = cfg.dataset.strip()
     if name.lower() in (*_CIFAR, "fashion-mnist"):
+        check_root(cfg.root or os.environ.get("KDSWEEP_DATA"), cfg.download)
         return name.lower(), resolve_root(cfg)
     for prefix in ("npz:", "folder:"):
         if name.startswith(prefix) and name[len(prefix) :].strip():
@@ -536,13 +567,13 @@ def _first(n_available: int, keep: int | None, what: str, spec: str) -> int:
         return n_available
     if not 1 <= keep <= n_available:
         raise DataError(
-            f"data.{what}={keep} but {spec} leaves {n_available} images for it; "
+            f"{what}={keep} but {spec} leaves {n_available} images for it; "
             f"choose a value from 1 to {n_available} or none."
         )
     return keep
 
 
-def _split(source: _Source, cfg: DataConfig) -> Splits:
+def _split(source: _Source, cfg: DataConfig, names: dict[str, str]) -> Splits:
     n = len(source.train_y)
     carve = source.test_x is None
     held_out = cfg.val_size * (2 if carve else 1)
@@ -563,10 +594,12 @@ def _split(source: _Source, cfg: DataConfig) -> Splits:
     else:
         train_idx = perm[cfg.val_size :]
         test_x, test_y = source.test_x, source.test_y
-    train_idx = train_idx[: _first(len(train_idx), cfg.train_subset, "train_subset", source.spec)]
-    n_test = _first(len(test_y), cfg.test_subset, "test_subset", source.spec)
+    available = len(train_idx)
+    mean, std = _channel_stats(source.train_x[train_idx])  # the whole split: one per split
+    name = {k: names.get(k, f"data.{k}") for k in ("train_subset", "test_subset")}
+    train_idx = train_idx[: _first(available, cfg.train_subset, name["train_subset"], source.spec)]
+    n_test = _first(len(test_y), cfg.test_subset, name["test_subset"], source.spec)
     train_x = source.train_x[train_idx]
-    mean, std = _channel_stats(train_x)
     identity = {
         "version": SPLIT_VERSION,
         "dataset": source.spec,
@@ -588,6 +621,66 @@ def _split(source: _Source, cfg: DataConfig) -> Splits:
         mean=mean,
         std=std,
         key=key,
+        source=source.spec,
+        train_available=available,
+    )
+
+
+# -- what a run does with the data --------------------------------------------------------------
+
+
+def dataset_kind(dataset: str) -> str:
+    """cifar10 | cifar100 | fashion-mnist | npz | folder, without loading anything."""
+    name = dataset.strip()
+    if name.lower() in (*_CIFAR, "fashion-mnist"):
+        return name.lower()
+    return "npz" if name.startswith("npz:") else "folder"
+
+
+def default_augmentation(dataset: str, in_shape: Sequence[int]) -> tuple[int, bool]:
+    """(pad, flip) a dataset gets when its config leaves them unset.
+
+    CIFAR and Fashion-MNIST: shifts of up to 4 px and horizontal flips (photos and clothes
+    keep their meaning mirrored). npz:/folder: data can be anything (a mirrored digit is
+    another digit, a 2 px shift moves an 8x8 digit by a quarter of its side): no flips, and
+    shifts of at most side/16 each way (a range of 1/8 of the smaller side; none below 16 px).
+    """
+    if dataset_kind(dataset) in (*_CIFAR, "fashion-mnist"):
+        return 4, True
+    side = min(int(in_shape[-2]), int(in_shape[-1]))
+    return min(4, side // 16), False
+
+
+def with_augmentation(cfg: DataConfig, splits: Splits | Shape) -> DataConfig:
+    """`cfg` with `pad` and `flip` set: the given values, else the dataset's defaults."""
+    pad, flip = default_augmentation(cfg.dataset, splits.in_shape)
+    return dataclasses.replace(
+        cfg, pad=pad if cfg.pad is None else cfg.pad, flip=flip if cfg.flip is None else cfg.flip
+    )
+
+
+def describe_augmentation(pad: int, flip: bool) -> str:
+    if not pad and not flip:
+        return "none"
+    parts = [f"shifts up to {pad} px" if pad else "no shifts", "horizontal flips" if flip else "no flips"]
+    return f"{', '.join(parts)} ({num_views(pad, flip)} views)"
+
+
+def describe(cfg: DataConfig, splits: Splits, in_shape: Sequence[int]) -> str:
+    """One line: the data read, what the network sees, split sizes, augmentation, normalisation.
+
+    `cfg` should be resolved (pad, flip, mean, std set; see kdsweep.core.train.resolve).
+    """
+    c, h, w = (int(v) for v in in_shape)
+    norm = cfg.normalize
+    if cfg.mean:
+        norm += " mean " + "/".join(f"{v:.3f}" for v in cfg.mean)
+        norm += " std " + "/".join(f"{v:.3f}" for v in cfg.std)
+    return (
+        f"{splits.source}: {splits.num_classes} classes, network input {c}x{h}x{w} "
+        f"(native {'x'.join(str(v) for v in splits.in_shape)}); train {len(splits.train_y)} "
+        f"(of {splits.train_available}), val {len(splits.val_y)}, test {len(splits.test_y)}; "
+        f"augmentation {describe_augmentation(cfg.pad or 0, bool(cfg.flip))}; normalisation {norm}"
     )
 
 
@@ -655,11 +748,16 @@ def to_input(
 ) -> torch.Tensor:
     """Turn a uint8 B×C×H×W batch into network input on x's device.
 
-    Scales to [0, 1], normalises with the per-native-channel `mean`/`std`, resizes to
+    Scales to [0, 1], normalises with the per-channel `mean`/`std`, resizes to
     image_size×image_size (bilinear, align_corners=False) when that differs from H×W, and
-    repeats a single channel to 3 when `channels` is 3. Arithmetic runs in float32 and the
+    repeats a single channel to 3 when `channels` is 3. `mean`/`std` have one value per native
+    channel, or, for grey images made RGB, one per RGB channel (ImageNet's: the grey value is
+    repeated first, then normalised as the weights expect). Arithmetic runs in float32 and the
     result is cast to `dtype`; `channels_last` returns that memory format.
     """
+    rgb_stats = x.dim() == 4 and x.shape[1] == 1 and channels == 3 and len(mean) == len(std) == 3
+    if rgb_stats:
+        x = x.expand(-1, 3, -1, -1)  # uint8 view; the float arithmetic below materialises it
     if x.dim() != 4 or len(mean) != x.shape[1] or len(std) != x.shape[1]:
         raise ValueError(
             f"need x of B×C×H×W with one mean and std per channel, got {tuple(x.shape)}, "

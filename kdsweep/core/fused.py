@@ -146,7 +146,8 @@ class FusedGroup:
         self.teacher_fn, self.teacher_info = teacher.logits_source(self.base, self.splits, self.device)
         self.train_x = self.splits.train_x.to(self.device)
         self.train_y = self.splits.train_y.to(self.device)
-        _norm_on(self.splits, self.device)
+        d = self.base.data  # warm the device copy of the normalisation (see train._norm_on)
+        _norm_on(d.mean or self.splits.mean, d.std or self.splits.std, self.device)
 
         # The template gives the module structure; its own tensors are never used.
         probe = self._build(self.base)

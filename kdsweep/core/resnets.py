@@ -138,6 +138,36 @@ def build_resnet(cfg: Any, num_classes: int, in_channels: int = 3) -> nn.Module:
     return model
 
 
+def imagenet_normalization(arch: str = "resnet50") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel on the [0, 1] scale that `arch`'s ImageNet weights expect.
+
+    Read from torchvision's weights (`Weights.transforms()`, the preprocessing the weights were
+    trained with), not restated here; any other arch gets ResNet-50's (all of torchvision's
+    ImageNet classification weights share one normalisation).
+    """
+    weights = _ARCHS.get(arch, _ARCHS["resnet50"])[2]
+    preprocess = weights.transforms()
+    return tuple(float(v) for v in preprocess.mean), tuple(float(v) for v in preprocess.std)
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """Where torch.hub keeps `arch`'s ImageNet weights (TORCH_HOME/hub/checkpoints/<file>)."""
+    weights = _ARCHS[arch][2]
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def check_weights(cfg: Any) -> None:
+    """Raise ModelError now for weights a build would not find (downloads missing ImageNet ones)."""
+    if cfg.weights == "imagenet" and cfg.arch in _ARCHS:
+        if not imagenet_weights_file(cfg.arch).is_file():  # fetch it now, or say why it cannot be
+            _imagenet_state_dict(cfg.arch, _ARCHS[cfg.arch][2])
+    elif cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
+        raise ModelError(
+            f"weights file {cfg.weights} does not exist; pass weights=none, weights=imagenet or "
+            "the path of a saved state_dict."
+        )
+
+
 def layer_sizes(stem: str, image_size: int) -> tuple[int, int]:
     """Spatial side of the feature map at layer1 and at layer4 for a square input."""
     if stem not in _STEMS:

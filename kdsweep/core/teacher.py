@@ -31,7 +31,7 @@ from kdsweep.core import data, models, progress
 from kdsweep.core.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from kdsweep.core.devices import autocast, cpu_cores, resolve_device
 from kdsweep.core.logit_cache import LogitCache
-from kdsweep.core.train import cache_root, input_shape, train
+from kdsweep.core.train import cache_root, input_shape, resolve_data, train
 
 log = logging.getLogger("kdsweep.core.teacher")
 
@@ -73,7 +73,13 @@ def prepare(config: TrainConfig) -> Teacher | None:
 
 
 def teacher_config(config: TrainConfig) -> TrainConfig:
-    """The teacher's own training config, derived from a student config with `kd` set."""
+    """The teacher's own training config, derived from a student config with `kd` set.
+
+    Its inputs are normalised as its own weights expect (ImageNet's mean/std for ImageNet
+    weights, else the training split's statistics), whatever the student uses, and with that
+    one normalisation wherever it is applied: training, its validation, the student's logits.
+    The student's augmentation is kept (the teacher sees the student's views).
+    """
     kd = config.kd
     if kd is None:
         raise ValueError("teacher_config needs a config with kd settings.")
@@ -83,11 +89,14 @@ def teacher_config(config: TrainConfig) -> TrainConfig:
             config.data,
             image_size=kd.teacher_image_size or config.data.image_size,
             train_subset=kd.teacher_train_subset or config.data.train_subset,
+            normalize="imagenet" if kd.teacher.weights == "imagenet" else "dataset",
+            mean=(),
+            std=(),
         ),
         model=dataclasses.replace(kd.teacher, trainable="head" if probe else "all"),
         optim=OptimConfig(lr=kd.teacher_lr, weight_decay=0.0 if probe else 5e-4),
         epochs=kd.teacher_epochs,
-        batch_size=config.batch_size,
+        batch_size=kd.teacher_batch_size or config.batch_size,
         eval_batch_size=config.eval_batch_size,
         seed=config.data.split_seed,  # one teacher per split, whatever the student's seed
         device=config.device,
@@ -113,7 +122,7 @@ def load_teacher(
     config: TrainConfig, splits: data.Splits, device: torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
-    tconfig = teacher_config(config)
+    tconfig = resolve_data(teacher_config(config), splits)
     key = teacher_key(tconfig, splits)
     if (key, str(device)) in _LOADED:
         return _LOADED[(key, str(device))]
@@ -183,14 +192,30 @@ def _waiting_for(folder: Path, key: str) -> Iterator[None]:
 def _train_on_all_cores(train: Callable[..., Any], tconfig: TrainConfig, device: torch.device,
                         report: Callable[[int, dict[str, float]], None] | None = None) -> Any:
     # Every worker of a study needs this teacher and waits on its lock meanwhile, so on CPU the
-    # one that trains it takes all the cores, not its 1/W share; the share is restored after.
+    # one that trains it takes the idle cores, not its 1/W share; the share is restored after.
     if device.type != "cpu":
         return train(tconfig, report=report)
     before = torch.get_num_threads()
     try:
-        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, cpu_cores())), report=report)
+        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, idle_cores())), report=report)
     finally:
         torch.set_num_threads(before)
+
+
+def idle_cores() -> int:
+    """This host's cores not busy with other work: cores minus the 1-minute load average, not
+    counting one for this process itself (at least 1).
+
+    Only idle cores are worth taking: with more OpenMP threads than free cores each parallel
+    region waits for descheduled threads (measured on a 2-core host at load 16: a ResNet-50
+    training step took 3 s with 1 thread and 35-53 s with 2).
+    """
+    cores = cpu_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return cores
+    return max(1, min(cores, int(cores - max(0.0, busy - 1) + 0.5)))
 
 
 def _no_download(model_cfg):
@@ -226,11 +251,12 @@ def logits_source(
     """
     kd = config.kd
     model, info = load_teacher(config, splits, device)
-    image_size = kd.teacher_image_size or config.data.image_size
+    tdata = resolve_data(teacher_config(config), splits).data  # the normalisation it trained with
+    image_size = tdata.image_size
 
     @torch.no_grad()
     def forward(x: torch.Tensor) -> torch.Tensor:
-        inp = data.to_input(x, splits.mean, splits.std, image_size=image_size,
+        inp = data.to_input(x, tdata.mean, tdata.std, image_size=image_size,
                             channels=config.data.channels, channels_last=device.type == "cuda")
         with autocast(device):
             return model(inp).float()
@@ -240,6 +266,7 @@ def logits_source(
 
     d = config.data
     views_n = data.num_views(d.pad, d.flip)
+    # The teacher key holds its normalisation (and data); pad and flip define the views.
     cache_key = hashlib.sha256(f"{info['key']}|{d.pad}|{d.flip}|{image_size}".encode()).hexdigest()[:16]
     path = cache_root(config) / "logits" / cache_key
     shape = (len(splits.train_x), views_n, splits.num_classes)
@@ -263,3 +290,32 @@ def logits_source(
         return cache.lookup(idx, views, compute, host)
 
     return fn, {**info, "logit_cache": str(path)}
+
+
+def preflight(config: TrainConfig, splits: data.Splits) -> str:
+    """Check, without training anything, what the teacher of `config` needs; describe it.
+
+    Loads the teacher's data (naming kd.teacher_train_subset, not data.train_subset, when it
+    asks for more images than the training split holds) and finds its weights. Raises
+    DataError, ModelError or ConfigError with one sentence; returns one line for a header.
+    """
+    from kdsweep.core.resnets import check_weights, describe_stem
+
+    kd = config.kd
+    if kd is None:
+        raise ValueError("preflight needs a config with kd settings.")
+    tconfig = teacher_config(config)
+    key = "kd.teacher_train_subset" if kd.teacher_train_subset else "data.train_subset"
+    tsplits = data.load_splits(tconfig.data, names={"train_subset": key})
+    tconfig = resolve_data(tconfig, tsplits)
+    check_weights(tconfig.model)
+    shape = input_shape(tconfig, tsplits)
+    mode = "linear probe" if tconfig.model.trainable == "head" else "full fine-tune"
+    norm = tconfig.data.normalize + " mean " + "/".join(f"{v:.3f}" for v in tconfig.data.mean)
+    norm += " std " + "/".join(f"{v:.3f}" for v in tconfig.data.std)
+    return (
+        f"{describe_stem(tconfig.model, shape[1])}, weights {tconfig.model.weights}, {mode}, "
+        f"{tconfig.epochs} epochs on the first {len(tsplits.train_y)} images of the training "
+        f"split (the student has {len(splits.train_y)}), input {'x'.join(map(str, shape))}, "
+        f"normalisation {norm}"
+    )

@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,13 +82,17 @@ class TrainResult:
     test_acc: float | None = None
     teacher: dict[str, Any] | None = None  # content key, validation accuracy, mode
     model: nn.Module | None = field(default=None, repr=False)
+    # Per validation image (in split order), whether the last epoch run classified it right:
+    # bool, CPU. Trials scored on the same images compare paired (kdsweep/service/stats.py).
+    # None when every epoch came from a checkpoint.
+    val_correct: torch.Tensor | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields (no model, no config)."""
         return {
             k: v
             for k, v in dataclasses.asdict(self).items()
-            if k not in ("model", "config", "history")
+            if k not in ("model", "config", "history", "val_correct")
         }
 
 
@@ -106,13 +110,40 @@ def input_shape(config: TrainConfig, splits: data.Splits) -> tuple[int, int, int
 
 
 def resolve(config: TrainConfig, splits: data.Splits | None = None) -> TrainConfig:
-    """Fill in what is computed rather than chosen: the matched-budget widths, DropBlock sizes."""
+    """Fill in what is computed rather than chosen: the matched-budget widths, DropBlock sizes,
+    the dataset's default augmentation (`data.pad`, `data.flip`) and the input normalisation
+    (`data.normalize`, `data.mean`, `data.std`; see `resolve_data`)."""
     config = validate(config)
+    splits = splits if splits is not None else data.load_splits(config.data)
+    if isinstance(splits, data.Splits):
+        config = resolve_data(config, splits)
+    else:  # a data.Shape (a dry run reads no images): augmentation only; statistics need the images
+        config = dataclasses.replace(config, data=data.with_augmentation(config.data, splits))
     if config.model.arch in ("mlp", "cnn") and config.model.budget:
-        splits = splits or data.load_splits(config.data)
         model_cfg = budget.resolve(config.model, input_shape(config, splits), splits.num_classes)
         config = dataclasses.replace(config, model=model_cfg)
     return config
+
+
+def resolve_data(config: TrainConfig, splits: data.Splits) -> TrainConfig:
+    """`config` with augmentation and normalisation set (values already given are kept).
+
+    normalize "auto" becomes "imagenet" when the network starts from ImageNet weights (they
+    expect ImageNet's mean/std, read from torchvision's weights metadata), else "dataset" (the
+    training split's per-channel statistics, shared by all its subsets).
+    """
+    d = data.with_augmentation(config.data, splits)
+    kind = d.normalize
+    if kind == "auto":
+        kind = "imagenet" if config.model.weights == "imagenet" else "dataset"
+    if not d.mean:
+        from kdsweep.core.resnets import imagenet_normalization
+
+        mean, std = imagenet_normalization(config.model.arch) if kind == "imagenet" else (splits.mean, splits.std)
+        if len(mean) == 3 and (d.channels or splits.in_shape[0]) == 1:  # grey into a 1-channel conv1
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        d = dataclasses.replace(d, mean=mean, std=std)
+    return dataclasses.replace(config, data=dataclasses.replace(d, normalize=kind))
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -143,6 +174,26 @@ def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
 
 
 @torch.no_grad()
+def correctness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    splits: data.Splits,
+    device: torch.device,
+) -> torch.Tensor:
+    """Per image of uint8 `x`, whether top-1 is right: a bool tensor on `device`, in order."""
+    model.eval()
+    out = []
+    for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
+        idx = idx.to(x.device)
+        inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device)
+        with autocast(device):
+            logits = model(inp)
+        out.append(logits.argmax(1) == y[idx].to(device))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
@@ -152,15 +203,7 @@ def evaluate(
     device: torch.device,
 ) -> float:
     """Top-1 accuracy in [0, 1] over uint8 images `x`, in large batches without autograd."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
-        idx = idx.to(x.device)
-        inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device)
-        with autocast(device):
-            logits = model(inp)
-        correct += (logits.argmax(1) == y[idx].to(device)).sum()
-    return correct.item() / max(1, len(x))
+    return correctness(model, x, y, config, splits, device).sum().item() / max(1, len(x))
 
 
 def epoch_order(n: int, pad: int, flip: bool, index_gen: torch.Generator,
@@ -181,10 +224,11 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 _NORM: dict[tuple[tuple[float, ...], tuple[float, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _norm_on(splits: data.Splits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # The dataset's mean and std as tensors on the device, made once: built from Python floats
-    # at every step they would be a host-to-device copy, which synchronises on CUDA.
-    key = (tuple(splits.mean), tuple(splits.std), str(device))
+def _norm_on(mean: Sequence[float], std: Sequence[float], device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The normalisation's mean and std as tensors on the device, made once: built from Python
+    # floats at every step they would be a host-to-device copy, which synchronises on CUDA.
+    key = (tuple(mean), tuple(std), str(device))
     if key not in _NORM:
         _NORM[key] = (torch.tensor(key[0], device=device), torch.tensor(key[1], device=device))
     return _NORM[key]
@@ -192,7 +236,8 @@ def _norm_on(splits: data.Splits, device: torch.device) -> tuple[torch.Tensor, t
 
 def _to_input(x: torch.Tensor, config: TrainConfig, splits: data.Splits, device: torch.device,
               image_size: int | None = None) -> torch.Tensor:
-    mean, std = _norm_on(splits, device)
+    # The config's normalisation (resolved: the dataset's or the pretrained weights' own).
+    mean, std = _norm_on(config.data.mean or splits.mean, config.data.std or splits.std, device)
     return data.to_input(
         x,
         mean,
@@ -332,6 +377,7 @@ def train(
     index_gen = torch.Generator().manual_seed((data_seed if data_seed is not None else config.seed) + 1)
 
     history: list[dict[str, float]] = []
+    val_correct: torch.Tensor | None = None
     first_epoch = 1
     ckpt_path = Path(checkpoint) if checkpoint else None
     state = _load_checkpoint(ckpt_path)
@@ -383,7 +429,8 @@ def train(
             seconds = time.perf_counter() - epoch_start
             train_images += n
             train_seconds += seconds
-            val_acc = evaluate(model, splits.val_x, splits.val_y, config, splits, device)
+            val_correct = correctness(model, splits.val_x, splits.val_y, config, splits, device)
+            val_acc = val_correct.sum().item() / max(1, len(val_correct))
             metrics = {
                 "epoch": epoch,
                 "val_acc": val_acc,
@@ -428,4 +475,5 @@ def train(
         test_acc=test_acc,
         teacher=teacher_info,
         model=model,
+        val_correct=val_correct.cpu() if val_correct is not None else None,
     )

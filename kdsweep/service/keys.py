@@ -20,6 +20,7 @@ MAX_FAILURES = "kdsweep.max_failures"  # failed trials replaced at most; beyond 
 UID = "kdsweep.uid"  # a random id: tells this study's checkpoints from a namesake's
 SEED = "kdsweep.seed"  # the sampler seed the study was created with (--seed)
 VERIFY_OF = "kdsweep.verify_of"  # on a `<study>.verify` sibling: the sweep it verifies
+BASELINE_OF = "kdsweep.baseline_of"  # on a `<study>.baseline` sibling: the sweep it is the reference of
 DESCRIPTION = "description"  # shown by optuna-dashboard
 STOP = "kdsweep.stop"  # set by `kdsweep stop` (drain): workers re-queue their trial and leave
 
@@ -31,6 +32,10 @@ DATASET = "dataset"
 DEVICE = "device"
 PARAMS_COUNT = "params"  # trainable parameters of the model
 PARAM_SPLIT = "param_split"  # parameters per part (conv / head)
+FLOPS = "flops"  # forward FLOPs per image of the model (2 x conv/linear multiply-accumulates)
+VAL_CORRECT = "val_correct"  # last epoch's per-image validation correctness: base64 of np.packbits
+VAL_N = "val_n"  # how many validation images VAL_CORRECT holds
+TEST_ACC = "test_acc"  # held-out test accuracy (verification and reference runs)
 VERSION = "kdsweep_version"  # the kdsweep that ran the trial
 EPOCHS_RUN = "epochs_run"
 WALL_TIME = "wall_time"  # seconds
@@ -55,6 +60,9 @@ REQUEUED = "kdsweep.requeued"
 VERIFY_SOURCE = "verify.source_trial"  # the sweep trial whose params it re-trains
 VERIFY_SEED = "verify.seed"  # its training seed (replaces the config's)
 VERIFY_RANK = "verify.rank"  # that sweep trial's rank when it was verified
+REFERENCE_SOURCE = -1  # VERIFY_SOURCE of the alpha=0 reference's runs (service/baseline.py)
+# The alpha=0 reference run (in a `<study>.baseline` sibling, and among verification runs)
+BASELINE_REFERENCE = "baseline.reference"
 
 # ---- trial system attributes
 ORIGIN = "failed_trial"  # on a retry: the number of the first attempt (Optuna's own key)

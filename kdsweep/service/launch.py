@@ -260,11 +260,46 @@ def default_workers(device: str, trials_per_device: int) -> int:
     return len(gpus) * trials_per_device if gpus else 1
 
 
-def preflight(spec, preset: str, overrides: Mapping[str, object], runtime: Mapping[str, object]) -> None:
-    """Load the preset's data once, so missing data is one sentence before anything is stored."""
-    from kdsweep.core.data import load_splits
+def preflight(spec, preset: str, overrides: Mapping[str, object], runtime: Mapping[str, object]) -> list[str]:
+    """Load the data a trial will read (the teacher's too) and check the teacher's settings, so
+    any problem is one sentence before anything is stored; returns the launch header's lines
+    (the data and, for KD studies, the teacher, as they will actually be used)."""
+    from kdsweep.core import data, teacher
+    from kdsweep.core.train import input_shape, resolve_data
 
-    load_splits(spec.config_for(preset, {}, overrides, **runtime).data)
+    config = spec.config_for(preset, {}, overrides, **runtime)
+    splits = data.load_splits(config.data)
+    config = resolve_data(config, splits)
+    lines = [f"data: {data.describe(config.data, splits, input_shape(config, splits))}"]
+    if config.kd is not None:
+        lines.append(f"teacher: {teacher.preflight(config, splits)}")
+    return lines
+
+
+def with_dataset(spec, preset: str, overrides: Mapping[str, object], dataset: str | None,
+                 runtime: Mapping[str, object]) -> dict[str, object]:
+    """The overrides with --dataset and that data's augmentation recorded in them.
+
+    Another dataset than the preset's drops the preset's flips and shifts (made for its own
+    data) for the new data's defaults unless --set gives them; unset ones become explicit, so
+    the study's definition says what every trial does.
+    """
+    from kdsweep.core import data
+
+    changes = dict(overrides)
+    base = spec.base_config(preset, changes).data
+    if dataset and dataset != base.dataset:
+        changes["data.dataset"] = dataset
+        for key in ("data.pad", "data.flip"):
+            changes.setdefault(key, None)
+    base = spec.config_for(preset, {}, changes, **runtime).data
+    if base.pad is None or base.flip is None:
+        pad, flip = data.default_augmentation(base.dataset, data.load_splits(base).in_shape)
+        if base.pad is None:
+            changes["data.pad"] = pad
+        if base.flip is None:
+            changes["data.flip"] = flip
+    return changes
 
 
 def worker_args(source: str, study_name: str, data: str | None, download: bool, artifacts: str | None,
@@ -347,7 +382,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
 
         check_fusable(spec, preset, overrides)
     workers = workers or default_workers(device, trials_per_device)
-    preflight(spec, preset, overrides, runtime(device, data, download))  # before anything is stored
+    header = preflight(spec, preset, overrides, runtime(device, data, download))  # before anything is stored
     sweep = Sweep.create(open_storage(url), spec, preset, study_name, n_trials, seed=seed, overrides=overrides)
     c = sweep.counts()
     if c.waiting + c.running == 0:
@@ -355,9 +390,23 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         return sweep, c, "finished"
     echo(f"study {sweep.name!r} ({spec.name}, preset {preset}) in {redact(url)}: "
          f"{sweep.n_trials} trials, {workers} worker(s)")
+    for line in header:  # what will actually be used: data, sizes, augmentation, the teacher
+        echo(line)
     args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse)
     final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout)
+    from optuna.trial import TrialState
+
+    from kdsweep.service import baseline, report
+
+    reference = baseline.prepare(sweep) if how == "done" else None
+    if reference is not None and reference.trials(TrialState.WAITING):
+        # The student alone (alpha=0), outside N: one run, one worker with this host's cores.
+        echo(f"training the student alone (alpha=0) once, in {reference.name!r}")
+        solo = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
+        run(reference, solo, plan_workers(1, device, url), echo)
     echo(sweep.summary_table())
+    for line in report.noise_summary(sweep):  # issue 10: how much of the top is noise
+        echo(line)
     return sweep, final, how
 
 

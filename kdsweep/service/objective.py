@@ -25,7 +25,7 @@ from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
 from kdsweep.core.teacher import prepare as prepare_teacher
 from kdsweep.core.train import input_shape, resolve, train
-from kdsweep.service import keys
+from kdsweep.service import keys, stats
 from kdsweep.service import space as sp
 from kdsweep.service.spec import StudySpec
 from kdsweep.service.sweep import origin
@@ -48,6 +48,14 @@ def count_params(config: TrainConfig) -> int:
     with torch.device("meta"):
         model = models.build_model(model_cfg, input_shape(config, splits), splits.num_classes)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(config: TrainConfig) -> int:
+    """Forward FLOPs per image of the student a resolved config builds (see budget.count_flops)."""
+    from kdsweep.core import budget, data
+
+    splits = data.load_splits(config.data)
+    return budget.count_flops(config.model, input_shape(config, splits), splits.num_classes)
 
 
 class _TrialLog:
@@ -87,7 +95,9 @@ class Objective:
         fixed_seed = trial.user_attrs.get(keys.VERIFY_SEED)
         try:
             config = self.config(params)
-            config = resolve(config if fixed_seed is None else replace(config, seed=int(fixed_seed)))
+            if fixed_seed is not None:  # verification and baseline runs: their seed, test accuracy too
+                config = replace(config, seed=int(fixed_seed), evaluate_test=True)
+            config = resolve(config)
         except BudgetError as exc:
             # Kept out of the space by the study files; a custom space may still hit it.
             trial.set_user_attr(keys.INFEASIBLE, str(exc))
@@ -99,6 +109,7 @@ class Objective:
         trial.set_user_attr(keys.DATASET, config.data.dataset)
         trial.set_user_attr(keys.DEVICE, str(resolve_device(config.device)))
         trial.set_user_attr(keys.PARAMS_COUNT, count_params(config))
+        trial.set_user_attr(keys.FLOPS, count_flops(config))  # beside params: budgets match one, not both
         trial.set_user_attr(keys.VERSION, kdsweep.__version__)
         trial.set_user_attr(keys.HOST, socket.gethostname())
 
@@ -152,6 +163,11 @@ class Objective:
         trial.set_user_attr(keys.EPOCHS_RUN, result.epochs_run)
         trial.set_user_attr(keys.IMAGES_PER_S, round(result.images_per_s, 1))
         trial.set_user_attr(keys.BEST_VAL_ACC, result.best_val_acc)
+        if result.val_correct is not None:  # per-image scores: paired intervals between trials
+            trial.set_user_attr(keys.VAL_CORRECT, stats.pack(result.val_correct.numpy()))
+            trial.set_user_attr(keys.VAL_N, len(result.val_correct))
+        if result.test_acc is not None:
+            trial.set_user_attr(keys.TEST_ACC, result.test_acc)
         if result.teacher:
             trial.set_user_attr(keys.TEACHER_KEY, result.teacher["key"])
             trial.set_user_attr(keys.TEACHER_VAL_ACC, result.teacher["val_acc"])

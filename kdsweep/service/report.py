@@ -133,18 +133,22 @@ def family_data(study: optuna.Study) -> dict[str, Any]:
     groups: dict[str, list[float]] = {}
     factorized: dict[str, list[bool]] = {}
     pruned: dict[str, int] = {}
+    flops: dict[str, list[float]] = {}
     for t in _complete(study):
         if "model.family" not in t.params:
             continue
         key = _family_key(t.params)
         groups.setdefault(key, []).append(t.value)
+        if t.user_attrs.get(keys.FLOPS) is not None:
+            flops.setdefault(key, []).append(float(t.user_attrs[keys.FLOPS]))
         factorized.setdefault(key, []).append(bool(t.params.get("cnn.factorized", False)))
     for t in _pruned(study):
         if "model.family" in t.params:
             pruned[_family_key(t.params)] = pruned.get(_family_key(t.params), 0) + 1
     order = sorted(groups, key=lambda k: (k != "mlp", k))
     return {"groups": {k: groups[k] for k in order}, "factorized": {k: factorized[k] for k in order},
-            "pruned": pruned, "budget": _budget(study)}
+            "pruned": pruned, "budget": _budget(study),
+            "flops": {k: statistics.fmean(flops[k]) for k in order if k in flops}}  # mean per image
 
 
 def _with_pruned_only(groups: Mapping[str, list[float]], pruned: Mapping[str, int]) -> dict[str, list[float]]:
@@ -331,13 +335,31 @@ def top_table(study: optuna.Study, top: int = 10) -> str:
     if not done:
         return "No complete trials.\n"
     names = sorted({k for t in done for k in t.params})
-    lines = ["| rank | trial | " + _metric(study) + " | epochs | " + " | ".join(names) + " |",
-             "|---" * (4 + len(names)) + "|"]
+    # Parameters and forward FLOPs side by side: Q1 budgets match the first, not the second.
+    lines = ["| rank | trial | " + _metric(study) + " | epochs | params | MFLOPs/image | "
+             + " | ".join(names) + " |", "|---" * (6 + len(names)) + "|"]
     for i, t in enumerate(done, 1):
-        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get(keys.EPOCHS_RUN, ""))]
+        flops = t.user_attrs.get(keys.FLOPS)
+        count = t.user_attrs.get(keys.PARAMS_COUNT)
+        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get(keys.EPOCHS_RUN, "")),
+                 f"{count:,}" if count is not None else "–", f"{flops / 1e6:.2f}" if flops is not None else "–"]
         cells += [_fmt(t.params[k]) if k in t.params else "–" for k in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def noise_summary(sweep: Sweep) -> list[str]:
+    """Lines on the top trials' noise (kdsweep/service/stats.py) and, for KD studies, the winner
+    against the student trained alone (kdsweep/service/baseline.py)."""
+    from kdsweep.service import baseline, stats
+
+    ranked = sweep.top(len(sweep.trials()))
+    if not ranked:
+        return ["no complete trial yet."]
+    lines = stats.noise_lines(ranked, sweep.name)
+    if baseline.find(sweep) is not None:
+        lines.append(baseline.difference_line(ranked[0], baseline.result(sweep), sweep.name))
+    return lines
 
 
 def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping[str, Any],
@@ -355,18 +377,21 @@ def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping
                   f"{study.direction.name.lower()} {_metric(study)}.", ""]
     lines += [", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items() if c) + ".", ""]
     lines += ["## Top trials", "", top_table(study)]
-    lines += ["A single best trial out of many is partly luck; check it over seeds with "
-              f"`kdsweep best {study.study_name} --verify --seeds 5`.", ""]
+    lines += ["## How much of the top is noise", ""]
+    lines += [f"- {line}" for line in noise_summary(sweep)] + [""]
     if verify_text:
         lines += ["## Seed verification", "", "```", verify_text.rstrip(), "```", ""]
     if "family" in data:
-        lines += ["## MLP vs CNN by regulariser", "", "Complete trials only; pruned ones are counted.", "",
-                  "| group | n | mean | best | pruned |", "|---|---|---|---|---|"]
+        lines += ["## MLP vs CNN by regulariser", "", "Complete trials only; pruned ones are counted. "
+                  "The groups share a parameter budget, not a compute budget (MFLOPs per image).", "",
+                  "| group | n | mean | best | pruned | MFLOPs/image |", "|---|---|---|---|---|---|"]
+        flops = data["family"].get("flops", {})
         for g, v in data["family"]["groups"].items():
+            f = flops.get(g)
             lines.append(f"| {g} | {len(v)} | {statistics.fmean(v):.4f} | {max(v):.4f} | "
-                         f"{data['family']['pruned'].get(g, 0)} |")
+                         f"{data['family']['pruned'].get(g, 0)} | {f'{f / 1e6:.2f}' if f else '–'} |")
         for g in sorted(set(data["family"]["pruned"]) - set(data["family"]["groups"])):
-            lines.append(f"| {g} | 0 | – | – | {data['family']['pruned'][g]} |")
+            lines.append(f"| {g} | 0 | – | – | {data['family']['pruned'][g]} | – |")
         lines.append("")
     if "dropblock" in data:
         lines += ["## DropBlock block size", ""]

@@ -31,6 +31,7 @@ from kdsweep.service import keys
 from kdsweep.service.spec import StudyError
 from kdsweep.service.sweep import VERIFY_SUFFIX, Sweep
 
+REFERENCE_SOURCE = keys.REFERENCE_SOURCE
 SEED_OFFSET = 1000  # verification seeds are fresh: the sweep trained every trial with its own seed
 
 
@@ -59,6 +60,7 @@ class ConfigRuns:
     params: dict[str, Any]
     sweep_value: float | None
     values: dict[int, float] = field(default_factory=dict)  # seed -> final metric
+    tests: dict[int, float] = field(default_factory=dict)  # seed -> held-out test accuracy
 
     @property
     def mean(self) -> float:
@@ -117,6 +119,8 @@ def collect(sweep: Sweep, sibling: Sweep) -> list[ConfigRuns]:
             by[src] = ConfigRuns(src, int(t.user_attrs.get(keys.VERIFY_RANK, 0)), dict(t.params),
                                  original.value if original is not None else None)
         by[src].values[int(t.user_attrs[keys.VERIFY_SEED])] = t.value
+        if t.user_attrs.get(keys.TEST_ACC) is not None:
+            by[src].tests[int(t.user_attrs[keys.VERIFY_SEED])] = float(t.user_attrs[keys.TEST_ACC])
     return sorted(by.values(), key=lambda c: c.rank)
 
 
@@ -145,8 +149,14 @@ def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: in
         sweep = f"sweep {c.sweep_value:.4f}" if c.sweep_value is not None else "sweep -"
         std = f"{c.std:.4f}" if not math.isnan(c.std) else "n/a"
         params = " ".join(f"{k}={_fmt(v)}" for k, v in c.params.items())
-        lines.append(f"#{c.rank} trial {c.trial}: {c.mean:.4f} ± {std} over {len(c.values)} seeds "
+        name = "alpha=0 reference (student alone)" if c.trial == REFERENCE_SOURCE else f"trial {c.trial}"
+        lines.append(f"#{c.rank} {name}: {c.mean:.4f} ± {std} over {len(c.values)} seeds "
                      f"({sweep})  {params}")
+    if runs[0].rank == 1 and runs[0].tests:
+        tests = list(runs[0].tests.values())
+        sd = f" ± {statistics.stdev(tests):.4f}" if len(tests) > 1 else ""
+        lines.append(f"winner trial {runs[0].trial} on the held-out test set: {statistics.fmean(tests):.4f}{sd} "
+                     f"over {len(tests)} seeds")
     for p in pairs:
         if p.n < 2:
             verdict = "one seed pair: no interval, run more seeds"
@@ -155,7 +165,8 @@ def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: in
         else:
             verdict = "within seed noise"
         ci = f"95% CI {p.low:+.4f} .. {p.high:+.4f}, " if p.n > 1 else ""
-        lines.append(f"winner trial {runs[0].trial} vs trial {p.other}: {p.mean:+.4f} "
+        other = "the alpha=0 reference" if p.other == REFERENCE_SOURCE else f"trial {p.other}"
+        lines.append(f"winner trial {runs[0].trial} vs {other}: {p.mean:+.4f} "
                      f"({ci}{p.n} paired seeds): {verdict}")
     if pending:
         lines.append(f"{pending} verification run(s) not finished yet.")
@@ -191,6 +202,9 @@ def run(sweep: Sweep, storage_url: str, top: int, seeds: int, workers: int, devi
     sweep.check(sweep.spec)
     chosen = seeds_for(seeds, int(best[0].user_attrs.get(keys.TRAIN_SEED, 0)))
     sibling, n = sweep.verify_sibling(top, chosen)
+    from kdsweep.service import baseline
+
+    n += baseline.add_to_verification(sweep, sibling, chosen, rank=min(top, n // max(seeds, 1)) + 1)
     echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.name!r} with "
          f"{seeds} seeds each in study {sibling.name!r} ({n} runs)")
     if start_workers and sibling.trials(TrialState.WAITING):
