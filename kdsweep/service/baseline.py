@@ -83,9 +83,8 @@ def prepare(sweep: Sweep) -> Sweep | None:
     point = _reference(sweep)
     if point is None:
         return None
-    study = optuna.create_study(study_name=sibling_name(sweep.name), storage=sweep.study._storage,
-                                direction=sweep.study.direction, load_if_exists=True)
-    sibling = Sweep(study, sweep.spec)
+    sibling = sweep.make_sibling(SUFFIX)
+    study = sibling.study
     with sibling.lock():
         _copy_definition(sweep, study)
         study.set_user_attr(OF, sweep.name)

@@ -123,17 +123,18 @@ class CurvePruner(optuna.pruners.BasePruner):
             return self._update(study, complete, sign)
 
     def _update(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> _Curves:
-        # The study's name in the key: an in-memory storage's id can be reused once it is freed.
-        key = (id(study._storage), study._study_id, study.study_name)
+        # Per Study object (a worker keeps one per study), with its name: an object's id can be
+        # reused once it is freed (and a cache that has seen more trials than exist is reset).
+        key = (id(study), study.study_name)
         cache = self._curves.get(key)
         if cache is None or len(cache.seen) > len(complete):  # new, or not the study it was
             cache = self._curves[key] = _Curves()
         if len(cache.seen) != len(complete):  # trials never leave COMPLETE: only new ones to add
             grew = False
             for ft in complete:
-                if ft._trial_id in cache.seen:
+                if ft.number in cache.seen:
                     continue
-                cache.seen.add(ft._trial_id)
+                cache.seen.add(ft.number)
                 if ft.value is not None and math.isfinite(ft.value):
                     value = sign * ft.value
                     cache.best = value if cache.best is None else max(cache.best, value)

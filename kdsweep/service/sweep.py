@@ -711,6 +711,12 @@ class Sweep:
         except SweepNotFound:
             return None
 
+    def make_sibling(self, suffix: str) -> Sweep:
+        """The study `<name><suffix>` in the same storage (created if missing), as a Sweep."""
+        study = optuna.create_study(study_name=self.name + suffix, storage=self._storage,
+                                    direction=self.study.direction, load_if_exists=True)
+        return Sweep(study, self.spec)
+
     def verify_sibling(self, top: int, seeds: Sequence[int]) -> tuple[Sweep, int]:
         """Create (or top up) `<sweep>.verify` with one waiting run per (top config, seed).
 
@@ -725,9 +731,8 @@ class Sweep:
         best = self.top(top)
         if not best:
             raise StudyError(f"study {self.name!r} has no complete trial to verify yet.")
-        study = optuna.create_study(study_name=self.name + VERIFY_SUFFIX, storage=self._storage,
-                                    direction=self.study.direction, load_if_exists=True)
-        sibling = Sweep(study, self.spec)
+        sibling = self.make_sibling(VERIFY_SUFFIX)
+        study = sibling.study
         if sibling.verifies not in (None, self.name):
             raise StudyError(f"study {sibling.name!r} exists and verifies another study; delete it first.")
         with sibling.lock():
