@@ -78,7 +78,8 @@ def start_worker(tmp: Path, url: str, index: int, **extra: str) -> tuple[subproc
 
 def epochs_logged(log: Path) -> list[tuple[int, int]]:
     """(trial number, epoch) pairs a worker has reported, from its log."""
-    return [(int(t), int(e)) for t, e in re.findall(r"trial (\d+) epoch (\d+) val_acc", log.read_text())]
+    # A worker's epoch line: "12:03:41 [w1 t12] epoch 3/6 val_acc 0.8120 ..." (worker, trial).
+    return [(int(t), int(e)) for t, e in re.findall(r"\[w\d+ t(\d+)\] epoch (\d+)/\d+ val_acc", log.read_text())]
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 150) -> None:

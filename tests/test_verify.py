@@ -93,7 +93,8 @@ def test_verify_refuses_a_study_without_complete_trials(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=False))
     study.set_user_attr("kdsweep.definition", {"study": "q2", "preset": "smoke"})
     result = CliRunner().invoke(cli.main, ["best", "s", "--verify", "--storage", url])
-    assert result.exit_code == 1 and "no complete trial yet" in result.output  # as without --verify
+    # Exit 1, as `best` without --verify: no complete trial yet is a state, not a usage error.
+    assert result.exit_code == 1 and "has no complete trial yet" in result.output
     assert "s.verify" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
 
 
@@ -121,7 +122,8 @@ def test_best_weights_are_kept_and_exported_with_their_config(tmp_path: Path, ti
                                            "-o", str(tmp_path / "best.yaml")])
     assert result.exit_code == 0, result.output
     blob = torch.load(out, weights_only=True)
-    assert blob["trial"] == sweep.best_trial.number and blob["config"] == sweep.best_trial.user_attrs["config"]
+    assert blob["trial"] == sweep.best_trial.number
+    assert from_dict(TrainConfig, blob["config"]) == from_dict(TrainConfig, sweep.best_trial.user_attrs["config"])
     # The exported file alone rebuilds the model that earned the trial's value.
     model = load_model(out)
     config = from_dict(TrainConfig, blob["config"])
