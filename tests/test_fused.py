@@ -66,7 +66,7 @@ def assert_equal_to_solo_runs(base: TrainConfig, members: list[tuple[float, floa
         solo = train(config, data_seed=configs[0].seed, teacher=teacher.prepare(config))
         fused, error, history = ends[i]
         assert error is None and fused.epochs_run == solo.epochs_run == 1
-        assert history[0]["train_loss"] == pytest.approx(solo.history[0]["train_loss"], rel=1e-4, abs=1e-5)
+        assert history[0]["train_loss"] == pytest.approx(solo.history[0]["train_loss"], rel=1e-3, abs=1e-4)  # as the parameters below
         fused_state, solo_state = fused.model.state_dict(), solo.model.state_dict()
         assert fused_state.keys() == solo_state.keys()
         for name, want in solo_state.items():  # after the epoch: weights, BN running stats, counters
