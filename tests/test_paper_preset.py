@@ -39,7 +39,7 @@ if os.environ.get("KDSWEEP_TEST_NORM_LOG"):
     last = {}
     to_input = data.to_input
     def logged_to_input(x, mean, std, *args, **kwargs):
-        last["norm"] = [list(mean), list(std)]
+        last["norm"] = [[float(v) for v in mean], [float(v) for v in std]]  # floats or device tensors
         return to_input(x, mean, std, *args, **kwargs)
     data.to_input = logged_to_input
     forward = ResNet.forward
