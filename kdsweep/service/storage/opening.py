@@ -203,6 +203,8 @@ def _prepare_sqlite(where: StorageLocation, url: sqlalchemy.engine.URL, engine_k
         # Even opening the file would make SQLite's -wal and -shm files, and leave them there.
         raise StorageError(f"{errors._FULL[0]} ({where.shown}: {free} bytes free); {errors._FULL[1]}.")
     tables = _tables(path, where) if size else set()
+    if not create and not _REQUIRED <= tables:
+        raise NoStudies(f"the SQLite file {path} holds no Optuna study")
     foreign = sorted(t for t in tables - _optuna_tables() if not t.startswith("sqlite_"))
     if foreign:
         raise StorageError(
@@ -210,8 +212,6 @@ def _prepare_sqlite(where: StorageLocation, url: sqlalchemy.engine.URL, engine_k
             f"{', ...' if len(foreign) > 3 else ''}); kdsweep does not write into it: use another file."
         )
     if not create:
-        if not _REQUIRED <= tables:
-            raise NoStudies(f"the SQLite file {path} holds no Optuna study")
         return  # a read: WAL was set when the file was made, and nothing is written now
     if _REQUIRED <= tables:
         return
