@@ -51,6 +51,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -67,14 +68,14 @@ from kdsweep.service.pruners import CurvePruner, ForecastPruner
 MARGIN = 0.005  # 0.5 points of accuracy
 TABLE = Path(__file__).resolve().parent / "curves" / "q1.json"
 SPLIT_SEED = 0  # permutation of config ids: first half tunes, second half scores
-TUNE_SEQUENCES, SCORE_SEQUENCES, SEQUENCE_LEN = 100, 300, 16
+TUNE_SEQUENCES, SCORE_SEQUENCES, SEQUENCE_LEN = 60, 200, 16
 BOOTSTRAP = 2000
 # CurvePruner's grid (min_epoch x confidence x slope_weight; the other parameters keep their
 # defaults). slope_weight stays >= 0.5: below it, a slow starter gaining 15 points an epoch at
 # epoch 3 (tests/test_pruners.py) is cut, and keeping slow starters is a requirement, not a knob.
 GRID = {"min_epoch": (2, 3), "confidence": (0.8, 0.9, 0.95), "slope_weight": (0.5, 1.0)}
 TUNE_MAX_MISS = 0.01
-LIVE_TRIALS, LIVE_SEEDS = 20, 10  # live check: a budget of 20 unpruned trials' epochs, 10 sampler seeds
+LIVE_TRIALS, LIVE_SEEDS = 20, 4  # live check: a budget of 20 unpruned trials' epochs, 10 sampler seeds
 Q2_SEQUENCE_LEN = 8  # q2's table is smaller
 HB = "hyperband(1..T, eta 3)"
 FORECAST = "forecast (tuned, prior)"
@@ -82,8 +83,8 @@ Q2_TABLE = TABLE.with_name("q2.json")
 # ForecastPruner's grid, cross-fitted on the tuning half (FOLD_SEED splits it in two folds).
 FORECAST_FIXED = {"min_epoch": 1, "band": 0.1, "neighbours": 5}
 FORECAST_GRID = [{"miss": m, "param_weight": w} for m in (0.075, 0.1, 0.125, 0.15) for w in (1.0, 2.0)]
-FOLD_SEED, FORECAST_TUNE_SEQ = 3, 80  # sequences per fold
-REPLICATES, BOOT_SEQ, BOOT_SEED = 40, 25, 5  # configuration bootstrap: replicates x sequences each
+FOLD_SEED, FORECAST_TUNE_SEQ = 3, 50  # sequences per fold
+REPLICATES, BOOT_SEQ, BOOT_SEED = 20, 20, 5  # configuration bootstrap: replicates x sequences each
 STANDS_FOR = {
     "q1.json": "Q1's whole space at 4,000 training images of 14 px, 9 epochs, 5,000 validation images "
                "(not the q1 smoke preset, which has 3,000 images at 28 px and 4 epochs)",
@@ -585,6 +586,7 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     )
     shipped = getattr(priors, table.stem.upper(), None)
     clock = {"tune_s": round(time.perf_counter() - start, 1)}
+    print(f"  tuned in {clock['tune_s']} s: {tuned_forecast}", file=sys.stderr, flush=True)
     # 2. The held-out half, scored once with what step 1 chose.
     seqs = sequences(test_half, n_score, seed=2, length=sequence_len)
     makers = makers_for(epochs, tuned_curve, tuned_forecast, prior, dists, study, meta)
@@ -598,6 +600,7 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
             [clairvoyant([c["replay"] for c in seq], e) for seq in seqs])
     results["oracle(min_epoch 1)"] = summary([oracle([c["replay"] for c in seq], 1) for seq in seqs])
     clock["score_s"] = round(time.perf_counter() - start - clock["tune_s"], 1)
+    print(f"  scored in {clock['score_s']} s", file=sys.stderr, flush=True)
     # The study file's pruner is left out of the bootstrap (on Q1 it is ForecastPruner again).
     boot_makers = {k: v for k, v in makers.items() if not k.startswith("studies/")}
     boot = config_bootstrap(test_half, boot_makers, dists, 2 if quick else replicates, 10 if quick else BOOT_SEQ,
