@@ -59,6 +59,7 @@ from kdsweep.core.train import (
     _norm_on,
     _polling,
     _to_input,
+    build_student,
     epoch_order,
     evaluate,
     input_shape,
@@ -185,7 +186,7 @@ class FusedGroup:
 
     def _build(self, config: TrainConfig) -> nn.Module:
         torch.manual_seed(config.seed)  # as train() does, so a member starts as its solo run
-        return models.build_model(config.model, self.in_shape, self.splits.num_classes)
+        return build_student(config, self.in_shape, self.splits.num_classes)
 
     def free_slots(self) -> list[int]:
         return [k for k, m in enumerate(self.members) if m is None]

@@ -184,8 +184,7 @@ def correctness(
 ) -> torch.Tensor:
     """Per image of uint8 `x`, whether top-1 is right: a bool tensor on `device`, in order.
 
-    In inference mode and, on the CPU too, on channels_last input (faster there; every image's
-    top-1 is the same as in the default layout: tests/test_train.py checks it)."""
+    Inference mode, channels_last input: every image's top-1 as on the default layout."""
     model.eval()
     out = []
     for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
@@ -240,9 +239,8 @@ def _norm_on(mean: Sequence[float], std: Sequence[float], device: torch.device
 def _to_input(x: torch.Tensor, config: TrainConfig, splits: data.Splits, device: torch.device,
               image_size: int | None = None, channels_last: bool | None = None) -> torch.Tensor:
     # The config's normalisation (resolved: the dataset's or the pretrained weights' own).
-    # channels_last: on CUDA always; on the CPU for inference, where oneDNN's convolutions run
-    # about 1.8x faster on it (a ResNet-18 at 28 px, one thread) with every image's top-1 the
-    # same; CPU training keeps the default layout (no faster there).
+    # channels_last: on CUDA; on the CPU for inference only (oneDNN ~1.8x faster, a ResNet-18
+    # at 28 px on one thread; no faster for training there).
     mean, std = _norm_on(config.data.mean or splits.mean, config.data.std or splits.std, device)
     return data.to_input(
         x,
@@ -299,6 +297,18 @@ def _load_checkpoint(path: Path | None) -> dict[str, Any] | None:
         return None
 
 
+def build_student(config: TrainConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """`config.model` initialised in float32 whatever the default dtype (float64 runs, the
+    tests' rounding yardstick, start from the same weights upcast)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = models.build_model(config.model, in_shape, num_classes)
+    finally:
+        torch.set_default_dtype(dtype)
+    return model.to(dtype)
+
+
 class TeacherSource(Protocol):
     """A prepared teacher (`kdsweep.core.teacher.prepare`): gives logits for training batches."""
 
@@ -340,9 +350,8 @@ def train(
     the initialisation only): how a fused group's members are reproduced one at a time
     (kdsweep/core/fused.py).
 
-    `validate="last"` scores the validation split after the last epoch only (earlier epochs'
-    metrics then have no `val_acc`): for a run whose intermediate accuracies nobody reads, such
-    as the teacher's build, whose weights are the same either way.
+    `validate="last"` scores the validation split after the last epoch only (earlier epochs
+    have no `val_acc`; the weights are the same): how a teacher is built.
 
     Raises TrainingError when the loss stops being finite. The same config and seed give the
     same result twice on CPU. No step reads from the device: `train_loss` and the NaN check
@@ -358,7 +367,7 @@ def train(
     in_shape = input_shape(config, splits)
 
     torch.manual_seed(config.seed)
-    model = models.build_model(config.model, in_shape, splits.num_classes).to(device)
+    model = build_student(config, in_shape, splits.num_classes).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = _compiled(model) if config.compile and device.type == "cuda" else model
@@ -449,12 +458,8 @@ def train(
             if validate == "every" or epoch == config.epochs:
                 val_correct = correctness(model, splits.val_x, splits.val_y, config, splits, device)
                 metrics["val_acc"] = val_correct.sum().item() / max(1, len(val_correct))
-            metrics.update({
-                "train_loss": train_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": n / seconds,
-                "seconds": time.perf_counter() - epoch_start,
-            })
+            metrics.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                            "images_per_s": n / seconds, "seconds": time.perf_counter() - epoch_start})
             history.append(metrics)
             log.info("epoch %d/%d val_acc %.4f loss %.4f (%.0f img/s)",
                      epoch, config.epochs, metrics.get("val_acc", math.nan), train_loss, n / seconds)
