@@ -25,6 +25,7 @@ from benchmarks import (
     pruning,
     q2,
     report,
+    speed,
     storage,
     workers,
 )
@@ -40,6 +41,7 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "q2_fused": (fused.run, 420),
+    "q2_speed": (speed.run, 1500),
     "trial_dead_time": (dead_time.run, 240),
     "cli_startup_s": (cli.run, 30),
     "workers_per_100_connections": (connections.run, 90),
