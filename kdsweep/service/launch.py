@@ -407,6 +407,9 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     echo(sweep.summary_table())
     for line in report.noise_summary(sweep):  # issue 10: how much of the top is noise
         echo(line)
+    from kdsweep.service.dashboard import write_verdict
+
+    write_verdict(sweep)  # the same verdict as the study's note in optuna-dashboard
     return sweep, final, how
 
 

@@ -42,6 +42,7 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -199,6 +200,8 @@ class Sweep:
         n = n_trials if n_trials is not None else sweep.n_trials or DEFAULT_N
         if sweep.n_trials is not None and n < sweep.n_trials:
             sweep._lower_n(n)
+        if spec.source:  # so `best --verify` finds a study file given by path (service/verify.py)
+            sweep.study.set_user_attr(keys.STUDY_FILE, str(Path(spec.source).resolve()))
         if sweep.stop_requested:  # launch / create resume a drained sweep
             sweep.study.set_user_attr(keys.STOP, False)
         if max_failures is None:
@@ -306,6 +309,11 @@ class Sweep:
     def spec_name(self) -> str:
         """The study file the sweep was created from (its name, found along the search path)."""
         return self.definition.get("study", self.name)
+
+    @property
+    def study_file(self) -> str | None:
+        """The absolute path of the study file it was created from, where that was recorded."""
+        return self.attrs.get(keys.STUDY_FILE)
 
     @property
     def metric(self) -> str:
@@ -587,9 +595,10 @@ class Sweep:
         best = self.top(1)
         return best[0] if best else None
 
-    def export_best(self) -> dict[str, Any]:
-        """The winning trial as a runnable document: value, trial number, params and full config."""
-        best = self.best_trial
+    def export_best(self, trial: FrozenTrial | None = None) -> dict[str, Any]:
+        """The winning trial (or `trial`) as a runnable document: value, trial number, params
+        and full config."""
+        best = trial or self.best_trial
         if best is None:
             raise StudyError(f"study {self.name!r} has no complete trial yet; run `kdsweep launch` first.")
         return {
@@ -718,23 +727,30 @@ class Sweep:
         return Sweep(study, self.spec)
 
     def verify_sibling(self, top: int, seeds: Sequence[int]) -> tuple[Sweep, int]:
-        """Create (or top up) `<sweep>.verify` with one waiting run per (top config, seed).
+        """Create (or top up) `<sweep>.verify` with one waiting run per (top config, seed) (the
+        fixed grid). Returns the sibling and the number of runs of this request."""
+        best = self.top(top)
+        if not best and self.verifies is None and self.definition:
+            raise StudyError(f"study {self.name!r} has no complete trial to verify yet.")
+        self.queue_verification([(t.params, t.number, seed) for t in best for seed in seeds])
+        return self.sibling(VERIFY_SUFFIX), len(best) * len(seeds)  # type: ignore[return-value]
+
+    def queue_verification(self, runs: Sequence[tuple[Mapping[str, Any], int, int]]) -> int:
+        """Queue verification runs (params, source trial, seed) in `<sweep>.verify`, creating it.
 
         Runs already complete, running or waiting are not added again; failed ones are. The
-        sibling's N is the number of runs asked for, so its workers run exactly those (never
-        sampled points). Returns the sibling and the number of runs of this request.
+        sibling's N is the number of runs asked for so far, so its workers run exactly those
+        (never sampled points); it grows under the sibling's lock. Returns how many were added.
         """
         if self.verifies is not None:
             raise StudyError(f"study {self.name!r} is itself a verification; verify {self.verifies!r}.")
         if not self.definition:
             raise StudyError(f"study {self.name!r} was not created by kdsweep, so its workers cannot re-train it.")
-        best = self.top(top)
-        if not best:
-            raise StudyError(f"study {self.name!r} has no complete trial to verify yet.")
         sibling = self.make_sibling(VERIFY_SUFFIX)
         study = sibling.study
         if sibling.verifies not in (None, self.name):
             raise StudyError(f"study {sibling.name!r} exists and verifies another study; delete it first.")
+        added = 0
         with sibling.lock():
             for key in (keys.DEFINITION, keys.SCHEMA, keys.UID, keys.SEED):  # workers must agree
                 if key in self.attrs:
@@ -745,15 +761,17 @@ class Sweep:
             study.set_user_attr(keys.MAX_FAILURES, 0)
             present = {(t.user_attrs.get(keys.VERIFY_SOURCE), t.user_attrs.get(keys.VERIFY_SEED))
                        for t in sibling.trials() if t.state != TrialState.FAIL}
-            for rank, t in enumerate(best, 1):
-                for seed in seeds:
-                    if (t.number, seed) not in present:
-                        study.enqueue_trial(t.params, skip_if_exists=False, user_attrs={
-                            keys.VERIFY_SOURCE: t.number, keys.VERIFY_SEED: seed, keys.VERIFY_RANK: rank})
-                        present.add((t.number, seed))
+            for params, source, seed in runs:
+                if (source, seed) not in present:
+                    user = {keys.VERIFY_SOURCE: source, keys.VERIFY_SEED: seed}
+                    if source == keys.REFERENCE_SOURCE:
+                        user[keys.BASELINE_REFERENCE] = True
+                    study.enqueue_trial(dict(params), skip_if_exists=False, user_attrs=user)
+                    present.add((source, seed))
+                    added += 1
             # Its own N: every run asked for so far that has not failed for good.
             study.set_user_attr(keys.N_TRIALS, len(present))
-        return sibling, len(best) * len(seeds)
+        return added
 
 
 def optuna_verbosity(verbose: int) -> None:
