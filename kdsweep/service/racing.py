@@ -133,14 +133,27 @@ def reference_params(sweep: Sweep) -> dict[str, Any] | None:
 
 def state(sweep: Sweep, top: int = DEFAULT_TOP, max_seeds: int = race.MAX_SEEDS) -> RaceState:
     """Rebuild the race from the sweep's current ranking and the sibling's stored runs."""
-    ranked = sweep.top(10_000)
-    chosen = candidates(ranked, top)
+    chosen = candidates(sweep.top(10_000), top)
     if not chosen:
         raise StudyError(f"study {sweep.name!r} has no complete trial to verify yet.")
-    seeds = seeds_for(max_seeds, int(chosen[0].user_attrs.get(keys.TRAIN_SEED, 0)))
+    ref = reference_params(sweep)
+    return _build(sweep, chosen, ref, max_seeds)
+
+
+def stored(sweep: Sweep, sibling: Sweep) -> RaceState:
+    """The race as it was asked for, from the runs stored: its candidates are the configs that
+    have runs (ranked by the sweep as it is now), its rounds the stored `--max-seeds`."""
+    sources = {t.user_attrs.get(keys.VERIFY_SOURCE) for t in sibling.trials()}
+    chosen = [t for t in sweep.top(10_000) if t.number in sources]
+    ref = reference_params(sweep) if REFERENCE in sources else None
+    return _build(sweep, chosen, ref, int(sibling.attrs.get(keys.RACE_MAX_SEEDS, race.MAX_SEEDS)))
+
+
+def _build(sweep: Sweep, chosen: list[FrozenTrial], ref: dict[str, Any] | None, max_seeds: int) -> RaceState:
+    base = int(chosen[0].user_attrs.get(keys.TRAIN_SEED, 0)) if chosen else 0
+    seeds = seeds_for(max_seeds, base)
     trials = {t.number: t for t in chosen}
     ids: list[int] = list(trials)
-    ref = reference_params(sweep)
     if ref is not None:
         ids.append(REFERENCE)
     by_seed = {s: i for i, s in enumerate(seeds)}
@@ -179,12 +192,16 @@ def run(sweep: Sweep, top: int, max_seeds: int, start: Callable[[Sweep], None] |
         if st.race.finished:
             return st
         added = queue_round(st)
+        sibling = sweep.sibling(VERIFY_SUFFIX)
+        if sibling is not None:  # how `best` and `report` replay this race later
+            sibling.study.set_user_attr(keys.VERIFY_MODE, "race")
+            sibling.study.set_user_attr(keys.RACE_MAX_SEEDS, max_seeds)
         if added:
             echo(f"round {st.race.rounds + 1}: {added} run(s) queued in {sweep.name + VERIFY_SUFFIX!r} "
                  f"({len(st.race.survivors)} candidates)")
         if start is None:
             return state(sweep, top, max_seeds)
-        start(sweep.sibling(VERIFY_SUFFIX))
+        start(sibling)
         after = state(sweep, top, max_seeds)
         if after.values == st.values:
             return after  # the workers finished nothing (failed runs, or stopped): the caller says so
