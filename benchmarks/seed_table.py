@@ -3,9 +3,9 @@
     python -m benchmarks.seed_table --storage sqlite:///q1.db --study-name q1 --top 12 --seeds 12 \
         --out benchmarks/racing/q1_seeds.json --shard 0/2
 
-takes the candidates `kdsweep best --verify` would race (`kdsweep.service.racing.candidates`:
-the sweep's top configs its one-seed paired intervals cannot separate from the winner, at most
-`--top`), and trains each on `--seeds` fresh seeds (the verification's own seeds) through the
+takes the sweep's top `--top` configs (what a fixed grid verifies; the subset that
+`kdsweep best --verify` would race, `kdsweep.service.racing.candidates`, is recorded beside them
+as `live_rule`), and trains each on `--seeds` fresh seeds (the verification's own seeds) through the
 real training core (`kdsweep.core.train.train`, the config from the sweep's stored definition,
 one thread), storing each run's final value of the study's metric.
 
@@ -75,7 +75,8 @@ def main(storage: str, study_name: str, study_file: str | None, top: int, seeds:
     sweep = Sweep.open(storage, study_name)
     spec = studies.load(study_file or sweep.spec_name)
     ranked = sweep.top(10_000)
-    chosen = racing.candidates(ranked, top)
+    chosen = ranked[:top]  # the grid's configs; the live rule's subset is recorded beside them
+    live = [t.number for t in racing.candidates(ranked, top)]
     base = int(chosen[0].user_attrs.get(keys.TRAIN_SEED, 0))
     seed_list = racing.seeds_for(seeds, base)
     config0 = spec.config_for(sweep.preset, chosen[0].params, sweep.overrides)
@@ -84,8 +85,10 @@ def main(storage: str, study_name: str, study_file: str | None, top: int, seeds:
         "maximize": sweep.maximize, "sweep_trials": len(ranked), "top": top, "seeds": seed_list,
         "candidates": [{"trial": t.number, "sweep_value": t.value, "params": t.params} for t in chosen],
         "preset_config": dataclasses.asdict(config0) | {"seed": None},
-        "rule": "kdsweep.service.racing.candidates: top configs the one-seed paired (McNemar) "
-                "intervals cannot separate from the winner",
+        "live_rule": live,
+        "rule": "candidates: the sweep's top configs by one-seed value; live_rule: those "
+                "kdsweep.service.racing.candidates keeps (the one-seed paired (McNemar) intervals "
+                "cannot separate them from the winner)",
         "command": "python -m benchmarks.seed_table " + " ".join(sys.argv[1:]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -315,11 +315,9 @@ def stop(study_name: str, storage: str) -> None:
 @click.option("--verify", "verify_", is_flag=True,
               help="Race the top configs over fresh seeds (in STUDY_NAME.verify) and compare them paired.")
 @click.option("--grid", is_flag=True, help="With --verify: a fixed grid (--top configs x --seeds) instead of a race.")
-@click.option("--max-seeds", type=click.IntRange(min=3), default=8, show_default=True,
-              help="Rounds of a race at most (--verify).")
+@click.option("--max-seeds", type=click.IntRange(min=3), default=8, show_default=True, help="Race rounds at most.")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds per config (--grid).")
-@click.option("--top", type=click.IntRange(min=1), default=None,
-              help="Configs to verify at most (default: 8 in a race, 3 in a grid).")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Configs at most (default: race 8, grid 3).")
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes that run the --verify trials here.")
 @click.option("--device", default="auto", show_default=True, help="Device of the --verify workers.")
@@ -334,8 +332,7 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
          data: str | None, no_run: bool, as_json: bool) -> None:
     """Export the winning trial as a complete, runnable config, or verify it over seeds.
 
-    Once a verification exists, the winner is the verified one (stderr says when that differs
-    from the sweep's one-seed winner). With no complete trial yet it exits 1, with or without --verify.
+    Once verified, the winner is the verified one. With no complete trial yet it exits 1.
 
     \b
     kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
@@ -350,19 +347,9 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     if verify_:
         click.echo(verify.run(sweep, storage, top, seeds, workers, device, data, click.echo,
                               start_workers=not no_run, grid=grid, max_seeds=max_seeds))
-        from kdsweep.service.dashboard import write_verdict
-
-        write_verdict(sweep)
         return
-    checked = verify.summary_text(sweep)
-    if checked:
-        click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
     doc, trial, notes = verify.export(sweep)
-    from kdsweep.service.report import noise_summary
-
-    for line in noise_summary(sweep):  # noise, selection bias, the alpha=0 reference
-        click.echo(line, err=True)
-    for line in notes:
+    for line in notes:  # the verification, noise, selection bias, the alpha=0 reference, which winner
         click.echo(line, err=True)
     if weights:
         from kdsweep.service.weights import export_weights

@@ -69,6 +69,8 @@ def write_verdict(sweep: Sweep) -> None:
         for name in FIGURES:
             if name in data:
                 fig = report.plotly_figure(sweep.study, name, data[name])
+                if name == "kd_contour":  # Optuna's plot says only "Contour Plot"
+                    fig.update_layout(title=f"alpha x T: {sweep.metric}")
                 optuna_dashboard.save_plotly_graph_object(sweep.study, fig, graph_object_id=f"kdsweep-{name}")
     except Exception as exc:  # noqa: BLE001 - the note is a convenience; the verdict is printed
         log.warning("could not write the dashboard note of %r: %s: %s", sweep.name, type(exc).__name__, exc)

@@ -136,7 +136,10 @@ def look(table: Mapping[int, Sequence[float]], alpha: float, maximize: bool = Tr
     n = len(next(iter(table.values())))
     pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]]
     diffs = [means[a] - means[b] for a, b in pairs]
-    ps = t_two_sided_p([d / se for d in diffs], df) if df > 0 and se > 0 else [1.0] * len(diffs)
+    if df > 0 and se > 0:
+        ps = t_two_sided_p([d / se for d in diffs], df)
+    else:  # no noise at all across the seeds: any difference is real; none without seeds to tell
+        ps = [0.0 if df > 0 and d != 0 else 1.0 for d in diffs]
     return order[0], [Comparison(a, b, n, d, se, df, p, level, settled and d > 0)
                       for (a, b), d, p, (settled, level) in zip(pairs, diffs, ps, holm(ps, alpha), strict=True)]
 

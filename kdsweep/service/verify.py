@@ -234,6 +234,7 @@ def run(sweep: Sweep, storage_url: str, top: int | None, seeds: int, workers: in
     (unless `start_workers` is False: then only the next runs are queued, for other hosts'
     workers). Returns the verification text."""
     from kdsweep.service import launch as launcher
+    from kdsweep.service.dashboard import write_verdict
 
     if not sweep.definition or "preset" not in sweep.definition:
         raise VerifyError(f"study {sweep.name!r} was not created by kdsweep, so its workers cannot re-train it.")
@@ -269,11 +270,13 @@ def run(sweep: Sweep, storage_url: str, top: int | None, seeds: int, workers: in
         if start_workers:
             start(sibling)
             left = len(sibling.trials(TrialState.WAITING, TrialState.RUNNING))
+            write_verdict(sweep)
             if left:
                 raise VerifyIncomplete(
                     f"{left} of {n} verification runs did not finish; see the workers' messages above, "
                     "then run the same command again (finished runs are kept)."
                 )
+        write_verdict(sweep)
         return summary_text(sweep) or ""
     k = top or racing.DEFAULT_TOP
     st = racing.state(sweep, k, max_seeds)
@@ -281,6 +284,7 @@ def run(sweep: Sweep, storage_url: str, top: int | None, seeds: int, workers: in
          f"study {sweep.name + VERIFY_SUFFIX!r}: trials {', '.join(str(c) for c in st.trials)}"
          + (" and the alpha=0 reference" if racing.REFERENCE in st.values else ""))
     st = racing.run(sweep, k, max_seeds, start if start_workers else None, echo)
+    write_verdict(sweep)  # the study's note in optuna-dashboard: what the race settled so far
     if start_workers and not st.race.finished:
         raise VerifyIncomplete(
             f"the race stopped in round {st.race.rounds + 1} with runs unfinished; see the workers' "
@@ -291,10 +295,14 @@ def run(sweep: Sweep, storage_url: str, top: int | None, seeds: int, workers: in
 def export(sweep: Sweep) -> tuple[dict[str, Any], Any, list[str]]:
     """What `kdsweep best` exports: the verified winner once a verification exists (else the
     sweep's one-seed winner), its trial, and lines for stderr saying which and why."""
+    from kdsweep.service.report import noise_summary
+
     one_seed = sweep.best_trial
     verified = verified_winner(sweep)
     trial = one_seed
-    notes: list[str] = []
+    checked = summary_text(sweep)
+    notes = [f"seed verification ({sibling_name(sweep.name)}):\n{checked}"] if checked else []
+    notes += noise_summary(sweep)
     if verified is not None:
         numbers = {t.number: t for t in sweep.trials(TrialState.COMPLETE)}
         trial = numbers.get(verified[0], one_seed)
