@@ -24,6 +24,7 @@ from benchmarks import (
     gpu,
     pruning,
     q2,
+    racing,
     report,
     storage,
     workers,
@@ -36,6 +37,7 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 300),
     "teacher_setups": (q2.teacher_setups, 120),
     "pruning_epoch_savings": (pruning.run, 180),  # replay only: no training
+    "racing_verification": (racing.run, 60),  # replay of a recorded seed table: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "q2_fused": (fused.run, 420),
