@@ -66,8 +66,9 @@ def _merge(path: Path, meta: dict[str, Any], run: dict[str, Any] | None) -> dict
 @click.option("--seeds", type=click.IntRange(2), default=12, show_default=True, help="Seeds per candidate.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Table (JSON).")
 @click.option("--shard", default="0/1", show_default=True, help="K/N: record runs with index %% N == K.")
+@click.option("--reverse", is_flag=True, help="Take the shard's runs last first (a helper for a slow shard).")
 def main(storage: str, study_name: str, study_file: str | None, top: int, seeds: int, out: Path,
-         shard: str) -> None:
+         shard: str, reverse: bool) -> None:
     """Train the race candidates of a sweep on fresh seeds and store their final values."""
     logging.getLogger("optuna").setLevel(logging.WARNING)
     k, _, m = shard.partition("/")
@@ -97,7 +98,9 @@ def main(storage: str, study_name: str, study_file: str | None, top: int, seeds:
     todo = [(t, s) for i, (t, s) in enumerate(todo) if i % n_shards == k_i and (t.number, s) not in done]
     click.echo(f"{len(chosen)} candidates x {seeds} seeds; {len(done)} recorded; this shard records {len(todo)}",
                err=True)
-    for t, s in todo:
+    for t, s in reversed(todo) if reverse else todo:
+        if (t.number, s) in {(r["trial"], r["seed"]) for r in _merge(out, meta, None)["runs"]}:
+            continue  # another process recorded it meanwhile
         config = spec.config_for(sweep.preset, t.params, sweep.overrides, device="cpu", threads=1, seed=s)
         start = time.perf_counter()
         try:

@@ -112,3 +112,27 @@ def test_equal_candidates_are_reported_settled_in_at_most_5_percent_of_races(k: 
 def test_bad_race_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="min_seeds"):
         race.replay({1: [0.5]}, max_seeds=2, min_seeds=3)
+
+
+def _state(values: dict[int, list[float]]):
+    from kdsweep.service import racing
+
+    return racing.RaceState(None, {}, list(range(1000, 1008)), values, 0, race.replay(values), {"kd.alpha": 0.0})
+
+
+def test_the_race_says_what_is_settled_and_what_is_not() -> None:
+    noisy = [0.80, 0.78, 0.81, 0.79, 0.80, 0.78, 0.81, 0.79]
+    text = _state({8: noisy, 43: [0.79, 0.80, 0.79, 0.80, 0.79, 0.80, 0.80, 0.80],
+                   5: [v - 0.1 for v in noisy]}).text()
+    assert "trial 8 vs trial 5: +0.1000" in text and "settled after 3 seeds" in text
+    assert "trial 43 vs trial 8: not separated after 8 seeds" in text
+    assert "race finished after 8 rounds, 19 runs: verified winner trial 43" in text
+
+
+def test_the_alpha0_verdict_is_always_printed() -> None:
+    base = [0.80, 0.82, 0.79, 0.81, 0.80, 0.82, 0.81, 0.80]
+    helps = _state({3: base, race.REFERENCE: [v - 0.05 for v in base]}).text()
+    assert "distillation helps: trial 3 beats the student alone (alpha=0) by +0.0500" in helps
+    assert "settled after 3 seeds" in helps
+    tied = _state({3: base, race.REFERENCE: [0.81, 0.80, 0.80, 0.80, 0.81, 0.81, 0.80, 0.81]}).text()
+    assert "distillation not shown: the student alone (alpha=0) is not separated from the leader after 8 seeds" in tied

@@ -145,7 +145,9 @@ def stored(sweep: Sweep, sibling: Sweep) -> RaceState:
     have runs (ranked by the sweep as it is now), its rounds the stored `--max-seeds`."""
     sources = {t.user_attrs.get(keys.VERIFY_SOURCE) for t in sibling.trials()}
     chosen = [t for t in sweep.top(10_000) if t.number in sources]
-    ref = reference_params(sweep) if REFERENCE in sources else None
+    # Only its runs are read here (nothing is queued): the point itself is not needed, so a
+    # study file that cannot be found from here does not matter.
+    ref = {"kd.alpha": 0.0} if REFERENCE in sources else None
     return _build(sweep, chosen, ref, int(sibling.attrs.get(keys.RACE_MAX_SEEDS, race.MAX_SEEDS)))
 
 
