@@ -53,9 +53,10 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     url = f"sqlite:///{tmp_path}/v.db"
     sweep = run_tiny_sweep(study_file, url, 3, tmp_path, tensorboard=False)
     top = Sweep(sweep).top(2)
-    monkeypatch.setenv("KDSWEEP_STUDIES", str(tmp_path))  # the workers find the study file by name
+    # Launched from a file path: verification finds it by the recorded path, with no search path.
+    monkeypatch.delenv("KDSWEEP_STUDIES", raising=False)
     monkeypatch.setenv("KDSWEEP_THREADS", "1")
-    result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--seeds", "2", "--top", "2",
+    result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--grid", "--seeds", "2", "--top", "2",
                                            "--device", "cpu", "--storage", url])
     assert result.exit_code == 0, result.output
     storage = open_storage(url, heartbeat=False)
@@ -79,7 +80,7 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     assert not math.isnan(diff)
 
     # Asking again queues nothing new; `best` and `report` show the verification afterwards.
-    again = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--seeds", "2", "--top", "2",
+    again = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--grid", "--seeds", "2", "--top", "2",
                                           "--no-run", "--storage", url])
     assert again.exit_code == 0 and len(sibling.trials) == 4, again.output
     shown = CliRunner().invoke(cli.main, ["best", "tiny", "--storage", url])

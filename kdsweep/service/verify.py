@@ -1,20 +1,26 @@
 """Seed verification of a sweep's winner: is it really better than the runner-up, or luck?
 
 The best of many trials is biased upwards (the winner's curse): its one seed may simply have
-been lucky. `kdsweep best STUDY --verify --seeds S --top K` re-trains the top K configs with
-the same S fresh seeds each and compares them *paired*: config A and config B on seed s share
-their initialisation seed, batch order and augmentation stream, so the per-seed difference
-cancels much of the seed-to-seed noise.
+been lucky. `kdsweep best STUDY --verify` re-trains the top configs on fresh seeds and compares
+them *paired*: config A and config B on seed s share their initialisation seed, batch order and
+augmentation stream, so the per-seed difference cancels much of the seed-to-seed noise.
+
+Two ways to spend the runs: a race (the default; `kdsweep.service.racing` and the statistics
+in `kdsweep.service.race`), which stops a candidate once it is beaten beyond noise, and the
+fixed grid (`--grid`: top K x S seeds, every config to the end).
 
 The runs live in a sibling study, `<study>.verify`, in the same storage: never in the sweep
 itself, where they would change its trial count, feed its sampler and could become `best`.
 The sibling copies the sweep's definition, so ordinary `kdsweep worker` processes run its
 trials (fixed params, a fixed seed each, never pruned) through the same objective.
 
-Statistics: per config the mean and sample standard deviation over seeds; per runner-up the
-mean paired difference d = winner - runner-up with its two-sided 95% t-interval over the
+Once a verification exists, `best` exports its winner (`export`): the race's, or the grid's best
+mean on the seeds its configs share; never the alpha=0 reference, which is the comparison.
+
+Grid statistics: per config the mean and sample standard deviation over seeds; per runner-up
+the mean paired difference d = winner - runner-up with its two-sided 95% t-interval over the
 seed pairs, mean(d) ± t(0.975, n-1) · sd(d) / sqrt(n). The difference "exceeds seed noise"
-when that interval excludes zero.
+when that interval excludes zero (uncorrected, per pair: the race corrects).
 """
 
 from __future__ import annotations
