@@ -100,7 +100,7 @@ def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
         goal="<= 0.6, and picks the held-out best at least as often as the grid", device="cpu", met=met,
         details={
             "table": str(table.relative_to(Path(__file__).resolve().parents[1])),
-            "recorded": {k: meta[k] for k in ("study", "preset", "overrides", "metric", "sweep_trials", "command")
+            "recorded": {k: meta[k] for k in ("study", "preset", "overrides", "metric", "sweep_trials", "command", "cpu_seconds")
                          if k in meta},
             "preset_config": meta.get("preset_config"),
             "race": {"min_seeds": race.MIN_SEEDS, "max_seeds": RACE_SEEDS, "alpha": race.ALPHA,
