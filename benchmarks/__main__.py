@@ -24,6 +24,7 @@ from benchmarks import (
     gpu,
     pruning,
     q2,
+    racing,
     report,
     speed,
     storage,
@@ -38,6 +39,7 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "teacher_setups": (q2.teacher_setups, 120),
     "pruning_epoch_savings": (pruning.run, 1800),  # replay only (no training): tuning, scoring, bootstrap
     "pruning_q2": (pruning.run_q2, 600),  # the same on q2's own table
+    "racing_verification": (racing.run, 60),  # replay of a recorded seed table: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "q2_fused": (fused.run, 420),
