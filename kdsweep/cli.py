@@ -1,6 +1,7 @@
 """The kdsweep command line: each command parses, opens one handle (a `Sweep` or a storage),
 makes one call and prints. Options also come from the environment (KDSWEEP_<OPTION>). Exit
-codes: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted. Nothing heavy is imported at
+codes: 0 ok, 1 runtime failure, 2 usage error, 75 stopped short of N (--timeout, `kdsweep stop`:
+the same command finishes the study), 130 interrupted. Nothing heavy is imported at
 module level, so `--help` and usage errors answer without torch or Optuna (`cli_startup_s`).
 """
 
@@ -67,7 +68,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="CPU threads of each worker (default: cores // workers; env KDSWEEP_THREADS).")
 @click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
               help="Q2: each worker trains K trials' students together in one fused model.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS (exit 75); the same command finishes the study.")
 @click.option("--dry-run", is_flag=True,
               help="Print 4 sampled points: values, resolved widths, parameter count; needs no data, stores nothing.")
 @click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
@@ -210,7 +211,7 @@ def status(study_name: str, storage: str, as_json: bool) -> None:
         if sweep.best_trial is not None:
             from kdsweep.service.report import noise_summary
 
-            for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+            for line in noise_summary(sweep):  # noise, selection bias, the alpha=0 reference
                 click.echo(f"  {line}")
 
 
@@ -350,7 +351,7 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     doc = sweep.export_best()
     from kdsweep.service.report import noise_summary
 
-    for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+    for line in noise_summary(sweep):  # noise, selection bias, the alpha=0 reference
         click.echo(line, err=True)
     if weights:
         from kdsweep.service.weights import export_weights

@@ -405,17 +405,24 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         solo = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
         run(reference, solo, plan_workers(1, device, url), echo)
     echo(sweep.summary_table())
-    for line in report.noise_summary(sweep):  # issue 10: how much of the top is noise
+    for line in report.noise_summary(sweep):  # how much of the top is noise
         echo(line)
     return sweep, final, how
 
 
+# A study stopped short of N that the same command finishes: sysexits' EX_TEMPFAIL ("a
+# temporary failure; the user is invited to retry"), so `launch ... && next` does not go on.
+EXIT_RESUME = 75
+
+
 def ending(sweep: Sweep, final: Counts, how: str) -> tuple[str, int]:
-    """The closing sentence of a launch and its exit code (0, 1 a study short of N, 130)."""
+    """The closing sentence of a launch and its exit code: 0 done; 1 a study short of N after
+    failures; 75 (`EXIT_RESUME`) stopped short by --timeout or `kdsweep stop`, the same command
+    finishes it; 130 interrupted."""
     if how == "done" and sweep.stop_requested:
-        return "stopped by `kdsweep stop`: run the same command again to finish the study.", 0
+        return "stopped by `kdsweep stop`: run the same command again to finish the study.", EXIT_RESUME
     if how in ("interrupted", "timeout"):
-        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else 0
+        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else EXIT_RESUME
     if how == "done" and final.finished < (sweep.n_trials or 0):
         return (f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
                 "failures; see `kdsweep status` for their reasons."), 1
