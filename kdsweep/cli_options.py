@@ -29,9 +29,9 @@ CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"
 # modules already imported (an error cannot come from a module that was never loaded).
 USAGE_ERRORS = (("kdsweep.service.location", "StorageURLError"), ("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
                 ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
-                ("kdsweep.service.verify", "VerifyError"))
+                ("kdsweep.service.verify", "VerifyError"), ("kdsweep.core.data_root", "DataFolderError"))
 RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
-                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
+                  ("kdsweep.core.data_root", "DataError"), ("kdsweep.core.resnets", "ModelError"),
                   ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
                   ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
 
@@ -100,7 +100,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 
 def check_data(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--data is a folder: a dataset spec or a folder that does not exist is a usage error."""
-    from kdsweep.core.data import DataError, check_root
+    from kdsweep.core.data_root import DataError, check_root
 
     try:
         check_root(value, bool(ctx.params.get("download")))

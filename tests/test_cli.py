@@ -479,3 +479,12 @@ def test_a_teacher_setting_the_data_cannot_meet_is_refused_before_storing(in_tmp
     user_error(result, 1, "kd.teacher_train_subset=100000 but")
     assert "teacher" not in result.output.split("Error: ")[0] or "data: " not in result.output
     assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_an_existing_data_folder_without_the_dataset_is_refused_not_replaced(in_tmp: Path) -> None:
+    """Debian's Fashion-MNIST stands in for the default folder only, never for one the user gave."""
+    empty = in_tmp / "empty"
+    empty.mkdir()
+    user_error(run("launch", "q1", "--preset", "smoke", "--data", str(empty), "-n", "1", "--set", "epochs=1"),
+               2, f"the data folder {empty} holds none of Fashion-MNIST's files")
+    assert not (in_tmp / "kdsweep.db").exists()
