@@ -93,6 +93,8 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.service import launch as launcher
 
     spec, changes = launcher.load_spec(study, preset, overrides)
+    if not dry_run:  # a GPU preset on a CPU is a usage error: answered before any data is read
+        launcher.check_device(device, spec.preset(preset).needs_gpu, preset, force)
     changes = launcher.with_dataset(spec, preset, changes, dataset, launcher.runtime("cpu", data, download))
     if dry_run:
         from kdsweep.service.preview import preview, preview_table
@@ -138,9 +140,10 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
     from kdsweep.service.launch import load_spec, runtime, with_dataset
-    from kdsweep.service.sweep import Sweep
 
     spec, changes = load_spec(study, preset, overrides)
+    from kdsweep.service.sweep import Sweep  # after the checks: a usage error needs no Optuna
+
     # No preflight: the host that creates a study need not hold its data (npz/folder data is
     # read once here, to record its default augmentation).
     changes = with_dataset(spec, preset, changes, dataset, runtime(device, data, download))

@@ -6,17 +6,19 @@ sampled: the free width of each model so it meets the preset's parameter budget 
 kdsweep/core/budget.py); widths that cannot meet a preset's budget are left out of its space.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
-import optuna
-
-from kdsweep.core import budget
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.service.pruners import CurvePruner
 from kdsweep.service.space import Categorical, Float
 from kdsweep.service.spec import Preset, StudySpec
+
+if TYPE_CHECKING:  # imported where used: a usage error answers before Optuna or torch loads
+    import optuna
 
 CNN = {"model.family": ["cnn"]}
 REGULARISED = {"reg.kind": ["dropout", "spatial_dropout", "dropblock"]}
@@ -62,6 +64,8 @@ def narrow(config: TrainConfig) -> dict[str, dict[str, list[int]]]:
     leaving it out of the space keeps every trial a real one. Regularisers add no parameters,
     so they do not change what is feasible.
     """
+    from kdsweep.core import budget
+
     candidates = next(p.choices for p in SPACE if p.name == "cnn.width")
     in_shape, classes = _shape(config)
     widths = set(candidates)
@@ -79,12 +83,16 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     # (0.94x) and lost the best in 43% of sequences: rung pruners cut slow starters (DropBlock's
     # ramp, strong dropout) that end on top. Tuned at 3 of 9 epochs: it may stop a trial from a
     # third of its epochs on. `hyperband` below stays one line away (pruner=hyperband).
+    from kdsweep.service.pruners import CurvePruner
+
     return CurvePruner(config.epochs, margin=0.005, confidence=0.95, min_epoch=max(1, math.ceil(config.epochs / 3)),
                        slope_weight=0.5)
 
 
 def hyperband(config: TrainConfig) -> optuna.pruners.BasePruner:
     # The previous default: brackets give some trials a late first rung.
+    import optuna
+
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
 
 

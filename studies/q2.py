@@ -23,11 +23,16 @@ Input size and stem, per preset (compare results only like with like):
   times chance (batch 50 at lr 0.1 gave 0.25, and 500 images 0.09-0.18).
 """
 
-import optuna
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Float
 from kdsweep.service.spec import Preset, StudySpec
+
+if TYPE_CHECKING:  # imported where used: a usage error answers before Optuna loads
+    import optuna
 
 SPACE = [
     Float("kd.alpha", 0.0, 1.0),
@@ -41,6 +46,8 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     # Not CurvePruner (q1's): replayed over 32 recorded curves of the 3-epoch smoke preset
     # (docs/benchmarks.md, pruning_epoch_savings, details.q2) no pruner paid (Hyperband 0.95x,
     # 23% of sequences lost the best); tuned there, CurvePruner chose never to prune.
+    import optuna
+
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
 
 

@@ -16,11 +16,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kdsweep.service.spec import StudySpec
-from kdsweep.service.sweep import Counts, Sweep
+
+if TYPE_CHECKING:  # imported where used: `kdsweep launch` answers a usage error without Optuna
+    from kdsweep.service.sweep import Counts, Sweep
 
 
 def cpu_cores() -> int:
@@ -85,9 +88,10 @@ ETA_EVERY_S = 30.0  # seconds between status lines that differ only in their tim
 _ETA = re.compile(r"~[^;|]* left")
 
 
-def status_line(sweep: Sweep, workers: int) -> str:
+def status_line(sweep: Sweep, workers: int, pids: Collection[int] | None = None, reference: bool = False) -> str:
     """The progress line, with what a first run spends its first minutes on (the teacher's
-    build, which the other workers wait for) and the sweep's ETA."""
+    build, and how many of this launch's workers, `pids`, wait for it) and the sweep's ETA
+    (`reference`: the alpha=0 reference run still follows the sweep; see `progress.eta_seconds`)."""
     from optuna.trial import TrialState
 
     from kdsweep.core import progress
@@ -95,13 +99,22 @@ def status_line(sweep: Sweep, workers: int) -> str:
 
     c = sweep.counts()
     line = sweep.progress_line(c)
-    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"))
+    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"), pids)
     if building:
         return f"{line} | {building}"
     done = sorted((t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
                    if keys.WALL_TIME in t.user_attrs and t.datetime_complete), key=lambda t: t.datetime_complete)
-    left = progress.eta([t.user_attrs[keys.WALL_TIME] for t in done], c.waiting + 0.5 * c.running, workers)
+    finished = [(float(t.user_attrs[keys.WALL_TIME]), _epochs_run(t)) for t in done]
+    running = [len(t.intermediate_values) for t in sweep.trials(TrialState.RUNNING)]
+    epochs = int((sweep.definition.get("config") or {}).get("epochs") or max((e for _, e in finished), default=1))
+    left = progress.eta(finished, running, c.waiting, workers, epochs, reference)
     return f"{line} | {left}" if left else line
+
+
+def _epochs_run(trial) -> int:
+    from kdsweep.service import keys
+
+    return int(trial.user_attrs.get(keys.EPOCHS_RUN) or len(trial.intermediate_values) or 1)
 
 
 def _die_with_parent() -> None:
@@ -153,6 +166,7 @@ def run(
     poll: float = 2.0,
     extra_env: Mapping[str, str] | None = None,
     grace: float = 60.0,
+    reference: bool = False,
 ) -> tuple[Counts, str]:
     """Start the workers and watch them; returns the final counts and how it ended.
 
@@ -189,7 +203,7 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = status_line(sweep, len(procs))
+            line = status_line(sweep, len(procs), {p.pid for p in procs}, reference)
             # A new line when something happened; a countdown alone only every ETA_EVERY_S.
             news = _ETA.sub("", line)
             if news != last_news or (line != last and time.monotonic() - shown_at >= ETA_EVERY_S):
@@ -209,7 +223,7 @@ def run(
             for s, h in old.items():
                 signal.signal(s, h)
     final = sweep.counts()
-    line = status_line(sweep, len(procs))
+    line = status_line(sweep, len(procs), {p.pid for p in procs}, reference)
     if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
         echo(line)
     return final, stop["why"] or "done"
@@ -242,16 +256,34 @@ def load_spec(study: str, preset: str, overrides: Sequence[str]) -> tuple[StudyS
 
 
 def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
-    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced)."""
-    import torch
+    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced).
 
-    from kdsweep.core.devices import resolve_device
+    A machine with no GPU device file at all is answered without importing torch (seconds).
+    """
     from kdsweep.service.spec import StudyError
 
-    resolve_device(device)
-    if needs_gpu and not torch.cuda.is_available() and not force:
+    def no_gpu() -> bool:
+        if not gpu_device_files():
+            return True
+        import torch
+
+        return not torch.cuda.is_available()
+
+    if needs_gpu and not force and no_gpu():
         raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
                          "use --preset smoke, or add --force to run it on the CPU anyway.")
+    from kdsweep.core.devices import resolve_device
+
+    resolve_device(device)
+
+
+def gpu_device_files() -> list[str]:
+    """The device files a CUDA (or ROCm) GPU shows on Linux; none means torch would find none."""
+    import glob
+
+    if sys.platform != "linux":
+        return ["(not Linux: ask torch)"]
+    return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg")
 
 
 def default_workers(device: str, trials_per_device: int) -> int:
@@ -327,7 +359,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
     from kdsweep.core.devices import resolve_device
     from kdsweep.service.objective import Objective
     from kdsweep.service.spec import StudyError
-    from kdsweep.service.sweep import SweepNotFound
+    from kdsweep.service.sweep import Sweep, SweepNotFound
     from kdsweep.service.worker import run_worker
 
     try:
@@ -375,6 +407,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     A sweep that has nothing left to run prints its summary and starts no worker ('finished').
     """
     from kdsweep.service.storage import open_storage, redact
+    from kdsweep.service.sweep import Sweep
 
     check_device(device, spec.preset(preset).needs_gpu, preset, force)
     if fuse > 1:
@@ -393,7 +426,8 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     for line in header:  # what will actually be used: data, sizes, augmentation, the teacher
         echo(line)
     args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse)
-    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout)
+    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout,
+                     reference=_reference_due(sweep))
     from optuna.trial import TrialState
 
     from kdsweep.service import baseline, report
@@ -408,6 +442,15 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     for line in report.noise_summary(sweep):  # how much of the top is noise
         echo(line)
     return sweep, final, how
+
+
+def _reference_due(sweep: Sweep) -> bool:
+    """Whether the alpha=0 reference run still follows this sweep (for its ETA)."""
+    from kdsweep.service import baseline, keys
+
+    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
+        return False
+    return baseline.reference_point(sweep.spec.space) is not None and baseline.result(sweep) is None
 
 
 # A study stopped short of N that the same command finishes: sysexits' EX_TEMPFAIL ("a

@@ -16,13 +16,14 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 import kdsweep
 from kdsweep.core.config import ConfigError, TrainConfig, replace, to_dict, validate
 from kdsweep.service import space as sp
+
+if TYPE_CHECKING:  # imported where used: study files and usage errors load without Optuna
+    import optuna
 
 # Settings that say where or how fast a run happens, not what it is: they may differ between
 # the hosts of one study and are left out of its recorded definition.
@@ -36,6 +37,8 @@ class StudyError(ValueError):
 
 def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     # Optuna 5 defaults TPE to multivariate + constant liar, so parallel workers don't collide.
+    import optuna
+
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
