@@ -277,13 +277,12 @@ def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None,
     kdsweep rm q2            # asks first
     kdsweep rm q2 --yes
     """
-    from kdsweep.service.inspect import remove_files, study_folders
+    from kdsweep.service.inspect import remove_files, rm_question, study_folders
 
     sweep = open_sweep(storage, study_name, write=True)
     folders = study_folders(storage, study_name, artifacts, logdir)
     if not yes:
-        click.confirm(f"delete {sweep.progress_line()}, its verify sibling and "
-                      f"{', '.join(str(f) for f in folders if f.exists()) or 'no files'}?", abort=True)
+        click.confirm(f"delete {rm_question(sweep, [f for f in folders if f.exists()])}?", abort=True)
     names = sweep.delete()
     remove_files(folders)
     click.echo(f"deleted {', '.join(names)} and their files.")

@@ -30,8 +30,8 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), prog_name="kdsweep", env=env)
+def run(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="kdsweep", env=env, input=input)
 
 
 def user_error(result: Result, code: int, *expected: str) -> str:
@@ -497,3 +497,24 @@ def test_an_existing_data_folder_without_the_dataset_is_refused_not_replaced(in_
     user_error(run("launch", "q1", "--preset", "smoke", "--data", str(empty), "-n", "1", "--set", "epochs=1"),
                2, f"the data folder {empty} holds none of Fashion-MNIST's files")
     assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_rm_asks_one_plain_question_and_leaves_no_lock_files(created: str, in_tmp: Path) -> None:
+    """The question names the study, its siblings and its files; the SQLite lock files go too."""
+    sweep = Sweep.open(created, "q2", write=True)
+    sibling = sweep.make_sibling(".baseline")
+    for s in (sweep, sibling):
+        with s.lock():  # what a worker leaves beside the database
+            pass
+    assert sorted(p.name for p in in_tmp.glob("sweep.db.slots-*")), "no lock files to check"
+    (in_tmp / "runs" / "q2").mkdir(parents=True)
+    result = run("rm", "q2", "--storage", created, input="n\n")
+    assert result.exit_code == 1 and "Aborted" in result.output
+    assert result.output.startswith(
+        f"delete study 'q2' (0 of 2 trials finished, 0 running), its baseline sibling 'q2.baseline' "
+        f"and the folder {in_tmp / 'runs' / 'q2'}? [y/N]"), result.output
+    result = run("rm", "q2", "--storage", created, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "q2.baseline" in result.output
+    assert not list(in_tmp.glob("sweep.db.slots-*")), list(in_tmp.glob("sweep.db.slots-*"))
+    assert not (in_tmp / "runs" / "q2").exists()

@@ -646,7 +646,7 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
     dialect = engine.dialect.name if engine is not None else ""
     database = engine.url.database if engine is not None else None
     if dialect == "sqlite" and database and database != ":memory:":
-        with _file_lock(f"{database}.slots-{study_id}.lock"):
+        with _file_lock(str(lock_files(storage, study_id)[0])):
             yield
         return
     if dialect == "postgresql":
@@ -676,6 +676,18 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
         return
     with _LOCAL_LOCKS.setdefault((id(storage), study_id), threading.Lock()):
         yield
+
+
+def lock_files(storage: BaseStorage, study_id: int) -> list[Path]:
+    """The files `study_lock` keeps beside a SQLite database for a study (the lock and its
+    owner note); none for other storages. `kdsweep rm` deletes them with the study."""
+    rdb = _rdb(storage)
+    engine = rdb.engine if rdb is not None else None
+    database = engine.url.database if engine is not None and engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        return []
+    lock = f"{database}.slots-{study_id}.lock"
+    return [Path(lock), Path(lock + ".owner")]
 
 
 @contextlib.contextmanager

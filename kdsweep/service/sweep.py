@@ -62,6 +62,7 @@ WINDOW = 4  # empty WAITING slots made at a time: enough that workers rarely wai
 MAX_RETRIES = 3  # a trial whose worker died this many times is given up (failed for good)
 DEFAULT_N = 50  # N of a new study when none is given
 VERIFY_SUFFIX = ".verify"
+BASELINE_SUFFIX = ".baseline"  # kdsweep/service/baseline.py
 INTERRUPTED = "interrupted"  # re-queue reasons: a signal (Ctrl-C, SIGTERM, a drain) ...
 DIED = "worker died (no heartbeat)"  # ... a dead worker (counts toward MAX_RETRIES) ...
 OUTAGE = "storage outage"  # ... or a database that stayed away past the retry budget
@@ -697,11 +698,20 @@ class Sweep:
         return "\n".join(lines)
 
     def delete(self) -> list[str]:
-        """Delete this study and its verify sibling from the storage; their names."""
-        names = [s.name for s in (self, self.sibling(VERIFY_SUFFIX)) if s is not None]
-        for name in names:
-            optuna.delete_study(study_name=name, storage=self._storage)
-        return names
+        """Delete this study and its verify and baseline siblings from the storage, with the
+        lock files a SQLite storage kept for them; their names."""
+        from kdsweep.service.storage import lock_files
+
+        doomed = self.family()
+        for s in doomed:
+            optuna.delete_study(study_name=s.name, storage=self._storage)
+            for f in lock_files(self._storage, s._id):
+                f.unlink(missing_ok=True)
+        return [s.name for s in doomed]
+
+    def family(self) -> list[Sweep]:
+        """This study and those of its siblings that exist (verify, baseline), in that order."""
+        return [s for s in (self, self.sibling(VERIFY_SUFFIX), self.sibling(BASELINE_SUFFIX)) if s is not None]
 
     # ------------------------------------------------------------------ siblings
 
