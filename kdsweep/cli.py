@@ -385,11 +385,16 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     from kdsweep.core.config import read_config, replace
     from kdsweep.core.teacher import prepare
     from kdsweep.core.train import train
+    from kdsweep.service.inspect import swept_value
 
     changes = {k: v for k, v in (("device", device), ("data.root", data), ("seed", seed)) if v is not None}
     config = replace(read_config(config_file), evaluate_test=True, **changes)
+    swept = swept_value(config_file)  # (study, trial, value) of an export of `kdsweep best`
+    click.echo(f"training {config.model.arch} for {config.epochs} epochs on {config.data.dataset} "
+               f"(device {config.device}){f', as trial {swept[1]} of {swept[0]!r}' if swept else ''}...", err=True)
     result = train(config, teacher=prepare(config))
-    click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
+    sweep_said = f"  (the sweep's: val_acc {swept[2]:.4f})" if swept else ""
+    click.echo(f"val_acc {result.final_val_acc:.4f}{sweep_said}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
 
 

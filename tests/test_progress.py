@@ -125,6 +125,9 @@ def test_build_status_says_what_a_first_run_waits_for(tmp_path, monkeypatch: pyt
         # The cache is shared by every sweep on the host: a launch counts its own workers only.
         assert progress.build_status(tmp_path, pids={holder.pid, dead.pid, 999_999_999}) == (
             "building the teacher, once: epoch 2/4, ~40 s left; 1 worker waiting for it")
+        # Another sweep's build, which none of this launch's workers runs or waits for: not shown.
+        assert progress.build_status(tmp_path, pids={dead.pid, 999_999_999}) is None
+        assert progress.build_status(tmp_path, pids={os.getpid()}) is not None  # one of its own waits
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)

@@ -165,7 +165,7 @@ def write_build_progress(path: str | os.PathLike, epoch: int, epochs: int, start
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump({"epoch": epoch, "epochs": epochs, "started": started, "updated": time.time(),
-                   "done": done}, f)
+                   "done": done, "pid": os.getpid()}, f)
     os.replace(tmp, path)
 
 
@@ -175,7 +175,8 @@ def build_status(folder: str | os.PathLike, pids: Collection[int] | None = None)
 
     Waiters are counted from their `<key>.waiting-<pid>` markers, only those of a live process
     and, given `pids` (a launch's own workers), only those: the cache is shared by every sweep
-    on the host, and a killed waiter leaves its marker behind.
+    on the host, and a killed waiter leaves its marker behind. Given `pids`, a build that none
+    of them runs or waits for is not shown.
     """
     try:
         names = os.listdir(folder)
@@ -195,6 +196,8 @@ def build_status(folder: str | os.PathLike, pids: Collection[int] | None = None)
             continue  # finished, or its builder died (the OS released its lock)
         waiting = sum(1 for n in names if n.startswith(f"{key}.waiting-")
                       and _live_waiter(n[len(f"{key}.waiting-"):], pids))
+        if pids is not None and not waiting and p.get("pid") not in pids:
+            continue  # another sweep's teacher: none of this launch's workers builds or waits for it
         epoch, epochs = int(p["epoch"]), int(p["epochs"])
         left = ""
         if epoch > 0:

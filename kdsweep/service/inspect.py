@@ -160,6 +160,17 @@ def rm_question(sweep, folders: list[Path]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def swept_value(path: str) -> tuple[str, int, float] | None:
+    """(study, trial, value) recorded in an export of `kdsweep best`, or None for a bare config."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        return str(doc["study"]), int(doc["trial"]), float(doc["value"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
 def remove_files(folders: Iterable[Path]) -> None:
     """Delete a study's folders (checkpoints, kept weights, TensorBoard runs) where they exist."""
     for folder in folders:

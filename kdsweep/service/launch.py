@@ -439,8 +439,9 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         solo = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
         run(reference, solo, plan_workers(1, device, url), echo)
     echo(sweep.summary_table())
-    for line in report.noise_summary(sweep):  # how much of the top is noise
-        echo(line)
+    if sweep.best_trial is not None:  # else the table has said "no complete trials."
+        for line in report.noise_summary(sweep):  # how much of the top is noise
+            echo(line)
     return sweep, final, how
 
 

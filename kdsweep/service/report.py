@@ -353,6 +353,8 @@ def noise_summary(sweep: Sweep) -> list[str]:
     against the student trained alone (kdsweep/service/baseline.py)."""
     from kdsweep.service import baseline, stats
 
+    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
+        return []  # a sibling: its runs are a reference or a verification, not a sweep to verify
     ranked = sweep.top(len(sweep.trials()))
     if not ranked:
         return ["no complete trial yet."]

@@ -284,5 +284,5 @@ def diff_definitions(stored: Mapping[str, Any], local: Mapping[str, Any], prefix
             if found:
                 return found
         elif a != b:
-            return f"{prefix}{key}: study has {a!r}, this worker has {b!r}"
+            return f"{prefix}{key}: study has {a!r}, this study file gives {b!r}"
     return None
