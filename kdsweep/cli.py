@@ -31,6 +31,9 @@ from kdsweep.cli_options import (
     storage_option,
     sweep_options,
 )
+from kdsweep.cli_read import (
+    COMMANDS as READ_COMMANDS,  # export, report, dashboard, tensorboard, studies
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -50,6 +53,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
     ctx.obj = {"verbose": verbose, "quiet": quiet}
     setup_logging(verbose, quiet)
+
+
+for _command in READ_COMMANDS:
+    main.add_command(_command)
 
 
 # ---------------------------------------------------------------- launch / create / worker
@@ -271,7 +278,7 @@ def list_sweeps(storage: str, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @friendly
 def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None, yes: bool) -> None:
-    """Delete a study, its verify sibling, its checkpoints, runs and kept weights.
+    """Delete a study, its verify and baseline siblings, their checkpoints, runs and kept weights.
 
     \b
     kdsweep rm q2            # asks first
@@ -425,83 +432,6 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
         raise click.UsageError("give key=value pairs or --baselines.")
     for p in sweep.enqueue(points):  # every point checked before any is stored
         click.echo(f"enqueued {json.dumps(p)}")
-
-
-@main.command()
-@click.argument("study_name")
-@storage_option
-@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,
-              help="Folder to write (default: reports/STUDY_NAME).")
-@friendly
-def report(study_name: str, storage: str, out: str | None) -> None:
-    """Write HTML and PNG figures and a markdown summary of a study.
-
-    \b
-    kdsweep report q2 -o reports/q2   # then open reports/q2/summary.md
-    """
-    from kdsweep.service import report as rep
-    from kdsweep.service import verify
-
-    sweep = open_sweep(storage, study_name)
-    folder = Path(out) if out else Path("reports") / study_name
-    files = rep.write_report(sweep, folder, verify.summary_text(sweep))
-    for name, names in files.items():
-        click.echo(f"{name:12s} {', '.join(names)}")
-    click.echo(f"report written to {folder}/summary.md")
-
-
-@main.command()
-@storage_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@friendly
-def dashboard(storage: str, host: str, port: int) -> None:
-    """Serve optuna-dashboard on the storage.
-
-    \b
-    kdsweep dashboard --port 8080   # then open http://127.0.0.1:8080
-    """
-    from optuna_dashboard import run_server
-
-    st = read_storage(storage)
-    click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
-    run_server(st, host=host, port=port)
-
-
-@main.command()
-@click.argument("study_name")
-@storage_option
-@click.option("--logdir", default=None, metavar="DIR",
-              help="Root of the event files (default: runs/ beside the SQLite file, else ./runs; env KDSWEEP_RUNS).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
-@friendly
-def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, port: int) -> None:
-    """Start TensorBoard on the study's runs (curves per epoch and the HParams tab).
-
-    \b
-    kdsweep tensorboard q2 --storage sqlite:///sweeps/kd.db
-    """
-    from kdsweep.service.tensorboard import runs_root, serve
-
-    folder = runs_root(storage, logdir) / study_name
-    if not folder.is_dir():
-        raise click.UsageError(f"no TensorBoard runs in {folder}; give --logdir or the --storage the study ran on.")
-    click.echo(f"TensorBoard on http://{host}:{port} for {folder}")
-    sys.exit(serve(folder, host, port))
-
-
-@main.command("studies")
-@friendly
-def list_studies() -> None:
-    """List the study files kdsweep can find, with their presets.
-
-    \b
-    kdsweep studies
-    """
-    from kdsweep.service.inspect import studies_table
-
-    click.echo(studies_table())
 
 
 if __name__ == "__main__":
