@@ -389,6 +389,9 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     \b
     kdsweep train --config best.yaml --device cuda
     """
+    from kdsweep.core import install
+
+    install.check()  # before torchvision is needed deep inside training
     from kdsweep.core.config import read_config, replace
     from kdsweep.core.teacher import prepare
     from kdsweep.core.train import train

@@ -31,7 +31,7 @@ CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"
 USAGE_ERRORS = (("kdsweep.service.location", "StorageURLError"), ("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
                 ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
                 ("kdsweep.service.verify", "VerifyError"), ("kdsweep.core.data_root", "DataFolderError"))
-RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
+RUNTIME_ERRORS = (("kdsweep.core.install", "InstallError"), ("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
                   ("kdsweep.core.data_root", "DataError"), ("kdsweep.core.resnets", "ModelError"),
                   ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
                   ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))

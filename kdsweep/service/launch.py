@@ -272,8 +272,10 @@ def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None
     if needs_gpu and not force and no_gpu():
         raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
                          "use --preset smoke, or add --force to run it on the CPU anyway.")
+    from kdsweep.core import install
     from kdsweep.core.devices import resolve_device
 
+    install.check()  # torch and torchvision belong together: one sentence, not a traceback later
     resolve_device(device)
 
 
@@ -356,6 +358,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
     """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
     run its waiting trials, `fuse` at a time in one fused model when fuse > 1 (Q2-like studies
     only: kdsweep/service/fused_worker.py); returns the worker's summary."""
+    from kdsweep.core import install
     from kdsweep.core.devices import resolve_device
     from kdsweep.service.objective import Objective
     from kdsweep.service.spec import StudyError
@@ -375,6 +378,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
         from kdsweep.service.fused_worker import check_fusable
 
         check_fusable(spec, sweep.preset, sweep.overrides)
+    install.check()
     resolve_device(str(runtime["device"]))
     preflight(spec, sweep.preset, sweep.overrides, runtime)
     objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
