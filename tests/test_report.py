@@ -183,3 +183,9 @@ def test_family_figures_keep_a_group_whose_every_trial_was_pruned() -> None:
     png = report.png_figure(study, "family", data)
     labels = [t.get_text() for t in png.axes[0].get_xticklabels()]
     assert "cnn/spatial_dropout\n(n=0, +1 pruned)" in labels, labels
+
+
+def test_history_shows_pruned_trials_and_marks_the_winner(q1: optuna.Study) -> None:
+    data = report.figure_data(q1)["history"]
+    assert (data["pruned_trial"], data["pruned_value"]) == ([5], [0.20])  # at its last epoch
+    assert data["winner"] == {"trial": 3, "value": 0.74}

@@ -77,7 +77,13 @@ def history_data(study: optuna.Study) -> dict[str, Any]:
     best: list[float] = []
     for t in done:
         best.append(t.value if not best else pick(best[-1], t.value))
-    return {"trial": [t.number for t in done], "value": [t.value for t in done], "best": best}
+    pruned = [t for t in _pruned(study) if t.intermediate_values]
+    winner = next((t for t in done if t.value == best[-1]), None) if done else None
+    return {"trial": [t.number for t in done], "value": [t.value for t in done], "best": best,
+            "pruned_trial": [t.number for t in pruned],
+            "pruned_value": [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+            "winner": None if winner is None else {"trial": winner.number, "value": winner.value},
+            "reference": None}  # the alpha=0 run's value, filled in by write_report for KD sweeps
 
 
 def intermediate_data(study: optuna.Study) -> dict[str, Any]:
@@ -250,7 +256,16 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
     fig, ax = plt.subplots(figsize=PNG_SIZE, dpi=PNG_DPI)
     if name == "history":
         ax.scatter(data["trial"], data["value"], s=18, label="complete trial")
+        if data.get("pruned_trial"):
+            ax.scatter(data["pruned_trial"], data["pruned_value"], s=22, marker="x", color="#7f7f7f",
+                       label="pruned (its last epoch)")
         ax.step(data["trial"], data["best"], where="post", color="#d62728", label="best so far")
+        if data.get("winner"):
+            w = data["winner"]
+            ax.scatter([w["trial"]], [w["value"]], s=160, marker="*", color="#ffbf00", edgecolor="black",
+                       zorder=5, label=f"winner (trial {w['trial']})")
+        if data.get("reference") is not None:
+            ax.axhline(data["reference"], color="#2ca02c", linestyle="--", label="student alone (alpha=0)")
         ax.set(xlabel="trial", ylabel=metric, title=f"{study.study_name}: optimisation history")
         ax.legend()
     elif name == "intermediate":
@@ -426,6 +441,11 @@ def write_report(sweep: Sweep, out: Path, verify_text: str | None = None) -> dic
         raise ReportError(f"study {study.study_name!r} has no finished trial to report on yet.")
     out.mkdir(parents=True, exist_ok=True)
     data = figure_data(study)
+    from kdsweep.service import baseline
+
+    reference = baseline.result(sweep) if baseline.find(sweep) is not None else None
+    if reference is not None and "history" in data:
+        data["history"]["reference"] = reference.value
     files: dict[str, list[str]] = {}
     for name, d in data.items():
         written = []
