@@ -73,7 +73,7 @@ def created(in_tmp: Path) -> str:
 
 
 def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
-    readme = README.read_text()
+    readme = "\n".join(p.read_text() for p in [README, *sorted((README.parent / "docs").glob("*.md"))])
     assert main.commands, "no commands"
     for name, command in main.commands.items():
         result = run(name, "--help")
@@ -81,7 +81,7 @@ def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
         assert command.help and command.help.strip(), name
         examples = [line for line in result.output.splitlines() if f"kdsweep {name}" in line]
         assert examples, f"`kdsweep {name} --help` shows no example"
-        assert re.search(rf"^\| `kdsweep {name}\b", readme, re.M), f"README.md's command table lacks `kdsweep {name}`"
+        assert re.search(rf"^\| `kdsweep {name}\b", readme, re.M), f"the command tables (README.md, docs/) lack `kdsweep {name}`"
     top = run("--help")
     assert top.exit_code == 0 and "kdsweep launch q2" in top.output
 
