@@ -66,8 +66,9 @@ def q2() -> optuna.Study:
 
 
 def test_figures_follow_the_params_present(q1: optuna.Study, q2: optuna.Study) -> None:
-    assert report.applicable(q1) == ["history", "intermediate", "importance", "family", "dropblock"]
-    assert report.applicable(q2) == ["history", "intermediate", "importance", "kd_contour"]
+    assert report.applicable(q1) == ["history", "intermediate", "importance", "family", "dropblock", "parallel",
+                                     "slice"]
+    assert report.applicable(q2) == ["history", "intermediate", "importance", "kd_contour", "parallel", "slice"]
 
 
 def test_q1_figure_data(q1: optuna.Study) -> None:

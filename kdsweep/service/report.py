@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.service import keys
+from kdsweep.service import keys, report_optuna
 from kdsweep.service.sweep import Sweep
 
 log = logging.getLogger("kdsweep.service.report")
@@ -64,7 +64,7 @@ def applicable(study: optuna.Study) -> list[str]:
         names.append("family")
     if "dropblock.size" in params:
         names.append("dropblock")
-    return names
+    return names + report_optuna.applicable(params)
 
 
 # ---------------------------------------------------------------- the data behind each figure
@@ -195,6 +195,8 @@ DATA = {
     "kd_contour": kd_contour_data,
     "family": family_data,
     "dropblock": dropblock_data,
+    "parallel": report_optuna.data,
+    "slice": report_optuna.data,
 }
 
 
@@ -211,6 +213,8 @@ def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
     import plotly.graph_objects as go
 
     metric = _metric(study)
+    if name in report_optuna.NAMES:
+        return report_optuna.plotly_figure(study, name, metric)
     if name == "history":
         return optuna.visualization.plot_optimization_history(study, target_name=metric)
     if name == "importance":
@@ -253,6 +257,8 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     metric = _metric(study)
+    if name in report_optuna.NAMES:
+        return report_optuna.png_figure(study, name, metric, PNG_SIZE)
     fig, ax = plt.subplots(figsize=PNG_SIZE, dpi=PNG_DPI)
     if name == "history":
         ax.scatter(data["trial"], data["value"], s=18, label="complete trial")
