@@ -153,7 +153,7 @@ def test_report_of_one_complete_and_one_pruned_trial(tmp_path: Path) -> None:
     study = _study("q2", [({"kd.alpha": 0.5, "kd.temperature": 3.0}, [0.6, 0.7], False),
                           ({"kd.alpha": 0.9, "kd.temperature": 3.0}, [0.2], True)], dists)
     files = report.write_report(Sweep(study), tmp_path)  # too few trials for importances: still a report
-    assert set(files) == {"history", "intermediate", "importance", "kd_contour"}
+    assert set(files) == {"history", "intermediate", "importance", "kd_contour", "parallel", "slice"}
     assert report.figure_data(study)["importance"] == {}
     assert all((tmp_path / f"{name}.png").exists() for name in files)
 
