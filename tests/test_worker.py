@@ -214,9 +214,12 @@ def test_a_worker_stuck_after_a_stop_signal_lets_its_trial_go(tmp_path: Path,
     finally:
         if proc.poll() is None:
             proc.kill()
+    from pgcluster import wait_until
+
     sweep = Sweep.join(open_storage(url), "tiny", spec)
-    time.sleep(3.5)  # its heartbeat stopped with it: one grace period later ...
-    assert sweep.reap() == 1  # ... any worker re-queues the trial
+    # Its heartbeat stopped with it: once a grace period has passed (judged on the database's
+    # clock, whole seconds on SQLite), any worker re-queues the trial.
+    assert wait_until(sweep.reap, 20, 0.5, "the stuck worker's trial to be re-queued") == 1
     c = sweep.counts()
     assert (c.running, c.requeued, c.waiting, c.failed) == (0, 1, 1, 0)
 

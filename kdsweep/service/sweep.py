@@ -7,12 +7,9 @@ A kdsweep sweep is a plain Optuna study (optuna-dashboard, `optuna.load_study` a
 * **Create or resume** (`Sweep.create`): the study's definition (study file, preset, `--set`
   overrides, kdsweep version) is stored once; a later create or worker with another definition
   is refused. N (`keys.N_TRIALS`) is kept on resume unless a new N is given.
-* **Exact N**: workers only run WAITING trials. Popping one is atomic in Optuna's RDB storage,
-  so no two workers run the same slot, and no worker creates a trial of its own. Empty slots
-  are made a few at a time (`top_up`) under a lock every worker of the database shares, until
-  the study holds N trials that are finished, running or waiting. A trial that fails for good
-  or turns out infeasible no longer counts, so the next top-up replaces it; the study ends with
-  exactly N COMPLETE + PRUNED trials.
+* **Exact N** (`kdsweep.service.slots`, whose `SlotQueue` Sweep is): workers only run WAITING
+  trials, taken atomically with their first heartbeat; empty slots are made a few at a time
+  under a lock every worker shares; the study ends with exactly N COMPLETE + PRUNED trials.
 * **Re-queue** (`requeue`): an interrupted attempt, or one whose worker died (`reap`), is
   marked FAIL with `keys.REQUEUED` and a WAITING copy takes its place, with the same params,
   enqueued values, user attributes, pruner rungs and intermediate values; the retry resumes from
@@ -30,8 +27,8 @@ A kdsweep sweep is a plain Optuna study (optuna-dashboard, `optuna.load_study` a
   `<study>.baseline` the alpha=0 reference (`kdsweep.service.siblings`).
 * **Answers**: counts, top-k, the best export; in words, `kdsweep.service.sweep_text`.
 
-Optuna's private names (`_storage`, `_study_id`, `_trial_id`) are used here, in
-`kdsweep.service.requeue` and in `kdsweep.service.storage` only.
+Optuna's private names (`_storage`, `_study_id`, `_trial_id`) are used in the service modules
+that keep a sweep's state (this one, slots, requeue, loop) and in `kdsweep.service.storage` only.
 """
 
 from __future__ import annotations
