@@ -1,4 +1,4 @@
-"""`study_lock`: what must not run twice at once across workers and hosts, stored all at once.
+"""`study_lock` and `transaction`: steps stored all at once, and run by one worker at a time.
 
 Making a study's trial slots, and re-queuing a dead worker's trial (its FAIL mark and its
 WAITING copy), must each be one step: counted and written with no other worker in between,
@@ -31,7 +31,7 @@ LOCK_LOG_S = 5.0  # a worker waiting for the study lock says who holds it this o
 # PostgreSQL ends a study-lock transaction idle this long (its holder stopped: SIGSTOP, a paused
 # VM), which rolls its block back and frees the lock for the others (seconds).
 LOCK_IDLE_S = 30
-_LOCK_CLASS = 0x6B64  # "kd": the first key of kdsweep's PostgreSQL advisory locks
+LOCK_CLASS = 0x6B64  # "kd": the first key of kdsweep's PostgreSQL advisory locks
 _LOCAL_LOCKS: dict[tuple[int, int], threading.Lock] = {}
 
 
@@ -80,10 +80,34 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
             yield
 
 
+@contextlib.contextmanager
+def transaction(storage: BaseStorage) -> Iterator[BaseStorage]:
+    """Run the block's storage calls (on the yielded storage) as one database transaction.
+
+    A block that raises, or a process killed inside it, stores nothing; a lost connection
+    raises StorageUnavailable (nothing of the block was stored). On SQLite the transaction
+    begins IMMEDIATE, so it also excludes other writers. Inside `study_lock` (or another
+    block) it joins that transaction. The yielded storage is the RDBStorage itself: Optuna's
+    cache in front of it would keep a trial that a rollback removed. Storages without a
+    database (in memory) yield themselves.
+    """
+    rdb = rdb_of(storage)
+    if rdb is None:
+        yield storage
+        return
+    if IN_LOCK.active:
+        yield rdb
+        return
+    where = storage.location if isinstance(storage, RetryingStorage) else None
+    conn = with_retries(_begin, "transaction", where)(rdb)
+    with _one_transaction(rdb, conn, where):
+        yield rdb
+
+
 def _begin(rdb: RDBStorage) -> sqlalchemy.engine.Connection:
     conn = rdb.engine.connect()
     try:
-        conn.begin()  # BEGIN IMMEDIATE (opening.serialize_sqlite): the write lock, now
+        conn.begin()  # on SQLite BEGIN IMMEDIATE (opening.serialize_sqlite): the write lock, now
     except BaseException:
         conn.close()
         raise
@@ -99,7 +123,8 @@ def _one_transaction(rdb: RDBStorage, conn: sqlalchemy.engine.Connection, where:
     session bound to `conn`, each call becoming a SAVEPOINT (one that fails, as Optuna's
     expected IntegrityErrors do, undoes itself, not the block). This is the one place kdsweep
     sets Optuna's private state; test_storage's test_the_study_lock_block_is_one_transaction
-    shows why (a block is stored whole or not at all, on every backend).
+    and test_requeue's kills between a re-queue's two writes show why (a block is stored whole
+    or not at all, on every backend).
     """
     session = sqlalchemy.orm.Session(bind=conn, join_transaction_mode="create_savepoint")
     registry = rdb.scoped_session.registry
@@ -166,7 +191,7 @@ _PG_HOLDER = sqlalchemy.text(
 
 def _pg_lock(rdb: RDBStorage, study_id: int, where: Any) -> sqlalchemy.engine.Connection:
     """A connection in a transaction that holds the study's advisory lock."""
-    key = {"a": _LOCK_CLASS, "b": study_id}
+    key = {"a": LOCK_CLASS, "b": study_id}
     waited = time.monotonic()
     last_log = waited
     nap = 0.05
