@@ -11,8 +11,9 @@ uses the heartbeat as it is (its table, `record_heartbeat`, the server clock; se
    then the callback's `study.add_trial` commits the copy: a worker killed in between leaves
    the trial failed with no copy, its parameters and finished epochs lost, its slot refilled
    by a fresh sample. Optuna's storage API commits every call on its own (each runs in its own
-   `_create_scoped_session`), so no sequence of public calls is atomic; `transaction` runs
-   Optuna's own calls inside one database transaction instead.
+   `_create_scoped_session`), so no sequence of public calls is atomic;
+   `kdsweep.service.storage.transaction` runs Optuna's own calls inside one database
+   transaction instead.
 2. **Re-queue on interrupts, drains and outages too, and a re-queue is never a failure**
    (`keys.REQUEUED`). The callback acts on stale heartbeats only, and to Optuna a FAIL is a
    failure everywhere; kdsweep re-queues on Ctrl-C, SIGTERM, `kdsweep stop` and a storage

@@ -1,4 +1,4 @@
-"""`study_lock` and `transaction`: steps stored all at once, and run by one worker at a time.
+"""`study_lock`: what must not run twice at once across workers and hosts, stored all at once.
 
 Making a study's trial slots, and re-queuing a dead worker's trial (its FAIL mark and its
 WAITING copy), must each be one step: counted and written with no other worker in between,
@@ -67,7 +67,7 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
     database = rdb.engine.url.database if rdb is not None else None
     where = storage.location if isinstance(storage, RetryingStorage) else None
     if dialect == "sqlite" and database and database != ":memory:":
-        with _file_lock(f"{database}.slots-{study_id}.lock"):
+        with _file_lock(str(lock_files(storage, study_id)[0])):
             conn = with_retries(_begin, "lock", where)(rdb)
             with _one_transaction(rdb, conn, where):
                 yield
@@ -80,16 +80,27 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
             yield
 
 
+def lock_files(storage: BaseStorage, study_id: int) -> list[Path]:
+    """The files `study_lock` keeps beside a SQLite database for a study (the lock and its
+    owner note); none for other storages. `kdsweep rm` deletes them with the study."""
+    rdb = rdb_of(storage)
+    database = rdb.engine.url.database if rdb is not None and rdb.engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        return []
+    lock = f"{database}.slots-{study_id}.lock"
+    return [Path(lock), Path(lock + ".owner")]
+
+
 @contextlib.contextmanager
 def transaction(storage: BaseStorage) -> Iterator[BaseStorage]:
-    """Run the block's storage calls (on the yielded storage) as one database transaction.
+    """Run the block's storage calls, made on the yielded storage, as one database transaction.
 
-    A block that raises, or a process killed inside it, stores nothing; a lost connection
-    raises StorageUnavailable (nothing of the block was stored). On SQLite the transaction
-    begins IMMEDIATE, so it also excludes other writers. Inside `study_lock` (or another
-    block) it joins that transaction. The yielded storage is the RDBStorage itself: Optuna's
-    cache in front of it would keep a trial that a rollback removed. Storages without a
-    database (in memory) yield themselves.
+    The same transaction as `study_lock`'s, without the study lock: for steps that must be
+    stored whole but need no count under the lock (taking a slot with its first heartbeat, a
+    re-queue). On SQLite it begins IMMEDIATE, so it also excludes other writers. Inside
+    `study_lock` the block joins the lock's own transaction. The yielded storage is the
+    RDBStorage itself: a cache in front of it would keep a trial that a rollback removed.
+    Storages without a database (in memory) yield themselves.
     """
     rdb = rdb_of(storage)
     if rdb is None:
@@ -107,7 +118,7 @@ def transaction(storage: BaseStorage) -> Iterator[BaseStorage]:
 def _begin(rdb: RDBStorage) -> sqlalchemy.engine.Connection:
     conn = rdb.engine.connect()
     try:
-        conn.begin()  # on SQLite BEGIN IMMEDIATE (opening.serialize_sqlite): the write lock, now
+        conn.begin()  # BEGIN IMMEDIATE (opening.serialize_sqlite): the write lock, now
     except BaseException:
         conn.close()
         raise
@@ -123,8 +134,7 @@ def _one_transaction(rdb: RDBStorage, conn: sqlalchemy.engine.Connection, where:
     session bound to `conn`, each call becoming a SAVEPOINT (one that fails, as Optuna's
     expected IntegrityErrors do, undoes itself, not the block). This is the one place kdsweep
     sets Optuna's private state; test_storage's test_the_study_lock_block_is_one_transaction
-    and test_requeue's kills between a re-queue's two writes show why (a block is stored whole
-    or not at all, on every backend).
+    shows why (a block is stored whole or not at all, on every backend).
     """
     session = sqlalchemy.orm.Session(bind=conn, join_transaction_mode="create_savepoint")
     registry = rdb.scoped_session.registry
