@@ -134,6 +134,8 @@ RULES: tuple[Rule, ...] = (
     Rule(RETRY, psycopg.Error, sqlstate=("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03")),
     Rule(RETRY, _PG_CONNECTION, sqlstate=(NONE,)),  # a lost or refused connection carries no SQLSTATE
     Rule(RETRY, sqlalchemy.exc.DBAPIError, invalidated=True),
+    # A session whose connection was lost mid-transaction: the next call rolls it back first.
+    Rule(RETRY, sqlalchemy.exc.PendingRollbackError),
     Rule(RETRY, (sqlalchemy.exc.TimeoutError, ConnectionError, TimeoutError)),  # the pool's wait, a socket's
     # Any other database error: named at once, never retried.
     Rule(STOP, (*_DRIVER, sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)),
