@@ -420,6 +420,10 @@ def test_server_errors_are_sorted_by_sqlstate(pg_url: str) -> None:  # noqa: F81
             assert cause is None or cause in rule.what, (sql, rule.what)
         cancelled = psycopg.OperationalError("the connection is lost")
         assert errors.transient(cancelled)  # no SQLSTATE: a connection that failed
+        # What the session of a connection lost mid-transaction says next (seen from launch
+        # when the server stopped): retried like the loss itself, then "did not answer".
+        assert errors.transient(_wrapped(sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid "
+                                                                              "transaction is rolled back.")))
     finally:
         con.close()
 

@@ -81,7 +81,7 @@ _DRIVER = (sqlite3.Error, psycopg.Error)
 _PG_CONNECTION = (psycopg.OperationalError, psycopg.InterfaceError)
 _READ_ONLY = ("the database is read-only", "give this user write access to it (for SQLite: to the file and its "
               "folder), then run the command again")
-_FULL = ("the disk holding the database is full", "free space there, then run the command again")
+FULL = ("the disk holding the database is full", "free space there, then run the command again")
 _FOREIGN = ("the database's tables do not match this Optuna version",
             "use the kdsweep and Optuna versions that wrote it, or another database")
 _PRIVILEGES = ("this user may not use the database's tables or files",
@@ -96,17 +96,17 @@ RULES: tuple[Rule, ...] = (
     # The file system under a SQLite file says what its error codes cannot: SQLite reports a
     # shared-memory file that cannot grow as "disk I/O error", and a read-only mount variously.
     Rule(STOP, sqlite3.Error, sqlite=(8, 10, 14), disk="read-only", what=_READ_ONLY[0], todo=_READ_ONLY[1]),
-    Rule(STOP, sqlite3.Error, sqlite=(10, 13), disk="full", what=_FULL[0], todo=_FULL[1]),
+    Rule(STOP, sqlite3.Error, sqlite=(10, 13), disk="full", what=FULL[0], todo=FULL[1]),
     Rule(STOP, OSError, errno=(errnos.EROFS,), what=_READ_ONLY[0], todo=_READ_ONLY[1]),
-    Rule(STOP, OSError, errno=(errnos.ENOSPC, errnos.EDQUOT), what=_FULL[0], todo=_FULL[1]),
+    Rule(STOP, OSError, errno=(errnos.ENOSPC, errnos.EDQUOT), what=FULL[0], todo=FULL[1]),
     Rule(STOP, OSError, errno=(errnos.EACCES, errnos.EPERM), what=_PRIVILEGES[0], todo=_PRIVILEGES[1]),
     # Permanent: the server or file answered, and the answer will not change by itself.
     Rule(STOP, sqlite3.Error, sqlite=(1,), message=r"no such table: version_info",
          what="the database holds no Optuna studies", todo="pass the --storage the study was launched with"),
     Rule(STOP, psycopg.Error, sqlstate=("42P01",), message=r'"version_info"',
          what="the database holds no Optuna studies", todo="pass the --storage the study was launched with"),
-    Rule(STOP, sqlite3.Error, sqlite=(13,), what=_FULL[0], todo=_FULL[1]),  # SQLITE_FULL
-    Rule(STOP, psycopg.Error, sqlstate=("53100",), what=_FULL[0], todo=_FULL[1]),  # disk_full
+    Rule(STOP, sqlite3.Error, sqlite=(13,), what=FULL[0], todo=FULL[1]),  # SQLITE_FULL
+    Rule(STOP, psycopg.Error, sqlstate=("53100",), what=FULL[0], todo=FULL[1]),  # disk_full
     Rule(STOP, sqlite3.Error, sqlite=(10,),  # SQLITE_IOERR
          what="the disk holding the database failed a read or write", todo="check that disk (is it full, or failing?)"),
     Rule(STOP, psycopg.Error, sqlstate=("58030",),  # io_error
@@ -134,6 +134,8 @@ RULES: tuple[Rule, ...] = (
     Rule(RETRY, psycopg.Error, sqlstate=("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "25P03")),
     Rule(RETRY, _PG_CONNECTION, sqlstate=(NONE,)),  # a lost or refused connection carries no SQLSTATE
     Rule(RETRY, sqlalchemy.exc.DBAPIError, invalidated=True),
+    # A session whose connection was lost mid-transaction: the next call rolls it back first.
+    Rule(RETRY, sqlalchemy.exc.PendingRollbackError),
     Rule(RETRY, (sqlalchemy.exc.TimeoutError, ConnectionError, TimeoutError)),  # the pool's wait, a socket's
     # Any other database error: named at once, never retried.
     Rule(STOP, (*_DRIVER, sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)),
@@ -187,7 +189,7 @@ def storage_error(exc: BaseException, where: StorageLocation, retried: bool = Fa
     if rule is not None and rule.disk == "read-only":
         said += ", on a file system mounted read-only"
     elif rule is not None and rule.disk == "full":
-        said += f", {_free_bytes(where.sqlite_path)} bytes free"
+        said += f", {free_bytes(where.sqlite_path)} bytes free"
     if rule is not None and rule.verdict == SLOTS:
         return StorageUnavailable(
             f"the PostgreSQL server at {where.shown} has no free connection slots"
@@ -204,14 +206,14 @@ def _disk_is(state: str, where: StorageLocation | None) -> bool:
     if path is None:
         return False
     if state == "full":
-        return _free_bytes(path) < FREE_BYTES_FULL
+        return free_bytes(path) < FREE_BYTES_FULL
     try:
         return bool(os.statvfs(path.expanduser().resolve().parent).f_flag & os.ST_RDONLY)
     except OSError:
         return False
 
 
-def _free_bytes(path: Path | None) -> int:
+def free_bytes(path: Path | None) -> int:
     try:
         st = os.statvfs(Path(path).expanduser().resolve().parent)  # type: ignore[arg-type]
         return st.f_bavail * st.f_frsize

@@ -31,7 +31,7 @@ LOCK_LOG_S = 5.0  # a worker waiting for the study lock says who holds it this o
 # PostgreSQL ends a study-lock transaction idle this long (its holder stopped: SIGSTOP, a paused
 # VM), which rolls its block back and frees the lock for the others (seconds).
 LOCK_IDLE_S = 30
-_LOCK_CLASS = 0x6B64  # "kd": the first key of kdsweep's PostgreSQL advisory locks
+LOCK_CLASS = 0x6B64  # "kd": the first key of kdsweep's PostgreSQL advisory locks
 _LOCAL_LOCKS: dict[tuple[int, int], threading.Lock] = {}
 
 
@@ -201,7 +201,7 @@ _PG_HOLDER = sqlalchemy.text(
 
 def _pg_lock(rdb: RDBStorage, study_id: int, where: Any) -> sqlalchemy.engine.Connection:
     """A connection in a transaction that holds the study's advisory lock."""
-    key = {"a": _LOCK_CLASS, "b": study_id}
+    key = {"a": LOCK_CLASS, "b": study_id}
     waited = time.monotonic()
     last_log = waited
     nap = 0.05

@@ -34,7 +34,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from kdsweep.service.location import StorageError, StorageLocation
 from kdsweep.service.storage import errors
 from kdsweep.service.storage.errors import NoStudies
-from kdsweep.service.storage.locks import _LOCK_CLASS
+from kdsweep.service.storage.locks import LOCK_CLASS
 from kdsweep.service.storage.retrying import READING, RetryingStorage, with_retries
 from kdsweep.service.storage.settings import grace_period, heartbeat_interval
 
@@ -132,7 +132,8 @@ def _prepare_server(where: StorageLocation, url: sqlalchemy.engine.URL, engine_k
             conn.rollback()
             # Optuna's CREATE TABLEs race on an empty database (on pg_type, and its version
             # row); the first to take this lock makes the schema, the others find it made.
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:a, 0)"), {"a": _LOCK_CLASS})
+            # (second key 0: no study has that id, so no study lock is this one)
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:a, 0)"), {"a": LOCK_CLASS})
             if not _REQUIRED <= set(sqlalchemy.inspect(conn).get_table_names()):
                 _make_schema(url, {**engine_kwargs, "max_overflow": 1})
             conn.rollback()  # ends the transaction, and the lock with it
@@ -198,10 +199,10 @@ def _prepare_sqlite(where: StorageLocation, url: sqlalchemy.engine.URL, engine_k
     folder = path.resolve().parent
     if not folder.is_dir():
         raise StorageError(f"the folder of the SQLite file {path} does not exist; create it first.")
-    free = errors._free_bytes(path)
+    free = errors.free_bytes(path)
     if create and free < errors.FREE_BYTES_FULL:
         # Even opening the file would make SQLite's -wal and -shm files, and leave them there.
-        raise StorageError(f"{errors._FULL[0]} ({where.shown}: {free} bytes free); {errors._FULL[1]}.")
+        raise StorageError(f"{errors.FULL[0]} ({where.shown}: {free} bytes free); {errors.FULL[1]}.")
     tables = _tables(path, where) if size else set()
     if not create and not _REQUIRED <= tables:
         raise NoStudies(f"the SQLite file {path} holds no Optuna study")
