@@ -79,6 +79,9 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     # (0.94x) and lost the best in 43% of sequences: rung pruners cut slow starters (DropBlock's
     # ramp, strong dropout) that end on top. Tuned at 3 of 9 epochs: it may stop a trial from a
     # third of its epochs on. `hyperband` below stays one line away (pruner=hyperband).
+    # Re-measured with a bootstrap over configurations (200 held-out sequences): 1.15x (95% CI
+    # 1.04-1.20), 1.5% of sequences lost the best. ForecastPruner (same module) saves more, 1.38x,
+    # but lost the best in 6.5%: above the 2% a default may lose, so it is not the default.
     return CurvePruner(config.epochs, margin=0.005, confidence=0.95, min_epoch=max(1, math.ceil(config.epochs / 3)),
                        slope_weight=0.5)
 
