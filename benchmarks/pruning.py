@@ -88,7 +88,7 @@ REPLICATES, BOOT_SEQ, BOOT_SEED = 20, 20, 5  # configuration bootstrap: replicat
 STANDS_FOR = {
     "q1.json": "Q1's whole space at 4,000 training images of 14 px, 9 epochs, 5,000 validation images "
                "(not the q1 smoke preset, which has 3,000 images at 28 px and 4 epochs)",
-    "q2.json": "the q2 smoke preset as it is (no overrides)",
+    "q2.json": "the q2 smoke preset (no overrides); see `preset_today` for whether it is today's",
 }
 DISCIPLINE = ("Parameters, grids and priors are chosen on the tuning half only (split seed SPLIT_SEED; "
               "ForecastPruner cross-fitted on two folds of it); the grids above were fixed before the "
@@ -613,6 +613,10 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
         "table": f"{table.name}: {len(configs)} configs of {meta['study']} preset '{meta['preset']}' with "
                  f"overrides {meta['overrides']} ({epochs} epochs); recorded by: {meta['command']}",
         "stands_for": STANDS_FOR.get(table.name, ""),
+        "preset_today": ("the table's config is today's preset's (with its overrides)"
+                         if meta["definition"]["config"] == study.definition(meta["preset"], meta["overrides"])["config"]
+                         else "the table was recorded on an EARLIER version of this preset: its config differs "
+                              "from today's"),
         "discipline": DISCIPLINE,
         "split": {"seed": SPLIT_SEED, "tune_ids": sorted(c["id"] for c in tune_half),
                   "score_ids": sorted(c["id"] for c in test_half)},
