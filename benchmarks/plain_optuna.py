@@ -8,8 +8,9 @@ and CNN (no parameter budget: a family, a width and a dropout are sampled), trai
 the smoke preset's training and validation images (`kdsweep.core.data.load_splits` of the
 preset's DataConfig, only to be sure of the same split; no augmentation, as that preset). Each
 trial reports validation accuracy after every epoch and returns the last one, over the preset's
-epochs. `--workers` processes share one SQLite storage, each one thread. It prints the wall
-time, the best value and its parameters.
+epochs. `--workers` processes share one SQLite storage, each one thread, until N trials are
+COMPLETE or PRUNED (as `kdsweep launch -n N` counts). It prints the wall time, the best value
+and its parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import click
 import optuna
 import torch
 import torch.nn.functional as F
+from optuna.trial import TrialState
 from torch import nn
 
 from kdsweep.core import data
@@ -76,7 +78,8 @@ def _worker(storage: str, name: str, n_trials: int, epochs: int, batch_size: int
     splits = data.load_splits(studies.load("q1").base_config(preset).data)
     study = optuna.load_study(study_name=name, storage=storage)
     study.optimize(lambda t: objective(t, splits, epochs, batch_size),
-                   callbacks=[optuna.study.MaxTrialsCallback(n_trials)])
+                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,
+                                                                                TrialState.PRUNED))])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
