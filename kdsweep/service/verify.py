@@ -321,6 +321,11 @@ def export(sweep: Sweep) -> tuple[dict[str, Any], Any, list[str]]:
         return doc, trial, notes
     win, n = verified
     doc["verified"] = {"trial": win, "seeds": n, "one_seed_winner": {"trial": one_seed.number, "value": one_seed.value}}
+    sibling = sweep.sibling(VERIFY_SUFFIX)
+    if sibling is not None and mode(sibling) == "race" and not racing.stored(sweep, sibling).race.finished:
+        doc["verified"]["race_finished"] = False
+        notes.append(f"the race has not finished: trial {win} leads it so far; `kdsweep best {sweep.name} --verify` "
+                     "runs it on.")
     if one_seed.number != win:
         notes.append(f"exporting the verified winner, trial {win} (first over {n} fresh seeds), not the sweep's "
                      f"one-seed winner trial {one_seed.number} ({one_seed.value:.4f}).")
