@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import kdsweep
 from kdsweep.core.config import ConfigError, TrainConfig, replace, to_dict, validate
 from kdsweep.service import space as sp
+from kdsweep.service.location import StorageURLError, check_study_name
 
 if TYPE_CHECKING:  # imported where used: study files and usage errors load without Optuna
     import optuna
@@ -269,8 +270,9 @@ def load(name_or_path: str) -> StudySpec:
     if not isinstance(study, StudySpec):
         raise StudyError(f"study file {path} must define STUDY = kdsweep.service.spec.StudySpec(...).")
     try:
+        check_study_name(study.name)  # the default --study-name: it names database rows and folders
         sp.check_space(study.space)
-    except sp.SpaceError as exc:
+    except (StorageURLError, sp.SpaceError) as exc:
         raise StudyError(f"study file {path}: {exc}") from None
     return dataclasses.replace(study, source=str(path))
 
