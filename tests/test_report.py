@@ -190,3 +190,14 @@ def test_history_shows_pruned_trials_and_marks_the_winner(q1: optuna.Study) -> N
     data = report.figure_data(q1)["history"]
     assert (data["pruned_trial"], data["pruned_value"]) == ([5], [0.20])  # at its last epoch
     assert data["winner"] == {"trial": 3, "value": 0.74}
+
+
+def test_the_top_table_states_constant_columns_once() -> None:
+    dists = {"optim.lr": optuna.distributions.FloatDistribution(0.01, 0.4, log=True)}
+    study = optuna.create_study(direction="maximize")
+    for lr, v in [(0.05, 0.6), (0.1, 0.7)]:
+        study.add_trial(optuna.create_trial(params={"optim.lr": lr}, distributions=dists, value=v,
+                                            user_attrs={"epochs_run": 3, "params": 1000, "flops": 2e6}))
+    table = report.top_table(study)
+    assert table.splitlines()[0] == "| rank | trial | value | optim.lr |"
+    assert table.rstrip().endswith("Every row: epochs 3, params 1,000, MFLOPs/image 2.00.")

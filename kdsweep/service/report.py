@@ -357,15 +357,21 @@ def top_table(study: optuna.Study, top: int = 10) -> str:
         return "No complete trials.\n"
     names = sorted({k for t in done for k in t.params})
     # Parameters and forward FLOPs side by side: Q1 budgets match the first, not the second.
-    lines = ["| rank | trial | " + _metric(study) + " | epochs | params | MFLOPs/image | "
-             + " | ".join(names) + " |", "|---" * (6 + len(names)) + "|"]
+    cols: list[tuple[str, list[str]]] = [
+        ("epochs", [str(t.user_attrs.get(keys.EPOCHS_RUN, "")) for t in done]),
+        ("params", [f"{c:,}" if (c := t.user_attrs.get(keys.PARAMS_COUNT)) is not None else "–" for t in done]),
+        ("MFLOPs/image", [f"{f / 1e6:.2f}" if (f := t.user_attrs.get(keys.FLOPS)) is not None else "–" for t in done]),
+    ] + [(k, [_fmt(t.params[k]) if k in t.params else "–" for t in done]) for k in names]
+    # A column equal in every row says nothing row by row: once, under the table.
+    same = [(h, v[0]) for h, v in cols if len(done) > 1 and len(set(v)) == 1]
+    cols = [(h, v) for h, v in cols if (h, v[0]) not in same or len(set(v)) > 1]
+    lines = ["| rank | trial | " + _metric(study) + " | " + " | ".join(h for h, _ in cols) + " |",
+             "|---" * (3 + len(cols)) + "|"]
     for i, t in enumerate(done, 1):
-        flops = t.user_attrs.get(keys.FLOPS)
-        count = t.user_attrs.get(keys.PARAMS_COUNT)
-        cells = [str(i), str(t.number), f"{t.value:.4f}", str(t.user_attrs.get(keys.EPOCHS_RUN, "")),
-                 f"{count:,}" if count is not None else "–", f"{flops / 1e6:.2f}" if flops is not None else "–"]
-        cells += [_fmt(t.params[k]) if k in t.params else "–" for k in names]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([str(i), str(t.number), f"{t.value:.4f}", *(v[i - 1] for _, v in cols)]) + " |")
+    known = [(h, v) for h, v in same if v not in ("–", "")]  # a column nobody recorded just goes
+    if known:
+        lines += ["", "Every row: " + ", ".join(f"{h} {v}" for h, v in known) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -427,7 +433,9 @@ def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping
             lines.append("No complete DropBlock trial yet (all were pruned or none was sampled).")
         lines.append("")
     if data.get("importance"):
-        lines += ["## Parameter importances", ""]
+        lines += ["## Parameter importances", "",
+                  f"From {len(_complete(sweep.study))} complete trials (Optuna's fANOVA estimate; "
+                  "with few trials it is rough: read the order, not the decimals).", ""]
         lines += [f"- `{k}`: {v:.3f}" for k, v in data["importance"].items()] + [""]
     lines += ["## Figures", ""]
     for name, names in files.items():
