@@ -349,14 +349,14 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     kdsweep best q2 --verify              # race the top configs on fresh seeds
     kdsweep best q2 --verify --grid --seeds 5 --top 3
     """
-    from kdsweep.service import verify
+    from kdsweep.service import verify, verifying
 
     sweep = open_sweep(storage, study_name, write=verify_)
     if sweep.best_trial is None:  # a runtime state, not a usage error: exit 1 in both cases
         raise click.ClickException(f"study {study_name!r} has no complete trial yet; run `kdsweep launch` first.")
     if verify_:
-        click.echo(verify.run(sweep, storage, top, seeds, workers, device, data, click.echo,
-                              start_workers=not no_run, grid=grid, max_seeds=max_seeds))
+        click.echo(verifying.run(sweep, storage, top, seeds, workers, device, data, click.echo,
+                                 start_workers=not no_run, grid=grid, max_seeds=max_seeds))
         return
     doc, trial, notes = verify.export(sweep)
     for line in notes:  # the verification, noise, selection bias, the alpha=0 reference, which winner

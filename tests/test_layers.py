@@ -38,14 +38,21 @@ def test_importing_every_core_module_loads_no_optuna() -> None:
 
 
 def _graph() -> dict[str, set[str]]:
-    """Module -> the kdsweep modules it imports, at the top or inside functions."""
+    """Module -> the kdsweep modules it imports, at the top or inside functions (not those
+    under `if TYPE_CHECKING:`, which only a type checker reads)."""
     graph: dict[str, set[str]] = {}
     package = ROOT / "kdsweep"
     modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in package.rglob("*.py")}
     for path in package.rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree)
+                       if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdsweep"):
                 for alias in node.names:  # `from kdsweep.core import data` names a module
                     full = f"{node.module}.{alias.name}"

@@ -15,7 +15,7 @@ the reference beside the top configs on fresh seeds (see `add_to_verification`).
 
 Hooks (who calls what): launch calls `prepare` after creating the sweep and runs the
 sibling's waiting trial with a worker (`run`); `best`, `status` and the report print
-`difference_line`; `verify.run` queues it beside the top configs (`add_to_verification`), seed-paired.
+`difference_line`; `verifying.run` queues it beside the top configs (`add_to_verification`), seed-paired.
 """
 
 from __future__ import annotations

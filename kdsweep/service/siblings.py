@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kdsweep.service import keys
-from kdsweep.service.spec import StudyError
+from kdsweep.service.spec import StudyError, SweepNotFound
 
 if TYPE_CHECKING:
     from kdsweep.service.sweep import Sweep
@@ -27,21 +27,17 @@ COPIED = (keys.DEFINITION, keys.SCHEMA, keys.UID, keys.SEED)  # workers of both 
 
 
 def find(sweep: Sweep, suffix: str) -> Sweep | None:
-    from kdsweep.service.sweep import Sweep, SweepNotFound
-
     try:
-        return Sweep.load(sweep._storage, sweep.name + suffix, sweep.spec)
+        return type(sweep).load(sweep._storage, sweep.name + suffix, sweep.spec)
     except SweepNotFound:
         return None
 
 
 def make(sweep: Sweep, suffix: str) -> Sweep:
     """The study `<name><suffix>` in the same storage (created if missing), as a Sweep."""
-    from kdsweep.service.sweep import Sweep
-
     study = optuna.create_study(study_name=sweep.name + suffix, storage=sweep._storage,
                                 direction=sweep.study.direction, load_if_exists=True)
-    return Sweep(study, sweep.spec)
+    return type(sweep)(study, sweep.spec)
 
 
 def copy_definition(sweep: Sweep, sibling: Sweep) -> None:

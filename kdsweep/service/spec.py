@@ -36,6 +36,10 @@ class StudyError(ValueError):
     """A study name, file, preset or definition problem; one sentence saying what to do."""
 
 
+class SweepNotFound(StudyError):
+    """No study of that name in the storage."""
+
+
 def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     # Optuna 5 defaults TPE to multivariate + constant liar, so parallel workers don't collide.
     import optuna

@@ -64,14 +64,10 @@ from kdsweep.service.slots import (  # noqa: F401  (re-exported: the queue's nam
     origin,
     sampler_seed,
 )
-from kdsweep.service.spec import StudyError, StudySpec, diff_definitions
+from kdsweep.service.spec import StudyError, StudySpec, SweepNotFound, diff_definitions
 
 log = logging.getLogger("kdsweep.service.sweep")
 
-
-
-class SweepNotFound(StudyError):
-    """No study of that name in the storage."""
 
 
 class Sweep(SlotQueue):

@@ -68,7 +68,7 @@ def summary(sweep: Sweep) -> dict[str, Any]:
 
 def status(sweep: Sweep) -> dict[str, Any]:
     """`kdsweep status --json`: the summary, the running trials, the last failures."""
-    from kdsweep.service.sweep import failed_for_good
+    from kdsweep.service.slots import failed_for_good
 
     running = [{"trial": t.number, "epoch": max(t.intermediate_values, default=0), "params": t.params}
                for t in sweep.trials(TrialState.RUNNING)]
