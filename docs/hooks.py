@@ -144,6 +144,18 @@ def _usage_error_classes() -> str:
             f"errors (exit 1): {names(cli_options.RUNTIME_ERRORS)}.")
 
 
+def exit_codes() -> str:
+    """The exit codes as the command line's own docstring states them (`kdsweep/cli.py`)."""
+    import kdsweep.cli
+
+    doc = " ".join((kdsweep.cli.__doc__ or "").split())
+    m = re.search(r"Exit codes: (.*?)\.(?:\s|$)", doc)
+    if not m:
+        raise ValueError("kdsweep/cli.py's docstring no longer states its exit codes ('Exit codes: 0 ..., 1 ...').")
+    codes = re.findall(r"(\d+) ((?:[^,(]|\([^)]*\))+)", m.group(1))
+    return _table(["exit code", "meaning"], [[code, text.strip()] for code, text in codes])
+
+
 def bad_input_table() -> str:
     """The cases of tests/test_bad_input.py: what was given, the message it gets, the exit code."""
     tree = ast.parse((ROOT / "tests" / "test_bad_input.py").read_text())
@@ -201,6 +213,33 @@ def benchmarks_page() -> str:
     return "\n\n".join(parts)
 
 
+# ---------------------------------------------------------------- the shipped studies
+
+
+def studies_page() -> str:
+    """Each study file of studies/: its docstring, search space and presets."""
+    from kdsweep.service import spec as specs
+
+    parts = []
+    for path in sorted((ROOT / "studies").glob("*.py")):
+        study = specs.load(str(path))
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        rows = []
+        for p in study.space:
+            d = p.describe()
+            values = (", ".join(map(str, d["choices"])) if d["type"] == "categorical" else
+                      f"{d['low']} .. {d['high']}" + (" (log)" if d.get("log") else ""))
+            when = "; ".join(f"{k} in {v}" for k, v in d["when"].items())
+            rows.append([f"`{p.name}`", d["type"], values, f"`{d['target']}`", when])
+        presets = [[f"`{name}`", pr.description, "yes" if pr.needs_gpu else ""]
+                   for name, pr in study.presets.items()]
+        parts.append(f"## {study.name}\n\n`{path.relative_to(ROOT)}`: {study.description}\n\n"
+                     "```text\n" + doc + "\n```\n\n### Search space\n\n" +
+                     _table(["parameter", "type", "values", "sets", "only when"], rows) +
+                     "\n\n### Presets\n\n" + _table(["preset", "what", "needs a GPU"], presets))
+    return "\n\n".join(parts)
+
+
 # ---------------------------------------------------------------- the changelog
 
 
@@ -213,8 +252,10 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "cli": cli_reference,
     "config": config_reference,
     "keys": keys_reference,
+    "exit-codes": exit_codes,
     "bad-input": bad_input_table,
     "benchmarks": benchmarks_page,
+    "studies": studies_page,
     "changelog": changelog,
 }
 

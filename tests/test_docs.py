@@ -209,6 +209,12 @@ def test_the_bad_input_table_has_every_case_of_its_test():
     assert len(cases) > 20 and len(rows) == len(cases)
 
 
+def test_the_exit_codes_page_states_the_codes_the_cli_uses():
+    page = _hooks().exit_codes()
+    for code in ("0", "1", "2", "130"):
+        assert f"| {code} | " in page
+
+
 def test_the_benchmarks_page_has_every_stored_entry_with_its_date():
     import json
 
