@@ -67,9 +67,10 @@ def cli_reference() -> str:
     """One section per registered command: usage, its help, every option."""
     from kdsweep.cli import main
 
-    root = click.Context(main, info_name="kdsweep")
+    root = click.Context(main, info_name="kdsweep", **main.context_settings)
     parts = ["Every command of `kdsweep`, generated from the commands themselves (the same text "
-             "as `kdsweep COMMAND --help`). Global options, before the command: " +
+             "as `kdsweep COMMAND --help`). Every option can also come from the environment variable "
+             "in its row. Global options, before the command: " +
              ", ".join(f"`{' / '.join(p.opts)}` ({p.help})" for p in main.params
                        if isinstance(p, click.Option) and p.help) + "."]
     for name, cmd in commands().items():
