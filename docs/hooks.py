@@ -68,9 +68,7 @@ def cli_reference() -> str:
     from kdsweep.cli import main
 
     root = click.Context(main, info_name="kdsweep", **main.context_settings)
-    parts = ["Every command of `kdsweep`, generated from the commands themselves (the same text "
-             "as `kdsweep COMMAND --help`). Every option can also come from the environment variable "
-             "in its row. Global options, before the command: " +
+    parts = ["Every option can also come from the environment variable in its row. Global options, before the command: " +
              ", ".join(f"`{' / '.join(p.opts)}` ({p.help})" for p in main.params
                        if isinstance(p, click.Option) and p.help) + "."]
     for name, cmd in commands().items():
@@ -85,7 +83,7 @@ def cli_reference() -> str:
             record = param.get_help_record(ctx)
             if record is not None:
                 env = _envvar(param, ctx)
-                rows.append([f"`{record[0]}`", record[1], f"`{env}`" if env else ""])
+                rows.append([f"`{record[0].replace('|', '/')}`", record[1], f"`{env}`" if env else ""])
         parts.append(_table(["option", "meaning", "environment"], rows))
     return "\n\n".join(parts)
 
