@@ -77,6 +77,45 @@ def test_fused_worker_reports_each_trial_to_its_own(tmp_path: Path, fmnist_dir: 
     assert joined[:3] == [0, 0, 0] and joined[3] > 0  # three together, then the freed slots refilled
 
 
+def test_a_verification_run_has_the_same_record_from_a_plain_and_a_fused_worker(
+        tmp_path: Path, fmnist_dir: Path) -> None:
+    # One trial lifecycle: the fused worker trains each member with the run's own seed, scores
+    # the test set, never prunes it and stores every attribute the plain worker stores.
+    from kdsweep.service.fused_worker import run_fused_worker
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.requeue import AsOrigin
+    from kdsweep.service.worker import run_worker
+
+    spec = studies.load(str(TINY_KD))
+    dists = {"kd.alpha": optuna.distributions.FloatDistribution(0, 1),
+             "kd.temperature": optuna.distributions.FloatDistribution(1, 20)}
+    records = {}
+    for how in ("plain", "fused"):
+        storage = open_storage(f"sqlite:///{tmp_path / how}.db")
+        sweep = Sweep.create(storage, spec, "quick", "tiny_kd", 3, seed=0)
+        sweep.study.add_trial(optuna.create_trial(value=0.7, params={"kd.alpha": 0.5, "kd.temperature": 4.0},
+                                                  distributions=dists, user_attrs={keys.TRAIN_SEED: 0}))
+        sibling, _ = sweep.verify_sibling(1, [1000, 1001])
+        worker = Sweep.join(storage, sibling.name, spec)
+        worker.study.pruner = AsOrigin(optuna.pruners.ThresholdPruner(lower=2.0))  # prunes all it is asked
+        objective = Objective(spec, "quick", {"device": "cpu", "threads": 1}, tmp_path / how, keep_weights=0)
+        summary = run_worker(worker, objective) if how == "plain" else run_fused_worker(worker, objective, 2)
+        assert summary.complete == 2, summary
+        records[how] = sibling.trials(TrialState.COMPLETE)
+    stored = {}
+    for how, runs in records.items():
+        assert len(runs) == 2
+        for t in runs:
+            asked = t.user_attrs[keys.VERIFY_SEED]
+            assert t.user_attrs[keys.CONFIG]["seed"] == t.user_attrs[keys.TRAIN_SEED] == asked, how
+            assert t.user_attrs[keys.CONFIG]["evaluate_test"] and t.user_attrs[keys.TEST_ACC] is not None
+            assert t.user_attrs[keys.VAL_N] == 500 and t.user_attrs[keys.FLOPS] > 0
+            assert sorted(t.intermediate_values) == [1, 2]  # never pruned
+        stored[how] = {frozenset(t.user_attrs) - {keys.FUSED} for t in runs}
+    assert stored["plain"] == stored["fused"] and len(stored["plain"]) == 1
+    assert {t.user_attrs[keys.VERIFY_SEED] for t in records["fused"]} == {1000, 1001}
+
+
 def test_fuse_refuses_a_study_with_other_parameters(tmp_path: Path) -> None:
     from kdsweep.cli import main
 

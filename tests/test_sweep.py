@@ -1,7 +1,4 @@
-"""The Sweep object: exact N, slots, re-queues, siblings and answers — ask/tell, no model.
-
-The tests named `test_defect_N_...` are the regression tests of issue 9's defects 1-7.
-"""
+"""The Sweep object: exact N, slots, re-queues, siblings and answers — ask/tell, no model."""
 
 from __future__ import annotations
 
@@ -186,10 +183,10 @@ def test_a_requeued_attempt_is_never_a_failure(q2: studies.StudySpec, storage) -
     assert drain(sweep) and sweep.counts().complete == 3
 
 
-# ---------------------------------------------------------------- issue 9's defects
+# ---------------------------------------------------------------- siblings, resumes, re-queues
 
 
-def test_defect_1_verify_sibling_runs_top_times_seeds_not_the_sweeps_n(q2: studies.StudySpec, storage) -> None:
+def test_a_verify_sibling_runs_top_times_seeds_not_the_sweeps_n(q2: studies.StudySpec, storage) -> None:
     sweep = Sweep.create(storage, q2, "smoke", "kd", 50)
     for i, value in enumerate((0.7, 0.6, 0.5)):
         complete(sweep, {"kd.alpha": 0.1 * (i + 1), "kd.temperature": 2.0 + i}, value)
@@ -203,7 +200,7 @@ def test_defect_1_verify_sibling_runs_top_times_seeds_not_the_sweeps_n(q2: studi
     assert sibling.n_trials == 9 and len(drain(Sweep.join(storage, sibling.name, q2))) == 3
 
 
-def test_defect_2_resuming_without_n_keeps_the_stored_n(tmp_path: Path) -> None:
+def test_resuming_without_n_keeps_the_stored_n(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'n.db'}"
     runner = CliRunner()
     made = runner.invoke(cli.main, ["create", "q2", "--preset", "smoke", "-n", "200", "--storage", url])
@@ -216,7 +213,7 @@ def test_defect_2_resuming_without_n_keeps_the_stored_n(tmp_path: Path) -> None:
     assert fresh.exit_code == 0 and Sweep.load(open_storage(url, heartbeat=False), "other").n_trials == 50
 
 
-def test_defect_3_a_requeued_trial_keeps_its_enqueued_values_rungs_and_bracket(
+def test_a_requeued_trial_keeps_its_enqueued_values_rungs_and_bracket(
         q2: studies.StudySpec, storage) -> None:
     sweep = Sweep.join(storage, Sweep.create(storage, q2, "smoke", "kd", 4).name, q2)
     point = {"kd.alpha": 0.25, "kd.temperature": 4.0}
@@ -246,15 +243,30 @@ def test_defect_3_a_requeued_trial_keeps_its_enqueued_values_rungs_and_bracket(
     assert retry.number != 0 and seen == [0]
 
 
-def test_defect_4_a_running_trial_without_heartbeat_is_requeued(
+def _heartbeat_of(storage, trial_id: int):
+    from optuna.storages._rdb import models
+
+    from kdsweep.service.storage import _rdb
+
+    rdb = _rdb(storage)
+    session = rdb.scoped_session()
+    try:
+        beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
+        return None if beat is None else beat.heartbeat
+    finally:
+        session.close()
+
+
+def test_a_taken_slot_has_its_first_heartbeat_and_a_dead_workers_trial_is_requeued(
         q2: studies.StudySpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KDSWEEP_HEARTBEAT", "1")
     monkeypatch.setenv("KDSWEEP_GRACE", "2")
     storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}")
     sweep = Sweep.create(storage, q2, "smoke", "kd", 1)
     sweep.top_up()
-    lost = sweep.pop()  # taken, then its worker died before its first heartbeat
-    assert sweep.reap() == 0  # younger than the grace period: could still be starting
+    lost = sweep.pop()  # taken, then its worker died before the heartbeat thread started
+    assert _heartbeat_of(storage, lost) is not None  # beating from the moment it was taken
+    assert sweep.reap() == 0  # younger than the grace period
     time.sleep(3)
     assert sweep.reap() == 1
     c = sweep.counts()
@@ -262,36 +274,28 @@ def test_defect_4_a_running_trial_without_heartbeat_is_requeued(
     assert sweep.frozen(lost).user_attrs[keys.REQUEUED].startswith("worker died")
 
 
-def test_defect_5_requeue_tells_and_adds_under_the_study_lock(
-        q2: studies.StudySpec, storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    sweep = Sweep.create(storage, q2, "smoke", "kd", 2)
+def test_taking_a_slot_and_its_first_heartbeat_are_one_transaction(
+        q2: studies.StudySpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optuna.storages import RDBStorage
+
+    monkeypatch.setenv("KDSWEEP_HEARTBEAT", "1")
+    monkeypatch.setenv("KDSWEEP_GRACE", "2")
+    storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}")
+    sweep = Sweep.create(storage, q2, "smoke", "kd", 1)
     sweep.top_up()
-    held = {"now": False}
-    real_lock = Sweep.lock
 
-    @contextlib.contextmanager
-    def spy(self):
-        with real_lock(self):
-            held["now"] = True
-            try:
-                yield
-            finally:
-                held["now"] = False
+    def killed(self, trial_id):
+        raise RuntimeError("killed between taking the slot and its first heartbeat")
 
-    monkeypatch.setattr(Sweep, "lock", spy)
-    taken = sweep.pop()
-    writes = []
-    inner = storage._inner  # Optuna's cached storage behind kdsweep's retrying wrapper
-    real_add, real_state = sweep.study.add_trial, inner.set_trial_state_values
-    monkeypatch.setattr(sweep.study, "add_trial", lambda t: (writes.append(("add", held["now"])), real_add(t)))
-    monkeypatch.setattr(inner, "set_trial_state_values",
-                        lambda *a, **k: (writes.append(("state", held["now"])), real_state(*a, **k))[1])
-    assert sweep.requeue(taken, INTERRUPTED)
-    assert writes == [("state", True), ("add", True)]  # FAIL, then the copy: both under the lock
-    assert len(sweep.trials()) == 3 and sweep.counts().waiting == 2
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        sweep.pop()
+    monkeypatch.undo()
+    fresh = Sweep.load(open_storage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat=False), "kd")
+    assert [t.state for t in fresh.trials()] == [TrialState.WAITING]  # neither happened
 
 
-def test_defect_6_every_trial_draws_from_its_own_sampler_seed(q2: studies.StudySpec, storage) -> None:
+def test_every_trial_draws_from_its_own_sampler_seed(q2: studies.StudySpec, storage) -> None:
     Sweep.create(storage, q2, "smoke", "kd", 8, seed=0)
     # Two workers that would both have been "worker 0" (two hosts, two launches, a resume):
     a, b = Sweep.join(storage, "kd", q2), Sweep.join(storage, "kd", q2)
@@ -306,7 +310,7 @@ def test_defect_6_every_trial_draws_from_its_own_sampler_seed(q2: studies.StudyS
     assert sp.sample(again.ask(), space) == pa
 
 
-def test_defect_7_enqueue_checks_points_against_the_recorded_overrides(q1: studies.StudySpec, storage) -> None:
+def test_enqueue_checks_points_against_the_recorded_overrides(q1: studies.StudySpec, storage) -> None:
     widths = {p.name: p for p in q1.space_for("smoke")}["cnn.width"].choices
     for budget in (20_000, 15_000, 10_000):  # a smaller budget keeps fewer widths
         narrowed = {p.name: p for p in q1.space_for("smoke", {"model.budget": budget})}["cnn.width"].choices

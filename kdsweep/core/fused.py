@@ -58,6 +58,7 @@ from kdsweep.core.train import (
     _norm_on,
     _polling,
     _to_input,
+    correctness,
     epoch_order,
     evaluate,
     input_shape,
@@ -91,6 +92,7 @@ class Member:
     tag: Any = None  # the caller's handle (the fused worker keeps its Optuna trial here)
     history: list[dict[str, float]] = field(default_factory=list)
     joined_step: int = 0  # the group step at which it started (its place in the data stream)
+    val_correct: torch.Tensor | None = None  # its last epoch's per-image validation mask
 
 
 OnEnd = Callable[[Member, TrainResult | None, BaseException | None], None]
@@ -319,8 +321,9 @@ class FusedGroup:
         if not math.isfinite(train_loss):
             raise TrainingError(f"the training loss became {train_loss} in epoch {epoch}.")
         seconds = time.perf_counter() - self.epoch_start[k]
-        val_acc = evaluate(_Slot(self, k), self.splits.val_x, self.splits.val_y, self.base,
-                           self.splits, self.device)
+        member.val_correct = correctness(_Slot(self, k), self.splits.val_x, self.splits.val_y,
+                                         self.base, self.splits, self.device)
+        val_acc = member.val_correct.sum().item() / max(1, len(member.val_correct))
         c = member.config
         metrics = {
             "epoch": epoch,
@@ -341,6 +344,10 @@ class FusedGroup:
         best = max(member.history, key=lambda h: h["val_acc"])
         imgs = sum(self.n for _ in member.history)
         secs = sum(h["seconds"] for h in member.history)
+        test_acc = None
+        if member.config.evaluate_test:  # verification and reference runs, as train() does
+            test_acc = evaluate(_Slot(self, k), self.splits.test_x, self.splits.test_y, self.base,
+                                self.splits, self.device)
         return TrainResult(
             config=member.config, final_val_acc=member.history[-1]["val_acc"],
             best_val_acc=best["val_acc"], best_epoch=int(best["epoch"]),
@@ -348,7 +355,8 @@ class FusedGroup:
             params=sum(p.numel() for p in model.parameters() if p.requires_grad),
             param_split=models.param_split(model), wall_time=time.perf_counter() - start,
             images_per_s=imgs / secs if secs else 0.0, device=str(self.device),
-            history=list(member.history), teacher=self.teacher_info, model=model,
+            history=list(member.history), teacher=self.teacher_info, model=model, test_acc=test_acc,
+            val_correct=None if member.val_correct is None else member.val_correct.cpu(),
         )
 
     def run(self, next_member: Callable[[], Member | None], on_end: OnEnd) -> None:

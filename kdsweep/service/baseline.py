@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.service import keys, stats
+from kdsweep.service import keys, siblings, stats
 from kdsweep.service.sweep import Sweep
 
 SUFFIX = ".baseline"
@@ -65,12 +64,6 @@ def _reference(sweep: Sweep) -> dict[str, Any] | None:
     return reference_point(spec.space_for(sweep.preset, sweep.overrides))
 
 
-def _copy_definition(sweep: Sweep, study: optuna.Study) -> None:
-    for key in (keys.DEFINITION, keys.SCHEMA, keys.UID, keys.SEED):  # workers must agree
-        if key in sweep.attrs:
-            study.set_user_attr(key, sweep.attrs[key])
-
-
 def prepare(sweep: Sweep) -> Sweep | None:
     """Create `<sweep>.baseline` with its one waiting alpha=0 run, unless it is there already.
 
@@ -86,10 +79,9 @@ def prepare(sweep: Sweep) -> Sweep | None:
     sibling = sweep.make_sibling(SUFFIX)
     study = sibling.study
     with sibling.lock():
-        _copy_definition(sweep, study)
+        siblings.copy_definition(sweep, sibling)
         study.set_user_attr(OF, sweep.name)
         study.set_user_attr(keys.DESCRIPTION, f"the student alone (alpha=0), reference of {sweep.name!r}")
-        study.set_user_attr(keys.MAX_FAILURES, 0)  # a failed run is queued again by the next launch
         study.set_user_attr(keys.N_TRIALS, 1)  # its one run: workers never sample a point here
         if not [t for t in sibling.trials() if t.state != TrialState.FAIL]:
             study.enqueue_trial(point, skip_if_exists=False,

@@ -1,7 +1,20 @@
-"""The objective: the only place where Optuna meets the training core.
+"""The objective, and the one trial record every worker writes: where Optuna meets training.
 
-sample -> resolve config -> train, reporting validation accuracy each epoch -> the pruner
-decides -> return the last epoch's validation accuracy (the value that was reported).
+One trial's lifecycle, the same for the plain and the fused worker (`TrialRun`):
+
+1. **config** (`TrialRun.configure`): the sampled values, or the fixed ones a verification or
+   reference run was queued with; such a run trains with its own seed (`keys.VERIFY_SEED`)
+   and also scores the test set. The resolved config, seeds, parameter count, FLOPs, device,
+   version and host are stored before training, so a pruned or failed trial carries them too.
+   A config that cannot meet its budget is infeasible (PRUNED, `keys.INFEASIBLE`).
+2. **train**: `train()` here; a member of a `FusedGroup` in the fused worker. Only this call
+   differs between the workers.
+3. **report** (`TrialRun.report`, after each epoch): `trial.report`, then the pruner decides —
+   never at the last epoch, never for a fixed (verification or reference) run.
+4. **record** (`TrialRun.record`): every attribute of a finished trial (epochs, speed, best
+   value, the per-image validation mask `val_correct`/`val_n`, test accuracy where asked,
+   the teacher, kept weights).
+5. **tell**: the worker's (`Sweep.tell`).
 """
 
 from __future__ import annotations
@@ -9,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +36,7 @@ from kdsweep.core.budget import BudgetError
 from kdsweep.core.config import TrainConfig, replace, to_dict
 from kdsweep.core.devices import resolve_device
 from kdsweep.core.teacher import prepare as prepare_teacher
-from kdsweep.core.train import input_shape, resolve, train
+from kdsweep.core.train import TrainResult, input_shape, resolve, train
 from kdsweep.service import keys, stats
 from kdsweep.service import space as sp
 from kdsweep.service.spec import StudySpec
@@ -74,36 +86,42 @@ class _TrialLog:
         self.handler.close()
 
 
-@dataclass
-class Objective:
-    study: StudySpec
-    preset: str
-    runtime: Mapping[str, Any]  # device, threads, data root, ... (not part of the definition)
-    artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
-    tensorboard: Path | None = None  # runs/<study>/<trial>/ event files when set
-    keep_weights: int = 3  # weights of the best few complete trials are kept
-    overrides: Mapping[str, Any] = field(default_factory=dict)  # `--set` values the study records
-    stop: threading.Event | None = None  # set by a worker's signal handler: train() stops cleanly
+class TrialRun:
+    """One trial between taking its slot and being told: config, report, record (see above)."""
 
-    def config(self, params: Mapping[str, Any]) -> TrainConfig:
-        return self.study.config_for(self.preset, params, self.overrides, **self.runtime)
+    def __init__(self, objective: Objective, trial: optuna.Trial, trial_log: bool = True) -> None:
+        self.objective, self.trial = objective, trial
+        self.start = time.perf_counter()
+        self.params: dict[str, Any] = {}
+        self.config: TrainConfig | None = None
+        self.writer: Any = None
+        self.trial_log: _TrialLog | None = None
+        self._log_wanted = trial_log
+        # A verification or reference run (kdsweep/service/verify.py, baseline.py): fixed params,
+        # its own seed, test accuracy too, and never pruned.
+        seed = trial.user_attrs.get(keys.VERIFY_SEED)
+        self.fixed_seed: int | None = None if seed is None else int(seed)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        space = self.study.space_for(self.preset, self.overrides)
-        params = sp.sample(trial, space)
-        # A seed-verification run (kdsweep/service/verify.py) re-trains fixed params with its own seed.
-        fixed_seed = trial.user_attrs.get(keys.VERIFY_SEED)
+    @property
+    def fixed(self) -> bool:
+        return self.fixed_seed is not None
+
+    def configure(self) -> TrainConfig:
+        """Sample (or take the fixed values), resolve and store the config; TrialPruned when it
+        is infeasible. Opens the trial's TensorBoard run and log file."""
+        objective, trial = self.objective, self.trial
+        space = objective.study.space_for(objective.preset, objective.overrides)
+        self.params = sp.sample(trial, space)
         try:
-            config = self.config(params)
-            if fixed_seed is not None:  # verification and baseline runs: their seed, test accuracy too
-                config = replace(config, seed=int(fixed_seed), evaluate_test=True)
+            config = objective.config(self.params)
+            if self.fixed_seed is not None:
+                config = replace(config, seed=self.fixed_seed, evaluate_test=True)
             config = resolve(config)
         except BudgetError as exc:
             # Kept out of the space by the study files; a custom space may still hit it.
             trial.set_user_attr(keys.INFEASIBLE, str(exc))
             raise optuna.TrialPruned(f"infeasible: {exc}") from None
-        # Everything that reproduces the trial is stored before it trains, so a pruned or
-        # failed trial carries it too.
+        self.config = config
         trial.set_user_attr(keys.CONFIG, to_dict(config))
         trial.set_user_attr(keys.TRAIN_SEED, config.seed)
         trial.set_user_attr(keys.DATASET, config.data.dataset)
@@ -112,53 +130,36 @@ class Objective:
         trial.set_user_attr(keys.FLOPS, count_flops(config))  # beside params: budgets match one, not both
         trial.set_user_attr(keys.VERSION, kdsweep.__version__)
         trial.set_user_attr(keys.HOST, socket.gethostname())
-
-        checkpoint = self._checkpoint(trial)
-        writer = None
-        trial_log = None
-        if self.tensorboard is not None:
+        if objective.tensorboard is not None:
             from kdsweep.service.tensorboard import TrialWriter
 
-            writer = TrialWriter(self.tensorboard / f"trial-{trial.number:04d}")
-            # The attempt's own log lines, beside its run (`kdsweep trial` shows the path);
-            # retries of the same trial append to it.
-            trial_log = _TrialLog(writer.folder / "log.txt")
-            trial.set_user_attr(keys.LOG_FILE, str(trial_log.path))
-        start = time.perf_counter()
+            self.writer = TrialWriter(objective.tensorboard / f"trial-{trial.number:04d}")
+            if self._log_wanted:
+                # The attempt's own log lines, beside its run (`kdsweep trial` shows the path);
+                # retries of the same trial append to it.
+                self.trial_log = _TrialLog(self.writer.folder / "log.txt")
+                trial.set_user_attr(keys.LOG_FILE, str(self.trial_log.path))
+        return config
 
-        def report(epoch: int, metrics: Mapping[str, float]) -> None:
-            trial.report(metrics[self.study.metric], epoch)
-            trial.set_user_attr(keys.EPOCHS_RUN, epoch)
-            if writer is not None:
-                writer.epoch(epoch, metrics)
-            log.debug("trial %d epoch %d %s %.4f", trial.number, epoch, self.study.metric,
-                     metrics[self.study.metric])
-            # Never at the last epoch: the trial has paid for all of it, and pruning it then would
-            # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in
-            # Ray Tune's ASHA, a trial that reaches the end completes. Verification runs always
-            # finish.
-            if fixed_seed is None and epoch < config.epochs and trial.should_prune():
-                trial.set_user_attr(keys.PRUNED_REASON, f"pruner stopped it after epoch {epoch}")
-                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+    def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """After each epoch: report the metric; the pruner may stop the trial (TrialPruned)."""
+        trial, metric, config = self.trial, self.objective.study.metric, self.config
+        assert config is not None
+        trial.report(metrics[metric], epoch)
+        trial.set_user_attr(keys.EPOCHS_RUN, epoch)
+        if self.writer is not None:
+            self.writer.epoch(epoch, metrics)
+        log.debug("trial %d epoch %d %s %.4f", trial.number, epoch, metric, metrics[metric])
+        # Never at the last epoch: the trial has paid for all of it, and pruning it then would
+        # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in
+        # Ray Tune's ASHA, a trial that reaches the end completes. Fixed runs always finish.
+        if not self.fixed and epoch < config.epochs and trial.should_prune():
+            trial.set_user_attr(keys.PRUNED_REASON, f"pruner stopped it after epoch {epoch}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-        try:
-            # The teacher first (trained once per host and cached; minutes the first time).
-            teacher = prepare_teacher(config)
-            result = train(config, report=report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
-        except (optuna.TrialPruned, Exception):
-            # Pruned or failed for good (a failed trial is replaced by a fresh number): nothing
-            # will resume it. Interrupts and dead workers keep theirs for the retry.
-            _drop(checkpoint)
-            raise
-        finally:
-            trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - start, 3))
-            if writer is not None:
-                writer.close(params, {"trial": trial.number, "seed": config.seed})
-            if trial_log is not None:
-                trial_log.close()
-        # params and device were stored before training (the same values train() reports).
+    def record(self, result: TrainResult) -> float:
+        """Store what a finished training run measured; returns the trial's value."""
+        trial = self.trial
         trial.set_user_attr(keys.PARAM_SPLIT, result.param_split)
         trial.set_user_attr(keys.EPOCHS_RUN, result.epochs_run)
         trial.set_user_attr(keys.IMAGES_PER_S, round(result.images_per_s, 1))
@@ -171,10 +172,56 @@ class Objective:
         if result.teacher:
             trial.set_user_attr(keys.TEACHER_KEY, result.teacher["key"])
             trial.set_user_attr(keys.TEACHER_VAL_ACC, result.teacher["val_acc"])
-        if result.model is not None and self.keep_weights > 0:
-            self._keep_weights(trial, result.model, result.final_val_acc)
-        _drop(checkpoint)
+        if result.model is not None and self.objective.keep_weights > 0:
+            self.objective._keep_weights(trial, result.model, result.final_val_acc)
         return result.final_val_acc
+
+    def close(self) -> None:
+        """The attempt's wall time; closes its TensorBoard run and log file (whatever the end)."""
+        self.trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - self.start, 3))
+        if self.writer is not None:
+            extra: dict[str, Any] = {"trial": self.trial.number}
+            if self.config is not None:
+                extra["seed"] = self.config.seed
+            self.writer.close(self.params, extra)
+        if self.trial_log is not None:
+            self.trial_log.close()
+
+
+@dataclass
+class Objective:
+    study: StudySpec
+    preset: str
+    runtime: Mapping[str, Any]  # device, threads, data root, ... (not part of the definition)
+    artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
+    tensorboard: Path | None = None  # runs/<study>/<trial>/ event files when set
+    keep_weights: int = 3  # weights of the best few complete trials are kept
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # `--set` values the study records
+    stop: Any = None  # a worker's stop flag (`is_set()`), set by its signal handler: train() stops cleanly
+
+    def config(self, params: Mapping[str, Any]) -> TrainConfig:
+        return self.study.config_for(self.preset, params, self.overrides, **self.runtime)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        run = TrialRun(self, trial)
+        config = run.configure()
+        checkpoint = self._checkpoint(trial)
+        try:
+            # The teacher first (trained once per host and cached; minutes the first time).
+            teacher = prepare_teacher(config)
+            result = train(config, report=run.report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
+        except (optuna.TrialPruned, Exception):
+            # Pruned or failed for good (a failed trial is replaced by a fresh number): nothing
+            # will resume it. Interrupts and dead workers keep theirs for the retry.
+            _drop(checkpoint)
+            raise
+        finally:
+            run.close()
+        value = run.record(result)
+        _drop(checkpoint)
+        return value
 
     def _checkpoint(self, trial: optuna.Trial) -> Path:
         """The trial's checkpoint path, cleared of any left by another study of the same name.
