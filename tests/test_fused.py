@@ -128,3 +128,13 @@ def test_only_alpha_temperature_and_seed_may_differ(tiny_npz: Path, tmp_path: Pa
     group = FusedGroup(base, 2, 0, teacher=teacher.prepare(base))
     with pytest.raises(ValueError, match="cannot join"):
         group.add(Member(replace(base, batch_size=32)))
+
+
+def test_label_smoothing_reaches_the_cross_entropy_term_of_every_member(tiny_npz: Path, tmp_path: Path):
+    # Two members alike but for alpha (0 and a negligible 1e-6): under one smoothed CE term
+    # their losses agree; a member that dropped the smoothing would differ by ~0.3.
+    base = replace(student(tiny_npz, tmp_path, images=96), **{"optim.label_smoothing": 0.3})
+    configs = [member_config(base, 0.0, 1.0, 11), member_config(base, 1e-6, 1.0, 11)]
+    ends = run_group(base, configs, slots=2, data_seed=11)
+    losses = [ends[i][2][0]["train_loss"] for i in (0, 1)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)

@@ -224,3 +224,21 @@ def test_a_kd_config_needs_its_teacher_prepared_first(tiny_npz: Path, tmp_path: 
     assert not (tmp_path / "teachers").exists()  # nothing was trained
     alone = dataclasses.replace(cfg, kd=KDConfig(alpha=0.0, teacher=cfg.kd.teacher))
     assert train(alone).teacher is None  # alpha = 0 is plain cross-entropy: no teacher needed
+
+
+def test_label_smoothing_reaches_the_cross_entropy_term_at_every_alpha(tiny_npz: Path, tmp_path: Path) -> None:
+    # alpha = 1e-6 makes the soft term negligible: its loss must be alpha 0's smoothed
+    # cross-entropy, not the unsmoothed one.
+    from kdsweep.core import teacher
+    from kdsweep.core.config import KDConfig, replace
+
+    cfg = dataclasses.replace(tiny(tiny_npz, epochs=1, cache_dir=str(tmp_path)),
+                              kd=KDConfig(alpha=0.0, temperature=1.0, teacher=ModelConfig(arch="mlp", hidden=(16,)),
+                                          teacher_epochs=1))
+    smoothed = replace(cfg, **{"optim.label_smoothing": 0.3})
+    plain_ce = train(smoothed).history[0]["train_loss"]
+    tiny_kd = replace(smoothed, **{"kd.alpha": 1e-6})
+    kd = train(tiny_kd, teacher=teacher.prepare(tiny_kd)).history[0]["train_loss"]
+    unsmoothed = train(cfg).history[0]["train_loss"]
+    assert kd == pytest.approx(plain_ce, rel=1e-3)
+    assert abs(plain_ce - unsmoothed) > 0.1  # smoothing 0.3 over 10 classes moves the loss clearly

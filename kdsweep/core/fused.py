@@ -216,8 +216,7 @@ class FusedGroup:
             self.active_dev[k] = 1.0
             self.alpha[k] = config.kd.alpha
             self.temperature[k] = config.kd.temperature
-            # train() uses label smoothing on plain cross-entropy (alpha 0) only.
-            self.smoothing[k] = config.optim.label_smoothing if config.kd.alpha == 0 else 0.0
+            self.smoothing[k] = config.optim.label_smoothing  # the hard term's, whatever alpha
             self.loss_sum[k] = 0.0
         member.config = config
         member.joined_step = self.group_step

@@ -415,7 +415,8 @@ def train(
                     logits = step_model(_to_input(x, config, splits, device))
                 if teacher_fn is not None:
                     t_logits = teacher_fn(idx, views, x, (host_order[rows], host_views[rows]))
-                    loss = kd_loss(logits, t_logits, train_y[idx], config.kd.alpha, config.kd.temperature)
+                    loss = kd_loss(logits, t_logits, train_y[idx], config.kd.alpha, config.kd.temperature,
+                                   label_smoothing=o.label_smoothing)
                 else:
                     loss = F.cross_entropy(logits.float(), train_y[idx], label_smoothing=o.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
