@@ -192,23 +192,32 @@ def benchmarks_page() -> str:
         if not path.exists():
             continue
         doc = json.loads(path.read_text())
-        entries = doc["entries"]
         meta = doc.get("machine", {})
-        rows = report.rows(entries)
-        parts.append(f"## {title}\n\nFrom `benchmarks/{name}`. Machine: {_machine(meta)}.\n\n" +
-                     _table(report.HEADER, rows))
-        details = []
-        for e in entries:
-            when = e.get("date_utc")
-            load = e.get("load_avg")
-            cond = (f"measured {when} UTC" if when else f"measured in the run of {meta.get('date_utc', '?')} UTC"
-                    " or earlier (the entry records no date of its own)")
-            if load:
-                cond += f", load average {load}"
-            what = report.WHAT.get(e["name"], "")
-            body = json.dumps(report._brief(e.get("details") or {"skipped": e.get("skipped")}), indent=1, default=str)
-            details.append(f"### {e['name']}\n\n{what}\n\n{cond}.\n\n```json\n{body}\n```")
-        parts.append(f"## {title}: details\n\n" + "\n\n".join(details))
+        measured = [e for e in doc["entries"] if not e.get("skipped")]
+        skipped = [e for e in doc["entries"] if e.get("skipped")]
+
+        def when(e: dict) -> str:
+            return e.get("date_utc") or f"≤ {meta.get('date_utc', '?')}"
+
+        rows = []
+        for e, r in zip(measured, report.rows(measured), strict=True):
+            rows.append([f"[{e['name']}](#{e['name']})", f"{r[1]} {r[2]}", r[3], r[4], r[5], r[6], when(e)])
+        parts.append(f"## {title}\n\nFrom `benchmarks/{name}`. Machine: {_machine(meta)}. An entry "
+                     "with no date of its own (≤) ran in that run or before it (entries are merged into "
+                     "the file by name).\n\n" +
+                     _table(["entry", "value", "baseline", "ratio", "goal", "met", "measured (UTC)"], rows))
+        if skipped:
+            parts.append("Not measured in this file: " + "; ".join(
+                f"`{e['name']}` ({e['skipped']})" for e in skipped) + ".")
+        for e in measured:
+            cond = f"Measured {when(e)} UTC"
+            if e.get("load_avg"):
+                cond += f", load average {e['load_avg']} (1, 5, 15 min) at its end"
+            if e.get("wall_s") is not None:
+                cond += f", {e['wall_s']} s wall"
+            body = json.dumps(report._brief(e.get("details") or {}), indent=1, default=str)
+            parts.append(f"### {e['name']}\n\n{report.WHAT.get(e['name'], '')}\n\n{cond}.\n\n"
+                         f"```json\n{body}\n```")
     return "\n\n".join(parts)
 
 
