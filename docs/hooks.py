@@ -196,8 +196,8 @@ def benchmarks_page() -> str:
         measured = [e for e in doc["entries"] if not e.get("skipped")]
         skipped = [e for e in doc["entries"] if e.get("skipped")]
 
-        def when(e: dict) -> str:
-            return e.get("date_utc") or f"≤ {meta.get('date_utc', '?')}"
+        def when(e: dict, run: str = meta.get("date_utc", "?")) -> str:
+            return e.get("date_utc") or f"≤ {run}"
 
         rows = []
         for e, r in zip(measured, report.rows(measured), strict=True):
