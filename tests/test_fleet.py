@@ -173,16 +173,37 @@ def test_a_full_server_is_named_after_the_retries(tmp_path: Path, small_server: 
     """Every slot taken: a worker retries (another client may leave), then says what to do."""
     import psycopg
 
+    from kdsweep.service import spec
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.sweep import Sweep
+
     url = fresh_database(small_server, "full")
-    create(url, "quick", 2)
-    hogs = []
-    while len(hogs) <= SLOTS:  # take every slot left
-        try:
-            hogs.append(psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), autocommit=True))
-        except psycopg.OperationalError as exc:
-            assert "too many clients" in str(exc), exc
-            break
+    storage = open_storage(url)
+    Sweep.create(storage, spec.load(str(TINY)), "quick", "tiny", 2, seed=0)
+    storage.rdb.engine.dispose()  # this process's own connection: closed now, not whenever it is collected
+    hogs: list[psycopg.Connection] = []
+
+    def take_free_slots() -> None:
+        while len(hogs) < SLOTS:
+            try:
+                hogs.append(psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), autocommit=True))
+            except psycopg.OperationalError as exc:
+                assert "too many clients" in str(exc), exc
+                return
+
+    def every_slot_is_ours() -> bool:
+        # Clients that were leaving (`create` above, an earlier test's workers) free their
+        # slots a moment after they exit: take each one, until the server holds only ours.
+        take_free_slots()
+        if not hogs:
+            return False
+        mine = [con.info.backend_pid for con in hogs]
+        others = hogs[0].execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                                 "AND NOT (pid = ANY(%s))", (mine,)).fetchone()[0]
+        return others == 0 and len(hogs) == SLOTS
+
     try:
+        wait_until(every_slot_is_ours, 60, 0.2, "every connection slot of the server to be this test's")
         proc, log = start_worker(tmp_path, url, 0, KDSWEEP_RETRIES="2")
         assert proc.wait(timeout=120) == 1
         status = subprocess.run([sys.executable, "-m", "kdsweep", "status", "tiny", "--storage", url],

@@ -35,8 +35,8 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def fill(disk: Path) -> None:
-    """Write a filler file until the disk has no space left."""
+def fill(disk: Path, leave: int = 0) -> None:
+    """Write a filler file until the disk has no space left, then free `leave` bytes of it."""
     fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
     chunk = b"\0" * 4096
     try:
@@ -47,6 +47,8 @@ def fill(disk: Path) -> None:
     finally:
         os.close(fd)
     assert os.statvfs(disk).f_bavail == 0
+    if leave:
+        os.truncate(disk / "filler", (disk / "filler").stat().st_size - leave)
 
 
 def kdsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -85,11 +87,13 @@ def test_a_disk_that_fills_under_a_running_worker_is_not_retried(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The storage is open (as in a worker mid-sweep) when the disk fills: the next write ends at
     once in a StorageError naming the full disk, rather than minutes of retries."""
+    import time
+
     import optuna
 
     from kdsweep.service import storage
 
-    monkeypatch.setattr(storage.time, "sleep", lambda s: pytest.fail("a full disk was retried"))
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("a full disk was retried"))
     with small_disk(tmp_path / "disk", "2m") as disk:
         url = f"sqlite:///{disk / 'sweep.db'}"
         st = storage.open_storage(url, heartbeat=False)
@@ -131,3 +135,39 @@ def test_a_checkpoint_on_a_full_disk_fails_clearly_and_leaves_no_partial_file(tm
         with pytest.raises(TrainingError, match=r"cannot write the checkpoint .*trial-7\.pt: its disk is full"):
             train(config, checkpoint=folder / "trial-7.pt")
         assert sorted(p.name for p in folder.iterdir()) == []  # no trial-7.pt.tmp left behind
+
+
+@pytest.mark.parametrize("free_kib", [0, 96])
+def test_a_new_database_on_a_full_disk_leaves_no_file_behind(tmp_path: Path, free_kib: int) -> None:
+    """Full, or so nearly full that SQLite starts the new database and fails half-way: no
+    file is left (then `status` says there is none, not that it holds no study)."""
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        (disk / "keep").mkdir()
+        fill(disk, leave=free_kib * 1024)
+        url = f"sqlite:///{disk / 'keep' / 'sweep.db'}"
+        for command in ("create", "launch"):
+            result = kdsweep(command, str(TINY), "--preset", "quick", "--storage", url, "-n", "3", cwd=tmp_path)
+            assert result.returncode == 1, result.stderr[-3000:]
+            message = one_sentence(result)
+            assert "the disk holding the database is full" in message, message
+            assert sorted(p.name for p in (disk / "keep").iterdir()) == [], command
+        status = kdsweep("status", "tiny", "--storage", url, cwd=tmp_path)
+        assert status.returncode != 0 and "does not exist" in status.stderr, status.stderr[-3000:]
+
+
+def test_an_existing_database_on_a_full_disk_keeps_its_files_as_they_were(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        url = f"sqlite:///{disk / 'sweep.db'}"
+        first = kdsweep("create", str(TINY), "--preset", "quick", "--storage", url, "-n", "3", cwd=tmp_path)
+        assert first.returncode == 0, first.stderr[-3000:]
+        before = sorted(p.name for p in disk.iterdir())
+        assert before == ["sweep.db"], before  # the last connection's close removed -wal and -shm
+        fill(disk)
+        for command in ("create", "launch"):
+            again = kdsweep(command, str(TINY), "--preset", "quick", "--storage", url, "-n", "40", cwd=tmp_path)
+            assert again.returncode == 1, again.stderr[-3000:]
+            assert "the disk holding the database is full" in one_sentence(again)
+            assert sorted(p.name for p in disk.iterdir()) == ["filler", "sweep.db"], command
+        (disk / "filler").unlink()
+        status = kdsweep("status", "tiny", "--storage", url, cwd=tmp_path)
+        assert status.returncode == 0 and "N=3" in status.stdout, status.stdout + status.stderr[-3000:]

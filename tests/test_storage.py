@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,7 +31,15 @@ from pgcluster import Cluster, free_port, pg_cluster, pg_url, wait_until  # noqa
 
 from kdsweep.cli import main
 from kdsweep.service import storage
-from kdsweep.service.storage import StorageError, open_storage, password_of, redact, redact_text
+from kdsweep.service.storage import (
+    StorageError,
+    errors,
+    open_storage,
+    password_of,
+    redact,
+    redact_text,
+)
+from kdsweep.service.storage.retrying import with_retries
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = Path(__file__).resolve().parent / "studies" / "tiny.py"
@@ -219,8 +228,8 @@ def test_compose_file_parses(tmp_path: Path) -> None:
 def test_retries_are_bounded_and_end_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlalchemy.exc
 
-    monkeypatch.setattr(storage, "RETRIES", 2)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setenv("KDSWEEP_RETRIES", "2")
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     calls = []
 
     def down() -> None:
@@ -228,7 +237,7 @@ def test_retries_are_bounded_and_end_in_one_sentence(monkeypatch: pytest.MonkeyP
         raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("server closed"))
 
     with pytest.raises(StorageError, match=r"did not answer get_trial after 2 retries"):
-        storage._retrying(down, "get_trial")()
+        with_retries(down, "get_trial")()
     assert len(calls) == 3
 
     def broken() -> None:  # not a connection problem: raised at once, never retried
@@ -237,7 +246,7 @@ def test_retries_are_bounded_and_end_in_one_sentence(monkeypatch: pytest.MonkeyP
 
     calls.clear()
     with pytest.raises(sqlalchemy.exc.IntegrityError):
-        storage._retrying(broken, "add_trial")()
+        with_retries(broken, "add_trial")()
     assert len(calls) == 1
 
 
@@ -300,8 +309,8 @@ def test_only_the_storage_module_parses_a_storage_url() -> None:
     """One parser. Other modules call StorageLocation; none slices 'sqlite:///'."""
     offenders = []
     for path in sorted((ROOT / "kdsweep").rglob("*.py")):
-        if path.name in ("location.py", "storage.py"):  # the parser, and the module that opens it
-            continue
+        if path.name == "location.py" or path.name == "opening.py" and path.parent.name == "storage":
+            continue  # the parser, and the module that opens what it parses
         text = path.read_text()
         if re.search(r"startswith\(\s*[\"'](sqlite|postgres)", text) or 'len("sqlite:///")' in text:
             offenders.append(path.name)
@@ -325,66 +334,113 @@ def _wrapped(exc: BaseException) -> BaseException:
         return outer
 
 
-@pytest.mark.parametrize("message, transient", [
-    ("database is locked", True),
-    ("database or disk is full", False),
-    ("attempt to write a readonly database", False),
-    ("database disk image is malformed", False),
-    ("no such column: trials.datetime_complete", False),
-    ("unable to open database file", False),
+def sqlite_error(kind: str, folder: Path) -> sqlite3.Error:
+    """A real SQLite error of `kind`, raised by SQLite itself on files in `folder`."""
+    db = folder / f"{kind}.db"
+    con = sqlite3.connect(db, timeout=0, isolation_level=None)
+    con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    try:
+        if kind == "locked":
+            other = sqlite3.connect(db, timeout=0, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            con.execute("BEGIN IMMEDIATE")
+        elif kind == "full":  # SQLite's own page limit says what a full disk says
+            con.execute(f"PRAGMA max_page_count = {con.execute('PRAGMA page_count').fetchone()[0]}")
+            con.execute("INSERT INTO t VALUES (zeroblob(100000))")
+        elif kind == "read-only":
+            sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("INSERT INTO t VALUES (1)")
+        elif kind == "damaged":
+            (folder / "damaged.txt").write_bytes(b"not a database, " * 512)
+            sqlite3.connect(folder / "damaged.txt").execute("SELECT * FROM sqlite_master")
+        elif kind == "no such column":
+            con.execute("SELECT datetime_complete FROM t")
+        elif kind == "cannot open":
+            sqlite3.connect(folder / "missing" / "x.db").execute("SELECT 1")
+    except sqlite3.Error as exc:
+        return exc
+    raise AssertionError(f"no {kind} error")
+
+
+@pytest.mark.parametrize("kind, transient", [
+    ("locked", True), ("full", False), ("read-only", False), ("damaged", False), ("no such column", False),
+    ("cannot open", False),
 ])
-def test_sqlite_errors_are_sorted(message: str, transient: bool) -> None:
-    import sqlite3
-
-    assert storage._transient(_wrapped(sqlite3.OperationalError(message))) is transient
+def test_sqlite_errors_are_sorted(kind: str, transient: bool, tmp_path: Path) -> None:
+    assert errors.transient(_wrapped(sqlite_error(kind, tmp_path))) is transient
 
 
-def test_an_error_raised_while_handling_another_is_judged_on_its_own() -> None:
-    import sqlite3
-
+def test_an_error_raised_while_handling_another_is_judged_on_its_own(tmp_path: Path) -> None:
+    locked, full = sqlite_error("locked", tmp_path), sqlite_error("full", tmp_path)
     try:
         try:
-            raise sqlite3.OperationalError("database is locked")
+            raise locked
         except sqlite3.OperationalError:
-            raise sqlite3.OperationalError("database or disk is full") from None
+            raise full from None
     except sqlite3.OperationalError as exc:
-        assert exc.__context__ is not None and not storage._transient(exc)
+        assert exc.__context__ is not None and not errors.transient(exc)
     try:
         try:
-            raise sqlite3.OperationalError("database is locked")
+            raise locked
         except sqlite3.OperationalError:
             raise ValueError("a bug in the caller")  # noqa: B904
     except ValueError as exc:
-        assert not storage._transient(exc)
+        assert not errors.transient(exc)
 
 
-def test_permanent_errors_end_at_once_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sqlite3
-
-    monkeypatch.setattr(storage.time, "sleep", lambda s: pytest.fail("a permanent error was retried"))
+def test_permanent_errors_end_at_once_in_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("a permanent error was retried"))
     where = storage.location("sqlite:////data/sweep.db")
-    for message, fragment in [("database or disk is full", "the disk holding the database is full"),
-                              ("attempt to write a readonly database", "the database is read-only"),
-                              ("database disk image is malformed", "damaged")]:
-        def fail(message: str = message) -> None:
-            raise _wrapped(sqlite3.OperationalError(message))
+    for kind, fragment in [("full", "the disk holding the database is full"),
+                           ("read-only", "the database is read-only"), ("damaged", "damaged")]:
+        error = sqlite_error(kind, tmp_path)
+
+        def fail(error: sqlite3.Error = error) -> None:
+            raise _wrapped(error)
 
         with pytest.raises(StorageError, match=fragment) as caught:
-            storage._retrying(fail, "set_trial_state_values", where)()
-        assert message in str(caught.value) and str(caught.value).count(". ") == 0
+            with_retries(fail, "set_trial_state_values", where)()
+        assert str(error) in str(caught.value) and str(caught.value).count(". ") == 0
+
+
+def test_server_errors_are_sorted_by_sqlstate(pg_url: str) -> None:  # noqa: F811
+    """PostgreSQL's own errors, raised by the server: SQLSTATE decides, not the message."""
+    import psycopg
+
+    con = psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql"), autocommit=True)
+    try:
+        for sql, cause in [("SELECT * FROM no_such_table", "do not match this Optuna version"),
+                           ("SELECT * FROM version_info", "holds no Optuna studies"),
+                           ("SET TRANSACTION READ ONLY; CREATE TABLE x (y int)", None)]:
+            with pytest.raises(psycopg.Error) as caught:
+                with con.transaction():
+                    for statement in sql.split("; "):
+                        con.execute(statement)
+            rule = errors.rule_for(caught.value)
+            assert rule is not None and rule.verdict == errors.STOP, (sql, rule)
+            assert cause is None or cause in rule.what, (sql, rule.what)
+        cancelled = psycopg.OperationalError("the connection is lost")
+        assert errors.transient(cancelled)  # no SQLSTATE: a connection that failed
+    finally:
+        con.close()
+
+
+def test_mysql_urls_are_refused_as_usage_errors() -> None:
+    """kdsweep's study lock and schema creation are written (and tested) for SQLite and PostgreSQL."""
+    with pytest.raises(storage.StorageURLError, match="is not a storage URL"):
+        storage.location("mysql+pymysql://u:pw@db/kd")
 
 
 def test_outage_past_the_budget_is_storage_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlalchemy.exc
 
     monkeypatch.setenv("KDSWEEP_RETRIES", "1")
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
 
     def down() -> None:
         raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
 
     with pytest.raises(storage.StorageUnavailable, match="did not answer get_trial after 1 retries"):
-        storage._retrying(down, "get_trial")()
+        with_retries(down, "get_trial")()
     monkeypatch.setenv("KDSWEEP_RETRIES", "many")
     with pytest.raises(StorageError, match="KDSWEEP_RETRIES must be a whole number of retries"):
         storage.retries()
@@ -453,7 +509,7 @@ import sys, time
 import optuna
 from kdsweep.service import storage
 from kdsweep.service.storage import open_storage, study_lock
-storage.LOCK_IDLE_S = float(sys.argv[3])
+storage.locks.LOCK_IDLE_S = float(sys.argv[3])
 st = open_storage(sys.argv[1], heartbeat=False)
 study = optuna.load_study(study_name="locked", storage=st)
 with study_lock(st, study._study_id):
@@ -470,7 +526,7 @@ def test_a_worker_waiting_for_the_study_lock_says_who_holds_it(pg_url: str, tmp_
 
     import optuna
 
-    monkeypatch.setattr(storage, "LOCK_LOG_S", 1.0, raising=False)
+    monkeypatch.setattr(storage.locks, "LOCK_LOG_S", 1.0)
     st = storage.open_storage(pg_url, heartbeat=False)
     study = optuna.create_study(study_name="locked", storage=st)
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, pg_url, "6", "60"], stdout=subprocess.PIPE,
@@ -522,21 +578,21 @@ def test_a_stopped_lock_holder_does_not_stall_the_others(pg_url: str, tmp_path: 
     assert "holder" not in optuna.load_study(study_name="locked", storage=st).user_attrs
 
 
-def test_the_study_lock_block_is_one_transaction(pg_url: str) -> None:  # noqa: F811
-    """On PostgreSQL what a block stores under the lock is stored whole or not at all."""
-    import optuna
-
-    st = storage.open_storage(pg_url, heartbeat=False)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_study_lock_block_is_one_transaction(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """What a block stores under the lock is stored whole or not at all, on every backend."""
+    url = f"sqlite:///{tmp_path / 'atomic.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    st = storage.open_storage(url, heartbeat=False)
     study = optuna.create_study(study_name="atomic", storage=st)
     with pytest.raises(RuntimeError, match="boom"), storage.study_lock(st, study._study_id):
         study.enqueue_trial({})
         study.enqueue_trial({})
         raise RuntimeError("boom")
-    fresh = optuna.load_study(study_name="atomic", storage=storage.open_storage(pg_url, heartbeat=False))
+    fresh = optuna.load_study(study_name="atomic", storage=storage.open_storage(url, heartbeat=False))
     assert fresh.trials == []
     with storage.study_lock(st, study._study_id):
         study.enqueue_trial({})
-    assert len(optuna.load_study(study_name="atomic", storage=storage.open_storage(pg_url, heartbeat=False)).trials) == 1
+    assert len(optuna.load_study(study_name="atomic", storage=storage.open_storage(url, heartbeat=False)).trials) == 1
 
 
 # ---------------------------------------------------------------- concurrent first starts
@@ -551,6 +607,45 @@ start = float(sys.argv[1])
 time.sleep(max(0.0, start - time.time()))
 main(sys.argv[2:])
 """
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+import optuna
+from kdsweep.service.storage import open_storage
+Path(sys.argv[3]).touch()  # imported: ready
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.001)
+optuna.create_study(study_name=sys.argv[4], storage=open_storage(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["no file", "an empty file"])
+def test_concurrent_first_starts_on_a_new_sqlite_database(tmp_path: Path, start: str) -> None:
+    """Four processes open a new SQLite database at the same instant, each to create a study:
+    each succeeds (one makes the schema, the others wait for it), round after round."""
+    procs_n = 4
+    for round_ in range(2):
+        db = tmp_path / f"round-{round_}.db"
+        if start == "an empty file":
+            db.touch()
+        url, go = f"sqlite:///{db}", tmp_path / f"go-{round_}"
+        ready = [tmp_path / f"ready-{round_}-{i}" for i in range(procs_n)]
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, url, str(go), str(ready[i]), f"s{i}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+                 for i in range(procs_n)]
+        def started(ready: list[Path] = ready, procs: list[subprocess.Popen] = procs) -> bool:
+            return all(r.exists() for r in ready) or any(p.poll() is not None for p in procs)
+
+        wait_until(started, 120, 0.05, "every process to import kdsweep")
+        go.touch()
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        failed = [o for p, o in zip(procs, outs, strict=True) if p.returncode != 0]
+        assert not failed, f"round {round_}: {len(failed)} of {procs_n} failed:\n{failed[0][-3000:]}"
+        assert sorted(storage.study_names(open_storage(url, heartbeat=False))) == [f"s{i}" for i in range(procs_n)]
+    assert not list(tmp_path.glob("*.lock")), "a lock file was left beside the database"
 
 
 @pytest.mark.slow
@@ -571,3 +666,97 @@ def test_concurrent_first_starts_on_an_empty_postgres_database(tmp_path: Path) -
             outs = [p.communicate(timeout=180)[0] for p in procs]
             failed = [o for p, o in zip(procs, outs, strict=True) if p.returncode != 0]
             assert not failed, f"round {round_}: {len(failed)} of 5 failed:\n{failed[0][-3000:]}"
+
+
+# ---------------------------------------------------------------- study names from the study file
+
+
+def test_a_study_name_from_the_study_file_is_checked_like_study_name(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"import dataclasses, runpy\nSTUDY = dataclasses.replace(runpy.run_path({str(TINY)!r})"
+                    "['STUDY'], name='../evil')\n")
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    runner = CliRunner()
+    for command in (["create", str(evil)], ["launch", str(evil), "--device", "cpu"]):
+        result = runner.invoke(main, [*command, "--preset", "quick", "--storage", url, "-n", "2"])
+        assert result.exit_code == 2, result.output
+        assert "'../evil' is not allowed" in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "k.db").exists()  # nothing stored
+    # With --study-name the file's own name is still refused: it is stored as the study's spec.
+    named = runner.invoke(main, ["create", str(evil), "--preset", "quick", "--storage", url, "-n", "2",
+                                 "--study-name", "fine"])
+    assert named.exit_code == 2 and "'../evil' is not allowed" in named.output, named.output
+
+
+def test_rm_deletes_a_stored_study_whose_name_is_not_allowed(tmp_path: Path) -> None:
+    """A name stored before names were checked (or by plain Optuna) can still be deleted, and
+    rm never follows it out of the artifacts folder."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    optuna.create_study(study_name="../evil", storage=open_storage(url, heartbeat=False))
+    optuna.create_study(study_name="good", storage=open_storage(url, heartbeat=False))
+    outside = tmp_path / "evil"  # kdsweep-artifacts/../evil, had rm followed the name
+    outside.mkdir()
+    (outside / "precious").write_text("x")
+    runner = CliRunner()
+    listed = runner.invoke(main, ["ls", "--storage", url])
+    assert listed.exit_code == 0 and "../evil" in listed.output, listed.output
+    removed = runner.invoke(main, ["rm", "../evil", "--storage", url, "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert storage.study_names(open_storage(url, heartbeat=False)) == ["good"]
+    assert (outside / "precious").exists()
+
+
+# ---------------------------------------------------------------- staleness on the server's clock
+
+
+@pytest.fixture
+def skewed_clock(monkeypatch: pytest.MonkeyPatch):
+    """Set this process's wall clock (as Optuna's storage reads it, and time.time) `skew` seconds
+    off; the database's own clock (SQLite's C library, the PostgreSQL server) is left as it is."""
+    import datetime as real
+
+    import optuna.storages._rdb.storage as rdb_module
+
+    original = real.datetime
+
+    def skew(seconds: float) -> None:
+        class Skewed(original):
+            @classmethod
+            def now(cls, tz=None):  # noqa: ANN001, ANN206
+                return original.now(tz) + real.timedelta(seconds=seconds)
+
+        monkeypatch.setattr(rdb_module, "datetime", Skewed)  # what stamps a trial's start
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + seconds)
+
+    return skew
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("skew_s", [-3600.0, 0.0, 3600.0])
+def test_dead_workers_are_judged_on_the_database_clock(backend: str, skew_s: float, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, skewed_clock,
+                                                       request: pytest.FixtureRequest) -> None:
+    """A worker's clock an hour behind or ahead changes nothing: a trial just taken is alive, one
+    silent for a grace period is dead, with or without a heartbeat yet."""
+    monkeypatch.setenv("KDSWEEP_HEARTBEAT", "1")
+    monkeypatch.setenv("KDSWEEP_GRACE", "2")
+    url = f"sqlite:///{tmp_path / 'clock.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    st = open_storage(url)
+    study = optuna.create_study(study_name="clock", storage=st)
+    skewed_clock(skew_s)
+    for _ in range(2):
+        study.enqueue_trial({})
+    silent, beating = (t._trial_id for t in study.get_trials(deepcopy=False))
+    for trial_id in (silent, beating):  # taken by a worker with this clock (Optuna stamps its start)
+        assert st.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+    st.record_heartbeat(beating)
+    assert storage.dead_trial_ids(st, study._study_id) == []  # just taken: alive
+    deadline = time.monotonic() + 20
+    while (dead := storage.dead_trial_ids(st, study._study_id)) != [silent]:
+        assert dead == [] and time.monotonic() < deadline, dead  # the beating one is never dead
+        st.record_heartbeat(beating)
+        time.sleep(0.3)
+    while (dead := storage.dead_trial_ids(st, study._study_id)) != [silent, beating]:
+        assert dead == [silent] and time.monotonic() < deadline + 10, dead  # it stopped beating
+        time.sleep(0.3)

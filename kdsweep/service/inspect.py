@@ -117,11 +117,16 @@ def ls_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def study_folders(storage_url: str, study_name: str, artifacts: str | None = None,
                   logdir: str | None = None) -> list[Path]:
     """The folders a study and its verify sibling fill: artifacts (checkpoints, kept weights)
-    and TensorBoard runs."""
-    from kdsweep.service.location import location
+    and TensorBoard runs. None for a name that is not a safe one (stored before names were
+    checked, or by plain Optuna): kdsweep never made folders for it, and a path made of it
+    could lead anywhere."""
+    from kdsweep.service.location import StorageURLError, check_study_name, location
 
     where = location(storage_url)
-    names = (study_name, study_name + VERIFY_SUFFIX)
+    try:
+        names = (check_study_name(study_name), check_study_name(study_name + VERIFY_SUFFIX))
+    except StorageURLError:
+        return []
     return [where.artifacts(n, artifacts) for n in names] + [where.runs(logdir) / n for n in names]
 
 

@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # for annotations only
 
 DEFAULT_URL = "sqlite:///kdsweep.db"
 URL_HELP = "use sqlite:///FILE.db or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
-# The schemes open() accepts; anything else is a usage error.
-SCHEME = re.compile(r"^(sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://")
+# The schemes open_storage accepts (the backends kdsweep runs and tests: its study lock and
+# schema creation are written for these two); anything else is a usage error.
+SCHEME = re.compile(r"^(sqlite|postgresql|postgresql\+\w+)://")
 ARTIFACTS_DIR = "kdsweep-artifacts"  # beside a SQLite file: checkpoints and weights per study
 RUNS_DIR = "runs"  # beside a SQLite file: TensorBoard runs per study
 

@@ -23,6 +23,7 @@ import optuna
 import kdsweep
 from kdsweep.core.config import ConfigError, TrainConfig, replace, to_dict, validate
 from kdsweep.service import space as sp
+from kdsweep.service.location import StorageURLError, check_study_name
 
 # Settings that say where or how fast a run happens, not what it is: they may differ between
 # the hosts of one study and are left out of its recorded definition.
@@ -266,8 +267,9 @@ def load(name_or_path: str) -> StudySpec:
     if not isinstance(study, StudySpec):
         raise StudyError(f"study file {path} must define STUDY = kdsweep.service.spec.StudySpec(...).")
     try:
+        check_study_name(study.name)  # the default --study-name: it names database rows and folders
         sp.check_space(study.space)
-    except sp.SpaceError as exc:
+    except (StorageURLError, sp.SpaceError) as exc:
         raise StudyError(f"study file {path}: {exc}") from None
     return dataclasses.replace(study, source=str(path))
 
