@@ -25,7 +25,9 @@ from benchmarks import (
     gpu,
     pruning,
     q2,
+    racing,
     report,
+    speed,
     storage,
     workers,
 )
@@ -36,10 +38,13 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "core_vs_reference": (core.run, 180),
     "q2_vs_plain_ce": (q2.q2_vs_plain_ce, 300),
     "teacher_setups": (q2.teacher_setups, 120),
-    "pruning_epoch_savings": (pruning.run, 180),  # replay only: no training
+    "pruning_epoch_savings": (pruning.run, 1800),  # replay only (no training): tuning, scoring, bootstrap
+    "pruning_q2": (pruning.run_q2, 600),  # the same on q2's own table
+    "racing_verification": (racing.run, 60),  # replay of a recorded seed table: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),
     "q2_fused": (fused.run, 420),
+    "q2_speed": (speed.run, 1500),
     "trial_dead_time": (dead_time.run, 240),
     "cli_startup_s": (cli.run, 30),
     "workers_per_100_connections": (connections.run, 90),

@@ -41,6 +41,7 @@ from typing import Any
 import click
 import optuna
 
+from kdsweep.core.teacher import prepare as prepare_teacher
 from kdsweep.core.train import TrainingError, train
 from kdsweep.service import space as sp
 from kdsweep.service import spec as studies
@@ -99,10 +100,11 @@ def record_one(study: studies.StudySpec, preset: str, overrides: dict[str, Any],
     def report(epoch: int, metrics: dict[str, float]) -> None:
         curve.append(round(float(metrics[metric]), 4))
 
+    teacher = prepare_teacher(config)  # a distilling config's teacher (cached once per host), as a sweep's
     start = time.perf_counter()
     diverged = False
     try:
-        train(config, report=report)
+        train(config, report=report, teacher=teacher)
     except TrainingError:
         diverged = True  # a sweep fails this trial after the epochs it reported
     return {"params": params, "curve": curve, "diverged": diverged,

@@ -313,28 +313,31 @@ def stop(study_name: str, storage: str) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the winning trial's kept weights, with its config, to this file.")
 @click.option("--verify", "verify_", is_flag=True,
-              help="Re-train the top configs over seeds (in STUDY_NAME.verify) and compare them paired.")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds per config (--verify).")
-@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True, help="Configs to verify (--verify).")
+              help="Race the top configs over fresh seeds (in STUDY_NAME.verify) and compare them paired.")
+@click.option("--grid", is_flag=True, help="With --verify: a fixed grid (--top configs x --seeds) instead of a race.")
+@click.option("--max-seeds", type=click.IntRange(min=3), default=8, show_default=True, help="Race rounds at most.")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Seeds per config (--grid).")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Configs at most (default: race 8, grid 3).")
 @click.option("-w", "--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes that run the --verify trials here.")
 @click.option("--device", default="auto", show_default=True, help="Device of the --verify workers.")
 @click.option("--data", default=None, metavar="DIR", callback=check_data,
               help="Data folder of the --verify workers.")
 @click.option("--no-run", is_flag=True,
-              help="With --verify: only queue the runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
+              help="With --verify: only queue the next runs (for `kdsweep worker --study-name STUDY_NAME.verify` elsewhere).")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @friendly
 def best(study_name: str, storage: str, fmt: str | None, output: str | None, weights: str | None,
-         verify_: bool, seeds: int, top: int, workers: int, device: str, data: str | None,
-         no_run: bool, as_json: bool) -> None:
+         verify_: bool, grid: bool, max_seeds: int, seeds: int, top: int | None, workers: int, device: str,
+         data: str | None, no_run: bool, as_json: bool) -> None:
     """Export the winning trial as a complete, runnable config, or verify it over seeds.
 
-    With no complete trial yet it exits 1, with or without --verify.
+    Once verified, the winner is the verified one. With no complete trial yet it exits 1.
 
     \b
     kdsweep best q2 -o best.yaml && kdsweep train --config best.yaml
-    kdsweep best q2 --verify --seeds 5 --top 3
+    kdsweep best q2 --verify              # race the top configs on fresh seeds
+    kdsweep best q2 --verify --grid --seeds 5 --top 3
     """
     from kdsweep.service import verify
 
@@ -342,20 +345,17 @@ def best(study_name: str, storage: str, fmt: str | None, output: str | None, wei
     if sweep.best_trial is None:  # a runtime state, not a usage error: exit 1 in both cases
         raise click.ClickException(f"study {study_name!r} has no complete trial yet; run `kdsweep launch` first.")
     if verify_:
-        click.echo(verify.run(sweep, storage, top, seeds, workers, device, data, click.echo, start_workers=not no_run))
+        click.echo(verify.run(sweep, storage, top, seeds, workers, device, data, click.echo,
+                              start_workers=not no_run, grid=grid, max_seeds=max_seeds))
         return
-    checked = verify.summary_text(sweep)
-    if checked:
-        click.echo(f"seed verification ({verify.sibling_name(study_name)}):\n{checked}", err=True)
-    doc = sweep.export_best()
-    from kdsweep.service.report import noise_summary
-
-    for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+    doc, trial, notes = verify.export(sweep)
+    for line in notes:  # the verification, noise, selection bias, the alpha=0 reference, which winner
         click.echo(line, err=True)
     if weights:
         from kdsweep.service.weights import export_weights
 
-        export_weights(sweep.best_trial, doc, Path(weights))
+        export_weights(trial, doc, Path(weights))
+        click.echo(f"weights from trial {trial.number}'s sweep run (seed {doc['seed']}) written to {weights}", err=True)
     from kdsweep.service.inspect import dump
 
     text = dump(doc, "json" if as_json else fmt, output)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = (
@@ -110,3 +111,19 @@ def fmnist_teacher(fmnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     alone = train(replace(config, kd=None))
     return {"config": config, "teacher": info, "teacher_val_acc": info["val_acc"],
             "student_val_acc": alone.final_val_acc}
+
+
+@pytest.fixture(autouse=True)
+def torch_global_state():
+    """Restore torch's process-wide settings after every test (threads, default dtype,
+    determinism, matmul precision, grad mode), so no test runs under another's leftovers."""
+    saved = (torch.get_num_threads(), torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+             torch.get_float32_matmul_precision(), torch.is_grad_enabled())
+    yield
+    threads, dtype, deterministic, precision, grad = saved
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_float32_matmul_precision(precision)
+    torch.set_grad_enabled(grad)

@@ -97,3 +97,25 @@ def test_verify_includes_the_reference_as_one_more_configuration(storage):
     text = verify.format_text(runs, verify.compare(runs))
     assert "alpha=0 reference (student alone)" in text and "vs the alpha=0 reference" in text
     assert "held-out test set: 0.6950" in text
+
+
+@pytest.mark.slow
+def test_launch_trains_the_alpha0_reference_first_not_after_the_sweep(tmp_path: Path, fmnist_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from kdsweep import cli
+
+    study_file = Path(__file__).resolve().parent / "studies" / "tiny_kd.py"
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    monkeypatch.setenv("KDSWEEP_THREADS", "1")
+    result = CliRunner().invoke(cli.main, ["launch", str(study_file), "--preset", "quick", "-n", "2", "-w", "1",
+                                           "--device", "cpu", "--no-tensorboard", "--storage", url])
+    assert result.exit_code == 0, result.output[-3000:]
+    storage = open_storage(url, heartbeat=False)
+    (ref,) = optuna.load_study(study_name="tiny_kd.baseline", storage=storage).get_trials()
+    sweep = optuna.load_study(study_name="tiny_kd", storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    assert ref.state == TrialState.COMPLETE and len(sweep) == 2
+    # One worker: it took the reference before the sweep's trials, so the comparison with the
+    # student alone is there while the sweep runs, not only after its last trial.
+    assert ref.datetime_complete <= min(t.datetime_start for t in sweep)

@@ -97,3 +97,19 @@ def test_curve_recording_resumes_and_refuses_another_draw(tmp_path: Path, fmnist
     other = CliRunner().invoke(curves.main, [*args, "--seed", "1"])
     assert other.exit_code == 2 and "another study definition or seed" in other.output
     assert [c["id"] for c in json.loads(out.read_text())["configs"]] == [0, 1]  # nothing changed
+
+
+def test_racing_replay_judges_on_held_out_seeds_and_counts_runs() -> None:
+    import random
+
+    from benchmarks import racing
+
+    seeds = list(range(12))
+    # Config 1 is far ahead on every seed; 2 and 3 are tied far behind: the race settles both
+    # at its first look (3 seeds) and spends 3 x 3 runs where the grid spends 3 x 8.
+    values = {1: {s: 0.9 + 0.001 * (s % 3) for s in seeds}, 2: {s: 0.5 + 0.002 * (s % 2) for s in seeds},
+              3: {s: 0.5 + 0.001 * (s % 4) for s in seeds}}
+    out = racing.replay(values, seeds, [1, 2, 3], 50, random.Random(0))
+    assert out["grid_runs"] == 24 and out["race_runs_mean"] == 9 and out["runs_ratio"] == 0.375
+    assert out["grid_picks_held_out_best"] == out["race_picks_held_out_best"] == 1.0
+    assert out["race_agrees_with_grid"] == 1.0 and out["held_out_seeds"] == 4

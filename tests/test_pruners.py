@@ -7,13 +7,14 @@ last, exactly as kdsweep's objective does.
 from __future__ import annotations
 
 import math
+import random
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from kdsweep.core.train import TrainingError
-from kdsweep.service.pruners import CurvePruner
+from kdsweep.service.pruners import CurvePruner, ForecastPruner
 
 T = 9
 RISING = [0.50, 0.62, 0.68, 0.72, 0.75, 0.77, 0.78, 0.79, 0.80]  # an ordinary curve that ends at 0.80
@@ -150,3 +151,134 @@ def test_a_minimising_study_is_the_mirror_image() -> None:
 def test_bad_parameters_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         CurvePruner(**kwargs)
+
+
+# --- ForecastPruner ---------------------------------------------------------------------------
+
+KINDS = optuna.distributions.CategoricalDistribution(["fast", "slow", "bad"])
+LR = optuna.distributions.FloatDistribution(0.01, 0.4, log=True)
+SHAPES = {  # epoch 1 .. T, before a per-curve offset
+    "fast": [0.60, 0.70, 0.74, 0.77, 0.79, 0.80, 0.81, 0.82, 0.82],
+    "slow": [0.15, 0.35, 0.55, 0.68, 0.76, 0.80, 0.82, 0.83, 0.84],  # DropBlock-like: ends on top
+    "bad": [0.30, 0.38, 0.42, 0.45, 0.47, 0.48, 0.49, 0.50, 0.50],
+}
+
+
+def scripted_prior(n: int = 30, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = ("fast", "slow", "bad")[i % 3]
+        offset = rng.uniform(-0.02, 0.02)
+        out.append({"params": {"kind": kind, "lr": rng.uniform(0.02, 0.3)},
+                    "curve": [round(v + offset + rng.uniform(-0.005, 0.005), 4) for v in SHAPES[kind]]})
+    return out
+
+
+def forecast_pruner(**kwargs) -> ForecastPruner:
+    return ForecastPruner(T, prior=scripted_prior(), prior_distributions={"kind": KINDS, "lr": LR},
+                          miss=0.1, param_weight=1.0, neighbours=5, **kwargs)
+
+
+def run_with_params(study: optuna.Study, params: dict, curve: list[float]) -> int | None:
+    """`run`, for a trial that samples `params` first (as a sweep's trial does)."""
+    study.enqueue_trial(params)
+    trial = study.ask()
+    trial.suggest_categorical("kind", list(KINDS.choices))
+    trial.suggest_float("lr", LR.low, LR.high, log=True)
+    for epoch, v in enumerate(curve, start=1):
+        trial.report(v, epoch)
+        if epoch < T and trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return epoch
+    study.tell(trial, curve[-1])
+    return None
+
+
+def forecast_study(pruner: ForecastPruner | None = None) -> optuna.Study:
+    """A study whose one complete trial (a fast configuration ending at 0.83) is the incumbent."""
+    study = optuna.create_study(direction="maximize", pruner=pruner or forecast_pruner())
+    assert run_with_params(study, {"kind": "fast", "lr": 0.1}, [v + 0.01 for v in SHAPES["fast"]]) is None
+    return study
+
+
+def test_forecast_a_clear_loser_is_stopped_at_epoch_1() -> None:
+    assert run_with_params(forecast_study(), {"kind": "bad", "lr": 0.1}, SHAPES["bad"]) == 1
+
+
+def test_forecast_a_slow_starter_is_kept_to_the_end() -> None:
+    # Below the loser at epoch 1 (0.15 < 0.30), but its parameters and early slope match the
+    # prior's slow starters, which end on top.
+    assert run_with_params(forecast_study(), {"kind": "slow", "lr": 0.1}, SHAPES["slow"]) is None
+
+
+def test_forecast_stops_nothing_without_a_bound() -> None:
+    # No prior and a single complete trial: too few residuals for a calibrated bound.
+    study = optuna.create_study(direction="maximize", pruner=ForecastPruner(T, miss=0.1))
+    for curve in (RISING, [0.1] * T):
+        assert run(study, curve) is None
+
+
+def test_forecast_the_same_inputs_give_the_same_decision() -> None:
+    def bound(study: optuna.Study, pruner: ForecastPruner) -> tuple[float, float] | None:
+        study.enqueue_trial({"kind": "slow", "lr": 0.05})
+        trial = study.ask()
+        trial.suggest_categorical("kind", list(KINDS.choices))
+        trial.suggest_float("lr", LR.low, LR.high, log=True)
+        for epoch, v in enumerate([0.2, 0.4], start=1):
+            trial.report(v, epoch)
+        out = pruner.bound(study, study._storage.get_trial(trial._trial_id))
+        study.tell(trial, state=TrialState.FAIL)  # leave the study as it was
+        return out
+
+    curves = [("fast", [v + 0.01 for v in SHAPES["fast"]]), ("slow", SHAPES["slow"]), ("bad", SHAPES["bad"])]
+    one = forecast_pruner()
+    a = optuna.create_study(direction="maximize", pruner=one)
+    for kind, curve in curves:
+        run_with_params(a, {"kind": kind, "lr": 0.1}, curve)
+    first = bound(a, one)
+    # The same pruner again (its cache), and a new pruner on a study that saw the same trials.
+    assert bound(a, one) == first
+    fresh = forecast_pruner()
+    assert bound(a, fresh) == first
+    assert first is not None and math.isfinite(first[0])
+
+
+def test_forecast_replay_equals_a_real_ask_tell_study() -> None:
+    # The benchmark's replay harness and a real study (optimize with an objective that reports
+    # the same curves) take the same decisions.
+    from benchmarks.pruning import replay
+
+    rng = random.Random(1)
+    trials = [({"kind": k, "lr": round(rng.uniform(0.02, 0.3), 4)},
+               [round(v + rng.uniform(-0.03, 0.03), 4) for v in SHAPES[k]])
+              for k in ("fast", "bad", "slow", "bad", "fast", "slow", "bad", "bad")]
+    replayed = replay([c for _, c in trials], forecast_pruner(), params=[p for p, _ in trials],
+                      dists={"kind": KINDS, "lr": LR})
+
+    study = optuna.create_study(direction="maximize", pruner=forecast_pruner())
+    for p, _ in trials:
+        study.enqueue_trial(p)
+    curves = iter(c for _, c in trials)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("kind", list(KINDS.choices))
+        trial.suggest_float("lr", LR.low, LR.high, log=True)
+        curve = next(curves)
+        for epoch, v in enumerate(curve, start=1):
+            trial.report(v, epoch)
+            if epoch < len(curve) and trial.should_prune():
+                raise optuna.TrialPruned()
+        return curve[-1]
+
+    study.optimize(objective, n_trials=len(trials))
+    real = [(len(t.intermediate_values), t.value if t.state == TrialState.COMPLETE else None) for t in study.trials]
+    assert real == replayed
+    assert any(v is None for _, v in real) and any(v is not None for _, v in real[1:])  # both happened
+
+
+@pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_epochs": 9, "miss": 0.0},
+                                    {"max_epochs": 9, "margin": -0.1}, {"max_epochs": 9, "min_epoch": 0}])
+def test_forecast_bad_parameters_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ForecastPruner(**kwargs)

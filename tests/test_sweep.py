@@ -246,9 +246,9 @@ def test_a_requeued_trial_keeps_its_enqueued_values_rungs_and_bracket(
 def _heartbeat_of(storage, trial_id: int):
     from optuna.storages._rdb import models
 
-    from kdsweep.service.storage import _rdb
+    from kdsweep.service.storage.locks import rdb_of
 
-    rdb = _rdb(storage)
+    rdb = rdb_of(storage)
     session = rdb.scoped_session()
     try:
         beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)

@@ -242,3 +242,37 @@ def test_label_smoothing_reaches_the_cross_entropy_term_at_every_alpha(tiny_npz:
     unsmoothed = train(cfg).history[0]["train_loss"]
     assert kd == pytest.approx(plain_ce, rel=1e-3)
     assert abs(plain_ce - unsmoothed) > 0.1  # smoothing 0.3 over 10 classes moves the loss clearly
+
+
+@pytest.mark.slow
+def test_evaluation_classifies_every_image_as_a_plain_forward_does(fmnist_dir: Path) -> None:
+    # The scoring path (inference mode, channels_last on the CPU) against the plainest one:
+    # a default-layout forward under no_grad, image by image the same top-1.
+    from kdsweep.core import data
+    from kdsweep.core.train import _to_input, correctness
+
+    config = TrainConfig(
+        data=DataConfig(dataset="fashion-mnist", root=str(fmnist_dir), val_size=2000, train_subset=1000,
+                        channels=3, pad=1, flip=True),
+        model=ModelConfig(arch="resnet18", weights="none", stem="imagenet"),
+        optim=OptimConfig(lr=0.05), epochs=1, batch_size=25, eval_batch_size=512, device="cpu", threads=1,
+    )
+    result = train(config)
+    splits = data.load_splits(result.config.data)
+    model, device = result.model.eval(), torch.device("cpu")
+    with torch.no_grad():
+        plain = torch.cat([model(_to_input(splits.val_x[i:i + 512], result.config, splits, device)).argmax(1)
+                           for i in range(0, len(splits.val_x), 512)]) == splits.val_y
+    assert 0.2 < plain.float().mean().item() < 1.0  # a model that learnt something (chance: 0.1)
+    assert torch.equal(correctness(model, splits.val_x, splits.val_y, result.config, splits, device), plain)
+    assert torch.equal(result.val_correct, plain)
+
+
+def test_validating_only_the_last_epoch_trains_the_same_weights(tiny_npz: Path) -> None:
+    every = train(tiny(tiny_npz))
+    last = train(tiny(tiny_npz), validate="last")
+    assert ["val_acc" in h for h in last.history] == [False, False, True]
+    assert last.final_val_acc == every.final_val_acc and last.best_epoch == 3
+    assert torch.equal(last.val_correct, every.val_correct)
+    for name, want in every.model.state_dict().items():
+        assert torch.equal(last.model.state_dict()[name], want), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -52,9 +53,10 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     url = f"sqlite:///{tmp_path}/v.db"
     sweep = run_tiny_sweep(study_file, url, 3, tmp_path, tensorboard=False)
     top = Sweep(sweep).top(2)
-    monkeypatch.setenv("KDSWEEP_STUDIES", str(tmp_path))  # the workers find the study file by name
+    # Launched from a file path: verification finds it by the recorded path, with no search path.
+    monkeypatch.delenv("KDSWEEP_STUDIES", raising=False)
     monkeypatch.setenv("KDSWEEP_THREADS", "1")
-    result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--seeds", "2", "--top", "2",
+    result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--grid", "--seeds", "2", "--top", "2",
                                            "--device", "cpu", "--storage", url])
     assert result.exit_code == 0, result.output
     storage = open_storage(url, heartbeat=False)
@@ -78,7 +80,7 @@ def test_verify_end_to_end(tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.M
     assert not math.isnan(diff)
 
     # Asking again queues nothing new; `best` and `report` show the verification afterwards.
-    again = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--seeds", "2", "--top", "2",
+    again = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--grid", "--seeds", "2", "--top", "2",
                                           "--no-run", "--storage", url])
     assert again.exit_code == 0 and len(sibling.trials) == 4, again.output
     shown = CliRunner().invoke(cli.main, ["best", "tiny", "--storage", url])
@@ -158,3 +160,119 @@ def test_verify_refuses_a_study_the_local_file_no_longer_matches(tmp_path: Path,
     result = CliRunner().invoke(cli.main, ["best", "tiny", "--verify", "--storage", url])
     assert result.exit_code == 2 and "different definition (config.epochs" in result.output
     assert "tiny.verify" not in [s.study_name for s in optuna.get_all_study_summaries(url)]
+
+
+# ---------------------------------------------------------------- scripted verification (no model)
+
+LR = optuna.distributions.FloatDistribution(0.001, 0.3, log=True)
+DROP = optuna.distributions.CategoricalDistribution([0.0, 0.2])
+
+
+def _scripted_sweep(tmp_path: Path, tiny_npz: Path, values: list[float]) -> tuple[Sweep, str]:
+    """A sweep of the tiny study created from its file path (as `kdsweep launch path/tiny.py`),
+    holding complete trials with the given one-seed values (no training)."""
+    from kdsweep.core.config import to_dict
+    from kdsweep.service import spec as studies
+
+    study_file = write_study(tmp_path, tiny_npz)
+    url = f"sqlite:///{tmp_path}/s.db"
+    spec = studies.load(str(study_file))
+    sweep = Sweep.create(open_storage(url), spec, "smoke", "tiny", len(values), seed=0)
+    for i, v in enumerate(values):
+        params = {"optim.lr": 0.01 * (i + 1), "mlp.dropout": 0.0}
+        config = to_dict(spec.config_for("smoke", params))
+        sweep.study.add_trial(optuna.create_trial(
+            value=v, params=params, distributions={"optim.lr": LR, "mlp.dropout": DROP},
+            user_attrs={"config": config, "seed": config["seed"]}))
+    return sweep, url
+
+
+def _complete_waiting(sibling: Sweep, script: dict[int, list[float]]) -> int:
+    """Finish every waiting verification run with its scripted value (by source trial and seed)."""
+    from kdsweep.service import keys
+
+    done = 0
+    for _ in sibling.trials(optuna.trial.TrialState.WAITING):
+        t = sibling.study.ask()
+        attrs = sibling.study._storage.get_trial(t._trial_id).user_attrs
+        sibling.study.tell(t, script[attrs[keys.VERIFY_SOURCE]][attrs[keys.VERIFY_SEED] - 1000])
+        done += 1
+    return done
+
+
+def test_best_exports_a_runner_up_that_verifies_higher(tmp_path: Path, tiny_npz: Path) -> None:
+    from kdsweep.service import racing
+
+    sweep, url = _scripted_sweep(tmp_path, tiny_npz, [0.90, 0.88, 0.70])
+    # The one-seed winner (trial 0) was lucky: on fresh seeds trial 1 is ahead.
+    script = {0: [0.80, 0.81, 0.79, 0.80, 0.81, 0.80, 0.79, 0.80],
+              1: [0.85, 0.86, 0.85, 0.84, 0.86, 0.85, 0.85, 0.86],
+              2: [0.70, 0.71, 0.70, 0.69, 0.70, 0.71, 0.70, 0.70]}
+    rounds = []
+
+    def workers(sibling: Sweep) -> None:  # what `best --verify`'s own workers do: run the round
+        rounds.append(_complete_waiting(sibling, script))
+
+    st = racing.run(sweep, 8, 8, workers, lambda line: None)
+    assert st.race.finished and st.race.winner() == 1
+    assert rounds[:3] == [3, 3, 3] and sum(rounds) < 3 * 8  # the race stopped the beaten early
+    result = CliRunner().invoke(cli.main, ["best", "tiny", "--storage", url, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["trial"] == 1 and doc["params"]["optim.lr"] == pytest.approx(0.02)
+    assert doc["verified"]["trial"] == 1 and doc["verified"]["one_seed_winner"]["trial"] == 0
+    assert doc["seed"] == doc["config"]["seed"]
+    assert "exporting the verified winner, trial 1" in result.stderr
+    assert "trial 0 vs trial 2" in result.stderr or "trial 1 vs trial" in result.stderr
+
+
+def test_best_without_verification_exports_the_one_seed_winner_and_suggests_verify(
+        tmp_path: Path, tiny_npz: Path) -> None:
+    _, url = _scripted_sweep(tmp_path, tiny_npz, [0.90, 0.88])
+    result = CliRunner().invoke(cli.main, ["best", "tiny", "--storage", url, "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["trial"] == 0
+    assert "not verified over seeds" in result.stderr and "--verify" in result.stderr
+
+
+def test_verify_no_run_queues_one_round_at_a_time_for_a_study_launched_from_a_file_path(
+        tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep, url = _scripted_sweep(tmp_path, tiny_npz, [0.90, 0.89, 0.88])
+    monkeypatch.delenv("KDSWEEP_STUDIES", raising=False)  # only the recorded path finds tiny.py
+    monkeypatch.chdir(tmp_path.parent)
+    args = ["best", "tiny", "--verify", "--no-run", "--storage", url]
+    first = CliRunner().invoke(cli.main, args)
+    assert first.exit_code == 0, first.output
+    sibling = sweep.sibling(".verify")
+    assert len(sibling.trials()) == 3 and sibling.n_trials == 3  # round 1: three candidates
+    again = CliRunner().invoke(cli.main, args)
+    assert again.exit_code == 0 and len(sibling.trials()) == 3  # nothing new until the round ran
+    assert "race running: round 1 of at most 8" in again.output
+    _complete_waiting(sibling, {c: [0.8] * 8 for c in range(3)})
+    assert CliRunner().invoke(cli.main, args).exit_code == 0
+    assert len(sibling.trials()) == 6 and sibling.n_trials == 6  # round 2
+    seeds = sorted({t.user_attrs["verify.seed"] for t in sibling.trials()})
+    assert seeds == [1000, 1001]
+
+
+def test_reverify_ranks_by_the_current_sweep(tmp_path: Path, tiny_npz: Path) -> None:
+    from kdsweep.service import keys
+
+    sweep, _ = _scripted_sweep(tmp_path, tiny_npz, [0.79, 0.78])
+    sweep.queue_verification([(sweep.study.trials[n].params, n, s) for n in (0, 1) for s in (1000, 1001)])
+    sibling = sweep.sibling(".verify")
+    for t in sibling.trials():  # as an earlier kdsweep stored them: the rank when queued
+        sibling.study._storage.set_trial_user_attr(t._trial_id, keys.VERIFY_RANK, t.user_attrs[keys.VERIFY_SOURCE] + 1)
+    _complete_waiting(sibling, {0: [0.78, 0.79], 1: [0.77, 0.78]})
+    # The sweep then finds a better trial, verified by the next --verify (rank 1 when queued).
+    sweep.study.add_trial(optuna.create_trial(value=0.89, params={"optim.lr": 0.2, "mlp.dropout": 0.2},
+                                              distributions={"optim.lr": LR, "mlp.dropout": DROP},
+                                              user_attrs={"config": {}, "seed": 0}))
+    sweep.queue_verification([(sweep.study.trials[2].params, 2, s) for s in (1000, 1001)])
+    for t in sibling.trials(optuna.trial.TrialState.WAITING):
+        sibling.study._storage.set_trial_user_attr(t._trial_id, keys.VERIFY_RANK, 1)
+    _complete_waiting(sibling, {2: [0.88, 0.87]})
+    runs = verify.collect(sweep, sibling)
+    assert [(c.trial, c.rank) for c in runs] == [(2, 1), (0, 2), (1, 3)]
+    text = verify.format_text(runs, verify.compare(runs))
+    assert "#1 trial 2" in text and "#1 trial 0" not in text
+    assert "winner trial 2 vs trial 0" in text and "winner trial 0 vs" not in text

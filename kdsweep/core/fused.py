@@ -49,6 +49,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdsweep.core import data, models
 from kdsweep.core.config import TrainConfig, to_dict
 from kdsweep.core.devices import autocast, resolve_device, set_threads
+from kdsweep.core.distill import at_least_float32
 from kdsweep.core.train import (
     Report,
     Stopped,
@@ -58,6 +59,7 @@ from kdsweep.core.train import (
     _norm_on,
     _polling,
     _to_input,
+    build_student,
     correctness,
     epoch_order,
     evaluate,
@@ -186,7 +188,7 @@ class FusedGroup:
 
     def _build(self, config: TrainConfig) -> nn.Module:
         torch.manual_seed(config.seed)  # as train() does, so a member starts as its solo run
-        return models.build_model(config.model, self.in_shape, self.splits.num_classes)
+        return build_student(config, self.in_shape, self.splits.num_classes)
 
     def free_slots(self) -> list[int]:
         return [k for k, m in enumerate(self.members) if m is None]
@@ -414,11 +416,11 @@ def _member_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Te
 
     Equal to kd_loss within float rounding (alpha 0 and 1 too: the other term is multiplied by
     zero rather than skipped)."""
-    s = student.float()
+    s = at_least_float32(student)
     logp = F.log_softmax(s, dim=1)
     nll = -logp.gather(1, targets[:, None]).squeeze(1)
     hard = ((1 - smoothing) * nll - smoothing * logp.mean(1)).mean()
-    log_q = F.log_softmax(teacher.float() / temperature, dim=1)
+    log_q = F.log_softmax(teacher.to(s.dtype) / temperature, dim=1)
     # F.kl_div(log_p, log_q, reduction="batchmean", log_target=True), spelled out: vmap has no
     # batching rule for kl_div and would loop over the members.
     kl = (log_q.exp() * (log_q - F.log_softmax(s / temperature, dim=1))).sum() / s.shape[0]

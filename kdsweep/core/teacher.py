@@ -193,11 +193,13 @@ def _train_on_all_cores(train: Callable[..., Any], tconfig: TrainConfig, device:
                         report: Callable[[int, dict[str, float]], None] | None = None) -> Any:
     # Every worker of a study needs this teacher and waits on its lock meanwhile, so on CPU the
     # one that trains it takes the idle cores, not its 1/W share; the share is restored after.
+    # Only the final weights' validation accuracy is stored, so earlier epochs are not scored.
     if device.type != "cpu":
-        return train(tconfig, report=report)
+        return train(tconfig, report=report, validate="last")
     before = torch.get_num_threads()
     try:
-        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, idle_cores())), report=report)
+        return train(dataclasses.replace(tconfig, threads=max(tconfig.threads or 1, idle_cores())), report=report,
+                     validate="last")
     finally:
         torch.set_num_threads(before)
 
@@ -253,10 +255,11 @@ def logits_source(
     model, info = load_teacher(config, splits, device)
     tdata = resolve_data(teacher_config(config), splits).data  # the normalisation it trained with
     image_size = tdata.image_size
+    dtype = next(model.parameters()).dtype
 
     @torch.no_grad()
     def forward(x: torch.Tensor) -> torch.Tensor:
-        inp = data.to_input(x, tdata.mean, tdata.std, image_size=image_size,
+        inp = data.to_input(x, tdata.mean, tdata.std, image_size=image_size, dtype=dtype,
                             channels=config.data.channels, channels_last=device.type == "cuda")
         with autocast(device):
             return model(inp).float()

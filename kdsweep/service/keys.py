@@ -22,6 +22,9 @@ SEED = "kdsweep.seed"  # the sampler seed the study was created with (--seed)
 VERIFY_OF = "kdsweep.verify_of"  # on a `<study>.verify` sibling: the sweep it verifies
 BASELINE_OF = "kdsweep.baseline_of"  # on a `<study>.baseline` sibling: the sweep it is the reference of
 DESCRIPTION = "description"  # shown by optuna-dashboard
+STUDY_FILE = "kdsweep.study_file"  # absolute path of the study file the sweep was created or resumed from
+VERIFY_MODE = "kdsweep.verify_mode"  # on a `<study>.verify` sibling: "race" or "grid" (the last request)
+RACE_MAX_SEEDS = "kdsweep.race_max_seeds"  # on a `<study>.verify` sibling: the race's planned rounds
 STOP = "kdsweep.stop"  # set by `kdsweep stop` (drain): workers re-queue their trial and leave
 
 # ---- trial user attributes: the record of a trial (written by the objective)

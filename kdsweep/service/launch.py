@@ -153,6 +153,7 @@ def run(
     poll: float = 2.0,
     extra_env: Mapping[str, str] | None = None,
     grace: float = 60.0,
+    first: list[str] | None = None,
 ) -> tuple[Counts, str]:
     """Start the workers and watch them; returns the final counts and how it ended.
 
@@ -162,6 +163,8 @@ def run(
     exception) they are stopped the same way before the exception goes on; a worker still
     running `grace` seconds later is killed. The workers form one process group, and each
     gets SIGTERM from the kernel if launch itself is killed, so none is ever left behind.
+    `first`: worker arguments the first worker runs to the end before its own (the alpha=0
+    reference, so it is ready early rather than after the last trial).
     """
     procs: list[subprocess.Popen] = []
     group: int | None = None
@@ -175,15 +178,23 @@ def run(
     start = time.monotonic()
     last, last_news, shown_at = "", "", 0.0
     try:
-        for plan in plans:
-            env = {**plan.env, **(extra_env or {})}
-            cmd = [sys.executable, "-m", "kdsweep", "worker", *worker_args,
-                   "--device", plan.device, "--worker-index", str(plan.index)]
+        def start_worker(plan: WorkerPlan, args: list[str], into: int | None) -> subprocess.Popen:
+            cmd = [sys.executable, "-m", "kdsweep", "worker", *args, "--device", plan.device,
+                   "--worker-index", str(plan.index)]
             # Their own group: a terminal's Ctrl-C reaches launch alone, which stops them.
-            procs.append(subprocess.Popen(cmd, env=env, process_group=group or 0,
-                                          preexec_fn=_die_with_parent))
+            return subprocess.Popen(cmd, env={**plan.env, **(extra_env or {})}, process_group=into or 0,
+                                    preexec_fn=_die_with_parent)
+
+        for i, plan in enumerate(plans):
+            procs.append(start_worker(plan, first if first and i == 0 else worker_args, group))
             group = group or procs[0].pid
-        while any(p.poll() is None for p in procs):
+        then = bool(first and plans)  # the first worker's own work is still to start
+        while then or any(p.poll() is None for p in procs):
+            if then and procs[0].poll() is not None and not stop["why"]:
+                # Into the workers' group while one of them keeps it; else a new group.
+                alive = any(p.poll() is None for p in procs[1:])
+                procs[0], then = start_worker(plans[0], worker_args, group if alive else None), False
+                group = group if alive else procs[0].pid
             if stop["why"]:
                 break
             if timeout is not None and time.monotonic() - start > timeout:
@@ -393,12 +404,17 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     for line in header:  # what will actually be used: data, sizes, augmentation, the teacher
         echo(line)
     args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse)
-    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout)
     from optuna.trial import TrialState
 
     from kdsweep.service import baseline, report
 
-    reference = baseline.prepare(sweep) if how == "done" else None
+    reference = baseline.prepare(sweep)  # the alpha=0 run: the first worker takes it first
+    early = None
+    if reference is not None and reference.trials(TrialState.WAITING):
+        echo(f"worker 0 trains the student alone (alpha=0) first, in {reference.name!r}")
+        early = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
+    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout, first=early)
+    reference = baseline.prepare(sweep) if how == "done" else None  # its run failed or was stopped
     if reference is not None and reference.trials(TrialState.WAITING):
         # The student alone (alpha=0), outside N: one run, one worker with this host's cores.
         echo(f"training the student alone (alpha=0) once, in {reference.name!r}")
@@ -407,6 +423,9 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     echo(sweep.summary_table())
     for line in report.noise_summary(sweep):  # issue 10: how much of the top is noise
         echo(line)
+    from kdsweep.service.dashboard import write_verdict
+
+    write_verdict(sweep)  # the same verdict as the study's note in optuna-dashboard
     return sweep, final, how
 
 

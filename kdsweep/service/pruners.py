@@ -49,10 +49,18 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import FrozenTrial, TrialState
 
 
@@ -197,3 +205,265 @@ class CurvePruner(optuna.pruners.BasePruner):
             return False
         p = self.chance(study, trial)
         return p is not None and p < 1 - self.confidence
+
+
+# --- ForecastPruner: calibrated intervals, a prior, decisions from epoch 1 ---------------------
+
+def resample(curve: Sequence[float], epochs: int) -> list[float]:
+    """A curve of len(curve) epochs read at the same fractions of training for `epochs` epochs.
+
+    Epoch e of `epochs` is read at fraction e/epochs of the recorded schedule (linear between
+    recorded epochs, the first value before it): learning-rate schedules (warm-up, cosine) are
+    functions of that fraction, so a curve's shape carries over approximately.
+    """
+    n = len(curve)
+    if n == epochs:
+        return [float(v) for v in curve]
+    return [float(v) for v in np.interp(np.arange(1, epochs + 1) * n / epochs, np.arange(1, n + 1), curve)]
+
+
+def _encode(params: dict[str, Any], names: list[str], dists: dict[str, BaseDistribution]) -> list[float]:
+    """Parameters as numbers in [0, 1] (a categorical: its choice's index; absent: NaN)."""
+    row = []
+    for name in names:
+        d, v = dists.get(name), params.get(name, None)
+        if v is None or d is None:
+            row.append(math.nan)
+        elif isinstance(d, CategoricalDistribution):
+            row.append(float(d.choices.index(v)) if v in d.choices else math.nan)
+        elif isinstance(d, (FloatDistribution, IntDistribution)):
+            lo, hi, x = float(d.low), float(d.high), float(v)
+            if d.log:
+                lo, hi, x = math.log(lo), math.log(hi), math.log(x)
+            row.append((x - lo) / (hi - lo) if hi > lo else 0.0)
+        else:
+            row.append(math.nan)
+    return row
+
+
+_PRIOR_RESIDUALS: dict[tuple, np.ndarray] = {}  # see ForecastPruner._prior_residuals
+
+
+@dataclass
+class _Study:
+    """A study's complete curves by trial number, each scored as the pruner would have forecast it."""
+
+    rows: dict[int, list[float]] = field(default_factory=dict)  # trial number -> curve (maximised)
+    params: dict[int, dict[str, Any]] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
+    best: float | None = None
+    refs: np.ndarray | None = None  # prior curves, then the study's by trial number
+    codes: np.ndarray | None = None  # their parameters, encoded (see _encode)
+    scores: np.ndarray | None = None  # (references, epochs - 1): standardised residuals
+    dists: dict[str, BaseDistribution] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    categorical: np.ndarray | None = None  # per name: a categorical parameter
+
+
+class ForecastPruner(optuna.pruners.BasePruner):
+    """Stop a trial as soon as a calibrated upper bound of its final value falls below the incumbent.
+
+    At epoch t the trial's final value is forecast from its `neighbours` nearest reference
+    curves: nearest by the RMS difference over the trial's last `window` epochs plus
+    `param_weight` times the RMS difference of the sampled parameters (each scaled to [0, 1]
+    by its distribution, log-scaled where sampled so; a categorical or an absent parameter
+    differs by 1). Each neighbour's gain from its window mean to its end is added to the
+    trial's window mean; `center` is their mean, `spread` their standard deviation (floored by
+    `spread_floor`). The references are the `prior` shipped with a study (configurations of its
+    space recorded to the end) and the study's own complete trials.
+
+    The bound is split conformal with normalised residuals (Vovk et al. 2005; Lei et al. 2018):
+    every reference is forecast at every epoch from the references before it (a prior curve
+    from the other prior curves, a complete trial from the prior and the complete trials with
+    smaller numbers) and its residual (final - center) / spread is kept. Only residuals of
+    references that ended at or above incumbent - margin - `band` calibrate the bound: winners
+    beat their neighbours' forecast more often than most curves do, and a bound calibrated on
+    every curve stops them too often. With m such residuals at epoch t,
+
+        upper = center + spread * (the ceil((m + 1) * (1 - miss))-th smallest of them),
+
+    so a trial exchangeable with those references ends above `upper` with a chance of at most
+    `miss` at that epoch. The trial is stopped when upper < incumbent - margin (the incumbent:
+    the best complete value). With fewer than 1/miss - 1 residuals there is no bound and
+    nothing is stopped: without a prior, pruning starts once enough trials have completed.
+
+    Parameters (values in the metric's units: accuracy in [0, 1] for kdsweep's studies):
+        max_epochs: T, the epoch (step) at which trials end; forecasts are of the value there.
+        margin: 0.005 = 0.5 accuracy points: a trial is kept while it may end within `margin`
+            of the incumbent.
+        miss: the calibrated chance, per epoch, of stopping a trial that would have ended near
+            the top; 0.05 = 1 in 20. Lower keeps more trials.
+        min_epoch: the earliest epoch (step) at which a trial may be stopped. A longer schedule
+            with the same `min_epoch` makes a clear loser pay only its first epochs.
+        neighbours: how many references forecast the trial.
+        window: how many of the trial's latest epochs choose its neighbours and anchor the forecast.
+        param_weight: the weight of the parameters' distance against the curve's (0: curves only).
+        spread_floor: the least spread (metric units) of a forecast; 0.005 = 0.5 points.
+        band: how far below incumbent - margin a reference may have ended and still calibrate
+            the bound (metric units).
+        prior: reference configurations `[{"params": {...}, "curve": [...]}, ...]` recorded to the
+            end on the study's space (any number of epochs: read at the same fractions of
+            training, see `resample`), e.g. `kdsweep.service.priors.Q1`; None: the study's
+            own trials only.
+        prior_distributions: the distributions of the prior's parameters, for those the study's
+            complete trials do not define yet.
+
+    A minimising study is handled by negating values (a prior is given as the metric is
+    reported). The decision depends only on the trial's values and parameters and on the
+    study's complete trials with their numbers, not on the order a worker saw them in: the same
+    inputs give the same decision in every worker. NaN or infinite values are never pruned here
+    (the objective fails that trial); complete trials with non-finite values or another length
+    are no references.
+    """
+
+    def __init__(self, max_epochs: int, margin: float = 0.005, miss: float = 0.05, min_epoch: int = 1,
+                 neighbours: int = 10, window: int = 2, param_weight: float = 0.0, spread_floor: float = 0.005,
+                 band: float = 0.03, prior: Sequence[dict[str, Any]] | None = None,
+                 prior_distributions: dict[str, BaseDistribution] | None = None) -> None:
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+        if not 0 < miss < 0.5:
+            raise ValueError(f"miss must be in (0, 0.5), got {miss}.")
+        if (margin < 0 or spread_floor <= 0 or band < 0 or param_weight < 0 or min_epoch < 1
+                or neighbours < 1 or window < 1):
+            raise ValueError("margin, band, param_weight must be >= 0; spread_floor > 0; "
+                             "min_epoch, neighbours, window >= 1.")
+        self.max_epochs = max_epochs
+        self.margin = margin
+        self.miss = miss
+        self.min_epoch = min_epoch
+        self.neighbours = neighbours
+        self.window = window
+        self.param_weight = param_weight
+        self.spread_floor = spread_floor
+        self.band = band
+        self.prior = [{"params": dict(p.get("params", {})), "curve": resample(p["curve"], max_epochs)}
+                      for p in (prior or ()) if p["curve"] and all(math.isfinite(v) for v in p["curve"])]
+        self.prior_distributions = dict(prior_distributions or {})
+        self._studies: dict[tuple[int, str], _Study] = {}
+        self._lock = threading.Lock()  # trials of one worker process may share this pruner in threads
+
+    def __repr__(self) -> str:
+        return (f"ForecastPruner(max_epochs={self.max_epochs}, margin={self.margin}, miss={self.miss}, "
+                f"min_epoch={self.min_epoch}, neighbours={self.neighbours}, window={self.window}, "
+                f"param_weight={self.param_weight}, spread_floor={self.spread_floor}, band={self.band}, "
+                f"prior={len(self.prior)} configurations)")
+
+    # -- the forecast ------------------------------------------------------------------------
+
+    def forecast(self, refs: np.ndarray, codes: np.ndarray, mine: np.ndarray, code: np.ndarray,
+                 categorical: np.ndarray) -> tuple[float, float]:
+        """(center, spread) of the final value of a curve known up to epoch t = len(mine)."""
+        t = len(mine)
+        lo = max(0, t - self.window)
+        theirs = refs[:, lo:t]
+        diff = theirs - mine[lo:]
+        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff) / (t - lo))
+        if self.param_weight > 0 and codes.shape[1]:
+            d = np.abs(codes - code)
+            d = np.where(np.isnan(codes) & np.isnan(code), 0.0, np.where(np.isnan(d), 1.0, d))
+            d = np.where(categorical & (d > 0), 1.0, d)
+            dist = dist + self.param_weight * np.sqrt((d * d).mean(axis=1))
+        k = min(self.neighbours, len(refs))
+        near = np.argsort(dist, kind="stable")[:k]  # ties by position: deterministic
+        gains = refs[near, -1] - theirs[near].sum(axis=1) / (t - lo)
+        mean = float(gains.sum()) / k
+        var = float(((gains - mean) ** 2).sum()) / k
+        return mean + float(mine[lo:].sum()) / (t - lo), math.sqrt(var + self.spread_floor**2)
+
+    def _residuals(self, refs: np.ndarray, codes: np.ndarray, curve: np.ndarray, code: np.ndarray,
+                   categorical: np.ndarray) -> np.ndarray:
+        """Standardised residuals, per epoch, of `curve` forecast from the references `refs`/`codes`."""
+        out = np.full(self.max_epochs - 1, np.nan)
+        if len(refs):
+            for t in range(1, self.max_epochs):
+                center, spread = self.forecast(refs, codes, curve[:t], code, categorical)
+                out[t - 1] = (curve[-1] - center) / spread
+        return out
+
+    def _prior_residuals(self, refs: np.ndarray, codes: np.ndarray, cat: np.ndarray) -> np.ndarray:
+        # The same for every study of a worker (and every pruner with these settings and prior):
+        # computed once per process.
+        key = (repr(self), refs.tobytes(), np.nan_to_num(codes, nan=-1.0).tobytes(), cat.tobytes())
+        if key not in _PRIOR_RESIDUALS:
+            keep = np.arange(len(refs))
+            _PRIOR_RESIDUALS[key] = np.asarray(
+                [self._residuals(refs[keep != i], codes[keep != i], refs[i], codes[i], cat) for i in range(len(refs))]
+            ).reshape(len(refs), self.max_epochs - 1)
+            while len(_PRIOR_RESIDUALS) > 16:
+                _PRIOR_RESIDUALS.pop(next(iter(_PRIOR_RESIDUALS)))
+        return _PRIOR_RESIDUALS[key]
+
+    def _update(self, study: optuna.Study, sign: float) -> _Study:
+        key = (id(study), study.study_name)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        cache = self._studies.get(key)
+        if cache is None or len(cache.seen) > len(complete):  # new, or not the study it was
+            cache = self._studies[key] = _Study()
+        if cache.refs is not None and len(cache.seen) == len(complete):
+            return cache
+        new: list[int] = []
+        for ft in complete:
+            if ft.number in cache.seen:
+                continue
+            cache.seen.add(ft.number)
+            if ft.value is not None and math.isfinite(ft.value):
+                cache.best = sign * ft.value if cache.best is None else max(cache.best, sign * ft.value)
+            row = [ft.intermediate_values.get(e, math.nan) for e in range(1, self.max_epochs + 1)]
+            if all(math.isfinite(v) for v in row):
+                cache.rows[ft.number] = [sign * v for v in row]
+                cache.params[ft.number] = ft.params
+                new.append(ft.number)
+        numbers = sorted(cache.rows)
+        # The study's own distributions first (a prior recorded on a narrower space may lack choices).
+        dists = {**self.prior_distributions, **{n: d for ft in complete for n, d in ft.distributions.items()}}
+        names = sorted(set(dists))
+        cat = np.array([isinstance(dists[n], CategoricalDistribution) for n in names], dtype=bool)
+        P = len(self.prior)
+        refs = np.asarray([[sign * v for v in p["curve"]] for p in self.prior]
+                          + [cache.rows[n] for n in numbers], dtype=float).reshape(P + len(numbers), self.max_epochs)
+        codes = np.asarray([_encode(p["params"], names, dists) for p in self.prior]
+                           + [_encode(cache.params[n], names, dists) for n in numbers],
+                           dtype=float).reshape(len(refs), len(names))
+        if cache.codes is None or cache.codes.shape[1] != len(names):  # first call, or a new parameter
+            cache.scores = None
+        if cache.scores is None:  # the prior's residuals: each from the other prior curves
+            first, head = 0, self._prior_residuals(refs[:P], codes[:P], cat)
+        else:  # only the study's residuals at or after the earliest new trial change
+            first = min((numbers.index(n) for n in new), default=len(numbers))
+            head = cache.scores[:P + first]
+        fresh = [self._residuals(refs[:P + i], codes[:P + i], refs[P + i], codes[P + i], cat)
+                 for i in range(first, len(numbers))]
+        cache.scores = np.vstack([head, np.asarray(fresh).reshape(len(fresh), self.max_epochs - 1)])
+        cache.refs, cache.codes, cache.dists, cache.names, cache.categorical = refs, codes, dists, names, cat
+        return cache
+
+    def bound(self, study: optuna.Study, trial: FrozenTrial) -> tuple[float, float] | None:
+        """(upper bound of the trial's final value, incumbent), both maximised; None: no decision."""
+        t = trial.last_step
+        if t is None or t >= self.max_epochs:
+            return None
+        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        mine = np.array([sign * trial.intermediate_values.get(e, math.nan) for e in range(1, t + 1)])
+        if not np.isfinite(mine).all():
+            return None  # NaN, inf or a missing epoch: the objective decides, not the pruner
+        with self._lock:
+            cache = self._update(study, sign)
+            if cache.best is None or cache.refs is None or len(cache.refs) == 0:
+                return None
+            # Residuals only of references that ended near or above the incumbent.
+            scores = cache.scores[:, t - 1]
+            scores = np.sort(scores[np.isfinite(scores) & (cache.refs[:, -1] >= cache.best - self.margin - self.band)])
+            rank = math.ceil((len(scores) + 1) * (1 - self.miss))
+            if rank > len(scores):
+                return None  # too few residuals for a bound at this level
+            code = np.asarray(_encode(trial.params, cache.names, cache.dists), dtype=float)
+            center, spread = self.forecast(cache.refs, cache.codes, mine, code, cache.categorical)
+        return center + spread * float(scores[rank - 1]), cache.best
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        t = trial.last_step
+        if t is None or t < self.min_epoch or t >= self.max_epochs:
+            return False
+        b = self.bound(study, trial)
+        return b is not None and b[0] < b[1] - self.margin

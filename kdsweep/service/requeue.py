@@ -11,8 +11,9 @@ uses the heartbeat as it is (its table, `record_heartbeat`, the server clock; se
    then the callback's `study.add_trial` commits the copy: a worker killed in between leaves
    the trial failed with no copy, its parameters and finished epochs lost, its slot refilled
    by a fresh sample. Optuna's storage API commits every call on its own (each runs in its own
-   `_create_scoped_session`), so no sequence of public calls is atomic; `transaction` runs
-   Optuna's own calls inside one database transaction instead.
+   `_create_scoped_session`), so no sequence of public calls is atomic;
+   `kdsweep.service.storage.transaction` runs Optuna's own calls inside one database
+   transaction instead.
 2. **Re-queue on interrupts, drains and outages too, and a re-queue is never a failure**
    (`keys.REQUEUED`). The callback acts on stale heartbeats only, and to Optuna a FAIL is a
    failure everywhere; kdsweep re-queues on Ctrl-C, SIGTERM, `kdsweep stop` and a storage
@@ -35,13 +36,11 @@ uses the heartbeat as it is (its table, `record_heartbeat`, the server clock; se
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import optuna
-import sqlalchemy.orm
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.study._frozen import FrozenStudy
@@ -49,6 +48,7 @@ from optuna.study._study_direction import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.service import keys
+from kdsweep.service.storage import transaction
 
 MAX_RETRIES = 3  # a trial whose worker died this many times is given up (failed for good)
 INTERRUPTED = "interrupted"  # re-queue reasons: a signal (Ctrl-C, SIGTERM, a drain) ...
@@ -67,63 +67,6 @@ def is_requeued(trial: FrozenTrial) -> bool:
     if keys.REQUEUED in trial.user_attrs:
         return True
     return str(trial.user_attrs.get(keys.FAIL_REASON, "interrupted")).startswith("interrupted")
-
-
-def _rdb(storage: BaseStorage) -> RDBStorage | None:
-    from kdsweep.service.storage import _rdb
-
-    return _rdb(storage)
-
-
-@contextlib.contextmanager
-def transaction(storage: BaseStorage) -> Iterator[BaseStorage]:
-    """Run the block's storage calls (on the yielded storage) as one database transaction.
-
-    Every call of Optuna's RDBStorage takes a session from its `scoped_session` registry and
-    commits it; here the registry hands out a session bound to one connection whose outer
-    transaction is committed once, at the end, so each call's commit only ends a savepoint.
-    A block that raises, or a process killed inside it, stores nothing; a lost connection
-    raises StorageUnavailable (nothing of the block was stored). On SQLite the outer
-    transaction begins IMMEDIATE (kdsweep.service.storage), so it also excludes other writers.
-    Inside `study_lock` on PostgreSQL the block joins the lock's own transaction. The yielded
-    storage is the RDBStorage itself: Optuna's cache in front of it would keep a trial that a
-    rollback removed. Storages without a database (in memory) yield themselves.
-    """
-    from kdsweep.service import storage as db
-
-    rdb = _rdb(storage)
-    if rdb is None:
-        yield storage
-        return
-    if db._IN_LOCK.active:  # the study lock's transaction (PostgreSQL), or an enclosing block
-        yield rdb
-        return
-    registry = rdb.scoped_session.registry
-    before = registry() if registry.has() else None
-    conn = rdb.engine.connect()
-    session = sqlalchemy.orm.Session(bind=conn, join_transaction_mode="create_savepoint")
-    try:
-        conn.begin()
-        registry.set(session)
-        db._IN_LOCK.active = True  # a call retried alone could not redo the rest of the block
-        yield rdb
-        conn.commit()
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            conn.rollback()
-        if db._transient(exc):
-            raise db.StorageUnavailable(
-                f"the connection to the storage was lost in a step that must be stored whole "
-                f"({type(exc).__name__}); nothing of it was stored: run the worker again.") from exc
-        raise
-    finally:
-        db._IN_LOCK.active = False
-        session.close()
-        if before is not None:
-            registry.set(before)
-        else:
-            registry.clear()
-        conn.close()  # rolls back whatever was not committed
 
 
 def take(storage: BaseStorage, trial_id: int) -> bool:

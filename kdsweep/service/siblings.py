@@ -9,8 +9,8 @@ it again, and then it runs (`Sweep.is_sibling`: siblings have no failure limit).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -50,35 +50,49 @@ def copy_definition(sweep: Sweep, sibling: Sweep) -> None:
 
 
 def verify(sweep: Sweep, top: int, seeds: Sequence[int]) -> tuple[Sweep, int]:
-    """Create (or top up) `<sweep>.verify` with one waiting run per (top config, seed).
+    """Create (or top up) `<sweep>.verify` with one waiting run per (top config, seed) (the
+    fixed grid). Returns the sibling and the number of runs of this request."""
+    best = sweep.top(top)
+    if not best and sweep.verifies is None and sweep.definition:
+        raise StudyError(f"study {sweep.name!r} has no complete trial to verify yet.")
+    queue(sweep, [(t.params, t.number, seed) for t in best for seed in seeds])
+    sibling = find(sweep, VERIFY_SUFFIX)
+    assert sibling is not None  # queue made it
+    return sibling, len(best) * len(seeds)
+
+
+def queue(sweep: Sweep, runs: Sequence[tuple[Mapping[str, Any], int, int]]) -> int:
+    """Queue verification runs (params, source trial, seed) in `<sweep>.verify`, creating it.
 
     Runs already complete, running or waiting are not added again; failed ones are. The
-    sibling's N is the number of runs asked for, so its workers run exactly those (never
-    sampled points). Returns the sibling and the number of runs of this request.
+    sibling's N is the number of runs asked for so far, so its workers run exactly those
+    (never sampled points); it grows under the sibling's lock (a race adds one round at a
+    time). A run keeps no rank: the verification ranks by the sweep as it is when read.
+    Returns how many runs were added.
     """
     if sweep.verifies is not None:
         raise StudyError(f"study {sweep.name!r} is itself a verification; verify {sweep.verifies!r}.")
     if not sweep.definition:
         raise StudyError(f"study {sweep.name!r} was not created by kdsweep, so its workers cannot re-train it.")
-    best = sweep.top(top)
-    if not best:
-        raise StudyError(f"study {sweep.name!r} has no complete trial to verify yet.")
     sibling = make(sweep, VERIFY_SUFFIX)
     study = sibling.study
     if sibling.verifies not in (None, sweep.name):
         raise StudyError(f"study {sibling.name!r} exists and verifies another study; delete it first.")
+    added = 0
     with sibling.lock():
         copy_definition(sweep, sibling)
         study.set_user_attr(keys.VERIFY_OF, sweep.name)
         study.set_user_attr(keys.DESCRIPTION, f"seed verification of {sweep.name!r}")
         present = {(t.user_attrs.get(keys.VERIFY_SOURCE), t.user_attrs.get(keys.VERIFY_SEED))
                    for t in sibling.trials() if t.state != TrialState.FAIL}
-        for rank, t in enumerate(best, 1):
-            for seed in seeds:
-                if (t.number, seed) not in present:
-                    study.enqueue_trial(t.params, skip_if_exists=False, user_attrs={
-                        keys.VERIFY_SOURCE: t.number, keys.VERIFY_SEED: seed, keys.VERIFY_RANK: rank})
-                    present.add((t.number, seed))
+        for params, source, seed in runs:
+            if (source, seed) not in present:
+                user = {keys.VERIFY_SOURCE: source, keys.VERIFY_SEED: seed}
+                if source == keys.REFERENCE_SOURCE:
+                    user[keys.BASELINE_REFERENCE] = True
+                study.enqueue_trial(dict(params), skip_if_exists=False, user_attrs=user)
+                present.add((source, seed))
+                added += 1
         # Its own N: every run asked for so far that has not failed.
         study.set_user_attr(keys.N_TRIALS, len(present))
-    return sibling, len(best) * len(seeds)
+    return added

@@ -133,8 +133,8 @@ def noise_lines(ranked: Sequence[FrozenTrial], study_name: str, k: int = 3) -> l
             within.append(other.number)
     if within:
         lines.append(f"the winner is within validation noise of trial(s) {', '.join(map(str, within))}: "
-                     f"which is best is not settled; run `kdsweep best {study_name} --verify --seeds 5`.")
+                     f"which is best is not settled; run `kdsweep best {study_name} --verify` (a race on fresh seeds).")
     else:
         lines.append(f"seed noise is not in these intervals; confirm with `kdsweep best {study_name} "
-                     "--verify --seeds 5`.")
+                     "--verify`.")
     return lines

@@ -43,6 +43,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -124,6 +125,8 @@ class Sweep(SlotQueue):
         n = n_trials if n_trials is not None else sweep.n_trials or DEFAULT_N
         if sweep.n_trials is not None and n < sweep.n_trials:
             sweep._lower_n(n)
+        if spec.source:  # so `best --verify` finds a study file given by path (service/verify.py)
+            sweep.study.set_user_attr(keys.STUDY_FILE, str(Path(spec.source).resolve()))
         if sweep.stop_requested:  # launch / create resume a drained sweep
             sweep.study.set_user_attr(keys.STOP, False)
         if max_failures is None:
@@ -233,6 +236,11 @@ class Sweep(SlotQueue):
         return self.definition.get("study", self.name)
 
     @property
+    def study_file(self) -> str | None:
+        """The absolute path of the study file it was created from, where that was recorded."""
+        return self.attrs.get(keys.STUDY_FILE)
+
+    @property
     def metric(self) -> str:
         return self.definition.get("metric", "val_acc")
 
@@ -327,9 +335,10 @@ class Sweep(SlotQueue):
         best = self.top(1)
         return best[0] if best else None
 
-    def export_best(self) -> dict[str, Any]:
-        """The winning trial as a runnable document: value, trial number, params and full config."""
-        best = self.best_trial
+    def export_best(self, trial: FrozenTrial | None = None) -> dict[str, Any]:
+        """The winning trial (or `trial`) as a runnable document: value, trial number, params
+        and full config."""
+        best = trial or self.best_trial
         if best is None:
             raise StudyError(f"study {self.name!r} has no complete trial yet; run `kdsweep launch` first.")
         return {
@@ -397,6 +406,10 @@ class Sweep(SlotQueue):
     def verify_sibling(self, top: int, seeds: Sequence[int]) -> tuple[Sweep, int]:
         """`<sweep>.verify` with one waiting run per (top config, seed): see siblings.verify."""
         return siblings.verify(self, top, seeds)
+
+    def queue_verification(self, runs: Sequence[tuple[Mapping[str, Any], int, int]]) -> int:
+        """Queue (params, source trial, seed) runs in `<sweep>.verify`: see siblings.queue."""
+        return siblings.queue(self, runs)
 
 
 def optuna_verbosity(verbose: int) -> None:

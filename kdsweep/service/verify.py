@@ -1,20 +1,26 @@
 """Seed verification of a sweep's winner: is it really better than the runner-up, or luck?
 
 The best of many trials is biased upwards (the winner's curse): its one seed may simply have
-been lucky. `kdsweep best STUDY --verify --seeds S --top K` re-trains the top K configs with
-the same S fresh seeds each and compares them *paired*: config A and config B on seed s share
-their initialisation seed, batch order and augmentation stream, so the per-seed difference
-cancels much of the seed-to-seed noise.
+been lucky. `kdsweep best STUDY --verify` re-trains the top configs on fresh seeds and compares
+them *paired*: config A and config B on seed s share their initialisation seed, batch order and
+augmentation stream, so the per-seed difference cancels much of the seed-to-seed noise.
+
+Two ways to spend the runs: a race (the default; `kdsweep.service.racing` and the statistics
+in `kdsweep.service.race`), which stops a candidate once it is beaten beyond noise, and the
+fixed grid (`--grid`: top K x S seeds, every config to the end).
 
 The runs live in a sibling study, `<study>.verify`, in the same storage: never in the sweep
 itself, where they would change its trial count, feed its sampler and could become `best`.
 The sibling copies the sweep's definition, so ordinary `kdsweep worker` processes run its
 trials (fixed params, a fixed seed each, never pruned) through the same objective.
 
-Statistics: per config the mean and sample standard deviation over seeds; per runner-up the
-mean paired difference d = winner - runner-up with its two-sided 95% t-interval over the
+Once a verification exists, `best` exports its winner (`export`): the race's, or the grid's best
+mean on the seeds its configs share; never the alpha=0 reference, which is the comparison.
+
+Grid statistics: per config the mean and sample standard deviation over seeds; per runner-up
+the mean paired difference d = winner - runner-up with its two-sided 95% t-interval over the
 seed pairs, mean(d) ± t(0.975, n-1) · sd(d) / sqrt(n). The difference "exceeds seed noise"
-when that interval excludes zero.
+when that interval excludes zero (uncorrected, per pair: the race corrects).
 """
 
 from __future__ import annotations
@@ -23,16 +29,18 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
 
-from kdsweep.service import keys
+from kdsweep.service import keys, race, racing
 from kdsweep.service.spec import StudyError
 from kdsweep.service.sweep import VERIFY_SUFFIX, Sweep
 
 REFERENCE_SOURCE = keys.REFERENCE_SOURCE
-SEED_OFFSET = 1000  # verification seeds are fresh: the sweep trained every trial with its own seed
+SEED_OFFSET = racing.SEED_OFFSET
+GRID_TOP = 3  # configs of a fixed grid (--grid) unless --top says
 
 
 VerifyError = StudyError  # a verification cannot be prepared; one sentence saying why
@@ -46,9 +54,7 @@ def sibling_name(study_name: str) -> str:
     return study_name + VERIFY_SUFFIX
 
 
-def seeds_for(n: int, base: int = 0) -> list[int]:
-    """`n` fresh seeds, distinct from the seed the sweep trained with (`base`)."""
-    return [base + SEED_OFFSET + i for i in range(n)]
+seeds_for = racing.seeds_for
 
 
 @dataclass
@@ -107,8 +113,12 @@ def paired(a: dict[int, float], b: dict[int, float], other: int) -> Paired | Non
 
 
 def collect(sweep: Sweep, sibling: Sweep) -> list[ConfigRuns]:
-    """Complete verification runs grouped by the sweep trial they re-train, by rank."""
+    """Complete verification runs grouped by the sweep trial they re-train, ranked by the sweep
+    as it is now (a run keeps no rank of its own: the sweep may have found a better trial since
+    it was queued); the alpha=0 reference comes last."""
     by: dict[int, ConfigRuns] = {}
+    ranked = sweep.top(10_000)
+    rank = {t.number: i for i, t in enumerate(ranked, 1)}
     numbers = {t.number: t for t in sweep.trials()}
     for t in sibling.trials(TrialState.COMPLETE):
         src = t.user_attrs.get(keys.VERIFY_SOURCE)
@@ -116,12 +126,14 @@ def collect(sweep: Sweep, sibling: Sweep) -> list[ConfigRuns]:
             continue
         if src not in by:
             original = numbers.get(src)
-            by[src] = ConfigRuns(src, int(t.user_attrs.get(keys.VERIFY_RANK, 0)), dict(t.params),
+            by[src] = ConfigRuns(src, rank.get(src, len(ranked) + 1), dict(t.params),
                                  original.value if original is not None else None)
         by[src].values[int(t.user_attrs[keys.VERIFY_SEED])] = t.value
         if t.user_attrs.get(keys.TEST_ACC) is not None:
             by[src].tests[int(t.user_attrs[keys.VERIFY_SEED])] = float(t.user_attrs[keys.TEST_ACC])
-    return sorted(by.values(), key=lambda c: c.rank)
+    if REFERENCE_SOURCE in by:
+        by[REFERENCE_SOURCE].rank = max((c.rank for c in by.values() if c.trial != REFERENCE_SOURCE), default=0) + 1
+    return sorted(by.values(), key=lambda c: (c.trial == REFERENCE_SOURCE, c.rank))
 
 
 def compare(runs: Sequence[ConfigRuns]) -> list[Paired]:
@@ -173,49 +185,146 @@ def format_text(runs: Sequence[ConfigRuns], pairs: Sequence[Paired], pending: in
     return "\n".join(lines)
 
 
+def mode(sibling: Sweep) -> str:
+    """How the sibling's runs were asked for: "race" (the default) or "grid"."""
+    return str(sibling.attrs.get(keys.VERIFY_MODE, "grid"))
+
+
 def summary_text(sweep: Sweep) -> str | None:
     """The verification of `sweep` as text, or None when it was never verified."""
     sibling = sweep.sibling(VERIFY_SUFFIX)
     if sibling is None:
         return None
+    if mode(sibling) == "race":
+        return racing.stored(sweep, sibling).text()
     runs = collect(sweep, sibling)
     pending = len(sibling.trials(TrialState.WAITING, TrialState.RUNNING))
     return format_text(runs, compare(runs), pending)
 
 
-def run(sweep: Sweep, storage_url: str, top: int, seeds: int, workers: int, device: str,
-        data: str | None, echo: Any, start_workers: bool = True) -> str:
-    """Prepare the sibling study, run its trials with `workers` ordinary `kdsweep worker`
-    processes (unless `start_workers` is False: then other hosts' workers run them), and
-    return the verification text."""
-    from kdsweep.service import launch as launcher
+def verified_winner(sweep: Sweep) -> tuple[int, int] | None:
+    """(the trial verification ranks first, how many seeds that rests on), or None without a
+    verification: a race's winner, or the grid's best mean on the seeds its configs share.
+    The alpha=0 reference is the comparison, never the winner."""
+    sibling = sweep.sibling(VERIFY_SUFFIX)
+    if sibling is None:
+        return None
+    if mode(sibling) == "race":
+        st = racing.stored(sweep, sibling)
+        win = st.race.winner()
+        return None if win is None else (win, len([v for v in st.values[win] if v is not None]))
+    runs = [c for c in collect(sweep, sibling) if c.trial != REFERENCE_SOURCE and c.values]
+    if not runs:
+        return None
+    shared = set.intersection(*(set(c.values) for c in runs))
+    if not shared:
+        shared = set(runs[0].values)
+        runs = [c for c in runs if shared <= set(c.values)]
+    best = max(runs, key=lambda c: (sweep.maximize * 2 - 1) * statistics.fmean(c.values[x] for x in shared))
+    return best.trial, len(shared)
+
+
+def load_spec(sweep: Sweep) -> Any:
+    """The sweep's study file: the one it was launched from (recorded path), else by name."""
     from kdsweep.service import spec as studies
+
+    path = sweep.study_file
+    return studies.load(path if path and Path(path).exists() else sweep.spec_name)
+
+
+def run(sweep: Sweep, storage_url: str, top: int | None, seeds: int, workers: int, device: str,
+        data: str | None, echo: Any, start_workers: bool = True, grid: bool = False,
+        max_seeds: int = race.MAX_SEEDS) -> str:
+    """Verify the sweep's top over fresh seeds in `<sweep>.verify`: a race (default) or a fixed
+    grid (top K x `seeds`), its trials run by `workers` ordinary `kdsweep worker` processes here
+    (unless `start_workers` is False: then only the next runs are queued, for other hosts'
+    workers). Returns the verification text."""
+    from kdsweep.service import launch as launcher
+    from kdsweep.service.dashboard import write_verdict
 
     if not sweep.definition or "preset" not in sweep.definition:
         raise VerifyError(f"study {sweep.name!r} was not created by kdsweep, so its workers cannot re-train it.")
     best = sweep.top(1)
     if not best:
         raise VerifyError(f"study {sweep.name!r} has no complete trial to verify yet.")
-    sweep.spec = studies.load(sweep.spec_name)
+    sweep.spec = load_spec(sweep)
     # The workers would refuse a study whose definition differs from the local study file;
     # say so now, before anything is stored.
     sweep.check(sweep.spec)
-    chosen = seeds_for(seeds, int(best[0].user_attrs.get(keys.TRAIN_SEED, 0)))
-    sibling, n = sweep.verify_sibling(top, chosen)
-    from kdsweep.service import baseline
+    plan = launcher.plan_workers(workers, device, storage_url)
 
-    n += baseline.add_to_verification(sweep, sibling, chosen, rank=min(top, n // max(seeds, 1)) + 1)
-    echo(f"verifying the top {min(top, n // max(seeds, 1))} configs of {sweep.name!r} with "
-         f"{seeds} seeds each in study {sibling.name!r} ({n} runs)")
-    if start_workers and sibling.trials(TrialState.WAITING):
+    def start(sibling: Sweep) -> None:
+        if not sibling.trials(TrialState.WAITING):
+            return
         args = [sweep.spec.source, "--study-name", sibling.name]
         if data:
             args += ["--data", data]
-        launcher.run(sibling, args, launcher.plan_workers(workers, device, storage_url), echo)
-        left = len(sibling.trials(TrialState.WAITING, TrialState.RUNNING))
-        if left:
-            raise VerifyIncomplete(
-                f"{left} of {n} verification runs did not finish; see the workers' messages above, "
-                "then run the same command again (finished runs are kept)."
-            )
-    return summary_text(sweep) or ""
+        launcher.run(sibling, args, plan, echo)
+
+    if grid:
+        k = top or GRID_TOP
+        chosen = seeds_for(seeds, int(best[0].user_attrs.get(keys.TRAIN_SEED, 0)))
+        sibling, n = sweep.verify_sibling(k, chosen)
+        n_top = n // max(seeds, 1)
+        sibling.study.set_user_attr(keys.VERIFY_MODE, "grid")
+        ref = racing.reference_params(sweep)
+        if ref is not None:
+            sweep.queue_verification([(ref, REFERENCE_SOURCE, s) for s in chosen])
+            n += len(chosen)
+        echo(f"verifying the top {n_top} configs of {sweep.name!r} with {seeds} seeds each in study "
+             f"{sibling.name!r} ({n} runs, a fixed grid)")
+        if start_workers:
+            start(sibling)
+            left = len(sibling.trials(TrialState.WAITING, TrialState.RUNNING))
+            write_verdict(sweep)
+            if left:
+                raise VerifyIncomplete(
+                    f"{left} of {n} verification runs did not finish; see the workers' messages above, "
+                    "then run the same command again (finished runs are kept)."
+                )
+        write_verdict(sweep)
+        return summary_text(sweep) or ""
+    k = top or racing.DEFAULT_TOP
+    st = racing.state(sweep, k, max_seeds)
+    echo(f"racing {len(st.values)} candidates of {sweep.name!r} over at most {max_seeds} fresh seeds in "
+         f"study {sweep.name + VERIFY_SUFFIX!r}: trials {', '.join(str(c) for c in st.trials)}"
+         + (" and the alpha=0 reference" if racing.REFERENCE in st.values else ""))
+    st = racing.run(sweep, k, max_seeds, start if start_workers else None, echo)
+    write_verdict(sweep)  # the study's note in optuna-dashboard: what the race settled so far
+    if start_workers and not st.race.finished:
+        raise VerifyIncomplete(
+            f"the race stopped in round {st.race.rounds + 1} with runs unfinished; see the workers' "
+            "messages above, then run the same command again (finished runs are kept).\n" + st.text())
+    return st.text()
+
+
+def export(sweep: Sweep) -> tuple[dict[str, Any], Any, list[str]]:
+    """What `kdsweep best` exports: the verified winner once a verification exists (else the
+    sweep's one-seed winner), its trial, and lines for stderr saying which and why."""
+    from kdsweep.service.report import noise_summary
+
+    one_seed = sweep.best_trial
+    verified = verified_winner(sweep)
+    trial = one_seed
+    checked = summary_text(sweep)
+    notes = [f"seed verification ({sibling_name(sweep.name)}):\n{checked}"] if checked else []
+    notes += noise_summary(sweep)
+    if verified is not None:
+        numbers = {t.number: t for t in sweep.trials(TrialState.COMPLETE)}
+        trial = numbers.get(verified[0], one_seed)
+    doc = sweep.export_best(trial)
+    seed = doc["config"].get("seed", (trial.user_attrs.get(keys.CONFIG) or {}).get("seed"))
+    doc["seed"] = seed
+    if verified is None:
+        notes.append(f"not verified over seeds: this is the one-seed winner; `kdsweep best {sweep.name} --verify` "
+                     "races the top configs on fresh seeds and then exports the verified one.")
+        return doc, trial, notes
+    win, n = verified
+    doc["verified"] = {"trial": win, "seeds": n, "one_seed_winner": {"trial": one_seed.number, "value": one_seed.value}}
+    if one_seed.number != win:
+        notes.append(f"exporting the verified winner, trial {win} (first over {n} fresh seeds), not the sweep's "
+                     f"one-seed winner trial {one_seed.number} ({one_seed.value:.4f}).")
+    else:
+        notes.append(f"trial {win} is the sweep's winner and verification's ({n} fresh seeds).")
+    notes.append(f"its config carries the sweep's training seed {seed} (the seed of trial {win}'s sweep run).")
+    return doc, trial, notes

@@ -14,7 +14,7 @@ In layers, each a module, each using only the ones above it:
 * `retrying`: `RetryingStorage`, Optuna's storage with every call retried with bounded
   back-off (about 75 s by default), then `StorageUnavailable`.
 * `locks`: `study_lock`, a lock per study shared by every process of the database, whose block
-  is one transaction.
+  is one transaction; `transaction`, the same transaction without the lock.
 * `heartbeats`: `dead_trial_ids`, the RUNNING trials of dead workers, on the database's clock.
   (Optuna's journal storage has no heartbeats, which is why kdsweep uses RDB storage only.)
 * `opening`: `open_storage`, which makes Optuna's schema once (one process at a time) and
@@ -38,7 +38,7 @@ from kdsweep.service.location import (
 )
 from kdsweep.service.storage.errors import NoStudies, StorageUnavailable, storage_error
 from kdsweep.service.storage.heartbeats import dead_trial_ids
-from kdsweep.service.storage.locks import study_lock
+from kdsweep.service.storage.locks import study_lock, transaction
 from kdsweep.service.storage.opening import open_storage, study_names
 from kdsweep.service.storage.retrying import RetryingStorage
 from kdsweep.service.storage.settings import (
@@ -55,4 +55,5 @@ __all__ = [
     "NoStudies", "RetryingStorage", "StorageError", "StorageLocation", "StorageURLError", "StorageUnavailable",
     "check_study_name", "dead_trial_ids", "grace_period", "heartbeat_interval", "location", "open_storage",
     "password_of", "redact", "redact_text", "retries", "storage_error", "study_lock", "study_names",
+    "transaction",
 ]

@@ -80,6 +80,30 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
             yield
 
 
+@contextlib.contextmanager
+def transaction(storage: BaseStorage) -> Iterator[BaseStorage]:
+    """Run the block's storage calls, made on the yielded storage, as one database transaction.
+
+    The same transaction as `study_lock`'s, without the study lock: for steps that must be
+    stored whole but need no count under the lock (taking a slot with its first heartbeat, a
+    re-queue). On SQLite it begins IMMEDIATE, so it also excludes other writers. Inside
+    `study_lock` the block joins the lock's own transaction. The yielded storage is the
+    RDBStorage itself: a cache in front of it would keep a trial that a rollback removed.
+    Storages without a database (in memory) yield themselves.
+    """
+    rdb = rdb_of(storage)
+    if rdb is None:
+        yield storage
+        return
+    if IN_LOCK.active:
+        yield rdb
+        return
+    where = storage.location if isinstance(storage, RetryingStorage) else None
+    conn = with_retries(_begin, "transaction", where)(rdb)
+    with _one_transaction(rdb, conn, where):
+        yield rdb
+
+
 def _begin(rdb: RDBStorage) -> sqlalchemy.engine.Connection:
     conn = rdb.engine.connect()
     try:
