@@ -1,6 +1,7 @@
 """The kdsweep command line: each command parses, opens one handle (a `Sweep` or a storage),
 makes one call and prints. Options also come from the environment (KDSWEEP_<OPTION>). Exit
-codes: 0 ok, 1 runtime failure, 2 usage error, 130 interrupted. Nothing heavy is imported at
+codes: 0 ok, 1 runtime failure, 2 usage error, 75 stopped short of N (--timeout, `kdsweep stop`:
+the same command finishes the study), 130 interrupted. Nothing heavy is imported at
 module level, so `--help` and usage errors answer without torch or Optuna (`cli_startup_s`).
 """
 
@@ -30,6 +31,9 @@ from kdsweep.cli_options import (
     storage_option,
     sweep_options,
 )
+from kdsweep.cli_read import (
+    COMMANDS as READ_COMMANDS,  # export, report, dashboard, tensorboard, studies
+)
 
 
 @click.group(context_settings=CONTEXT)
@@ -51,6 +55,10 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
+for _command in READ_COMMANDS:
+    main.add_command(_command)
+
+
 # ---------------------------------------------------------------- launch / create / worker
 
 
@@ -67,7 +75,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="CPU threads of each worker (default: cores // workers; env KDSWEEP_THREADS).")
 @click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
               help="Q2: each worker trains K trials' students together in one fused model.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS; re-run to finish.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop after SECONDS (exit 75); the same command finishes the study.")
 @click.option("--dry-run", is_flag=True,
               help="Print 4 sampled points: values, resolved widths, parameter count; needs no data, stores nothing.")
 @click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
@@ -92,6 +100,8 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
     from kdsweep.service import launch as launcher
 
     spec, changes = launcher.load_spec(study, preset, overrides)
+    if not dry_run:  # a GPU preset on a CPU is a usage error: answered before any data is read
+        launcher.check_device(device, spec.preset(preset).needs_gpu, preset, force)
     changes = launcher.with_dataset(spec, preset, changes, dataset, launcher.runtime("cpu", data, download))
     if dry_run:
         from kdsweep.service.preview import preview, preview_table
@@ -137,9 +147,10 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
     kdsweep create q2 --storage postgresql+psycopg://kd@db/kd --n-trials 200
     """
     from kdsweep.service.launch import load_spec, runtime, with_dataset
-    from kdsweep.service.sweep import Sweep
 
     spec, changes = load_spec(study, preset, overrides)
+    from kdsweep.service.sweep import Sweep  # after the checks: a usage error needs no Optuna
+
     # No preflight: the host that creates a study need not hold its data (npz/folder data is
     # read once here, to record its default augmentation).
     changes = with_dataset(spec, preset, changes, dataset, runtime(device, data, download))
@@ -210,7 +221,7 @@ def status(study_name: str, storage: str, as_json: bool) -> None:
         if sweep.best_trial is not None:
             from kdsweep.service.report import noise_summary
 
-            for line in noise_summary(sweep):  # issue 10: noise, selection bias, the alpha=0 reference
+            for line in noise_summary(sweep):  # noise, selection bias, the alpha=0 reference
                 click.echo(f"  {line}")
 
 
@@ -267,19 +278,18 @@ def list_sweeps(storage: str, as_json: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @friendly
 def rm(study_name: str, storage: str, artifacts: str | None, logdir: str | None, yes: bool) -> None:
-    """Delete a study, its verify sibling, its checkpoints, runs and kept weights.
+    """Delete a study, its verify and baseline siblings, their checkpoints, runs and kept weights.
 
     \b
     kdsweep rm q2            # asks first
     kdsweep rm q2 --yes
     """
-    from kdsweep.service.inspect import remove_files, study_folders
+    from kdsweep.service.inspect import remove_files, rm_question, study_folders
 
     sweep = open_sweep(storage, study_name, write=True)
     folders = study_folders(storage, study_name, artifacts, logdir)
     if not yes:
-        click.confirm(f"delete {sweep.progress_line()}, its verify sibling and "
-                      f"{', '.join(str(f) for f in folders if f.exists()) or 'no files'}?", abort=True)
+        click.confirm(f"delete {rm_question(sweep, [f for f in folders if f.exists()])}?", abort=True)
     names = sweep.delete()
     remove_files(folders)
     click.echo(f"deleted {', '.join(names)} and their files.")
@@ -379,14 +389,22 @@ def train_cmd(config_file: str, device: str | None, data: str | None, seed: int 
     \b
     kdsweep train --config best.yaml --device cuda
     """
+    from kdsweep.core import install
+
+    install.check()  # before torchvision is needed deep inside training
     from kdsweep.core.config import read_config, replace
     from kdsweep.core.teacher import prepare
     from kdsweep.core.train import train
+    from kdsweep.service.inspect import swept_value
 
     changes = {k: v for k, v in (("device", device), ("data.root", data), ("seed", seed)) if v is not None}
     config = replace(read_config(config_file), evaluate_test=True, **changes)
+    swept = swept_value(config_file)  # (study, trial, value) of an export of `kdsweep best`
+    click.echo(f"training {config.model.arch} for {config.epochs} epochs on {config.data.dataset} "
+               f"(device {config.device}){f', as trial {swept[1]} of {swept[0]!r}' if swept else ''}...", err=True)
     result = train(config, teacher=prepare(config))
-    click.echo(f"val_acc {result.final_val_acc:.4f}  test_acc {result.test_acc:.4f}  "
+    sweep_said = f"  (the sweep's: val_acc {swept[2]:.4f})" if swept else ""
+    click.echo(f"val_acc {result.final_val_acc:.4f}{sweep_said}  test_acc {result.test_acc:.4f}  "
                f"params {result.params:,}  {result.wall_time:.1f}s  {result.images_per_s:.0f} img/s")
 
 
@@ -417,83 +435,6 @@ def enqueue(study_name: str, values: tuple[str, ...], storage: str, baselines: b
         raise click.UsageError("give key=value pairs or --baselines.")
     for p in sweep.enqueue(points):  # every point checked before any is stored
         click.echo(f"enqueued {json.dumps(p)}")
-
-
-@main.command()
-@click.argument("study_name")
-@storage_option
-@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,
-              help="Folder to write (default: reports/STUDY_NAME).")
-@friendly
-def report(study_name: str, storage: str, out: str | None) -> None:
-    """Write HTML and PNG figures and a markdown summary of a study.
-
-    \b
-    kdsweep report q2 -o reports/q2   # then open reports/q2/summary.md
-    """
-    from kdsweep.service import report as rep
-    from kdsweep.service import verify
-
-    sweep = open_sweep(storage, study_name)
-    folder = Path(out) if out else Path("reports") / study_name
-    files = rep.write_report(sweep, folder, verify.summary_text(sweep))
-    for name, names in files.items():
-        click.echo(f"{name:12s} {', '.join(names)}")
-    click.echo(f"report written to {folder}/summary.md")
-
-
-@main.command()
-@storage_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@friendly
-def dashboard(storage: str, host: str, port: int) -> None:
-    """Serve optuna-dashboard on the storage.
-
-    \b
-    kdsweep dashboard --port 8080   # then open http://127.0.0.1:8080
-    """
-    from optuna_dashboard import run_server
-
-    st = read_storage(storage)
-    click.echo(f"optuna-dashboard on http://{host}:{port} for {redact(storage)}")
-    run_server(st, host=host, port=port)
-
-
-@main.command()
-@click.argument("study_name")
-@storage_option
-@click.option("--logdir", default=None, metavar="DIR",
-              help="Root of the event files (default: runs/ beside the SQLite file, else ./runs; env KDSWEEP_RUNS).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True)
-@friendly
-def tensorboard(study_name: str, storage: str, logdir: str | None, host: str, port: int) -> None:
-    """Start TensorBoard on the study's runs (curves per epoch and the HParams tab).
-
-    \b
-    kdsweep tensorboard q2 --storage sqlite:///sweeps/kd.db
-    """
-    from kdsweep.service.tensorboard import runs_root, serve
-
-    folder = runs_root(storage, logdir) / study_name
-    if not folder.is_dir():
-        raise click.UsageError(f"no TensorBoard runs in {folder}; give --logdir or the --storage the study ran on.")
-    click.echo(f"TensorBoard on http://{host}:{port} for {folder}")
-    sys.exit(serve(folder, host, port))
-
-
-@main.command("studies")
-@friendly
-def list_studies() -> None:
-    """List the study files kdsweep can find, with their presets.
-
-    \b
-    kdsweep studies
-    """
-    from kdsweep.service.inspect import studies_table
-
-    click.echo(studies_table())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ commands themselves are in kdsweep/cli.py. Nothing heavy is imported at module l
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -29,15 +30,63 @@ CONTEXT = {"auto_envvar_prefix": "KDSWEEP", "help_option_names": ["-h", "--help"
 # modules already imported (an error cannot come from a module that was never loaded).
 USAGE_ERRORS = (("kdsweep.service.location", "StorageURLError"), ("kdsweep.service.spec", "StudyError"), ("kdsweep.service.space", "SpaceError"),
                 ("kdsweep.core.config", "ConfigError"), ("kdsweep.core.devices", "DeviceError"),
-                ("kdsweep.service.verify", "VerifyError"))
-RUNTIME_ERRORS = (("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
-                  ("kdsweep.core.data", "DataError"), ("kdsweep.core.resnets", "ModelError"),
+                ("kdsweep.service.verify", "VerifyError"), ("kdsweep.core.data_root", "DataFolderError"))
+RUNTIME_ERRORS = (("kdsweep.core.install", "InstallError"), ("kdsweep.service.storage", "StorageError"), ("kdsweep.core.budget", "BudgetError"),
+                  ("kdsweep.core.data_root", "DataError"), ("kdsweep.core.resnets", "ModelError"),
                   ("kdsweep.core.train", "TrainingError"), ("kdsweep.service.verify", "VerifyIncomplete"),
                   ("kdsweep.service.report", "ReportError"), ("kdsweep.service.weights", "WeightsError"))
 
 
 def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
     return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+
+
+def _optuna_verbosity(verbose: int) -> None:
+    """Optuna's own log lines: warnings only, unless -vv."""
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(logging.INFO if verbose > 1 else logging.WARNING)
+
+
+class _AfterImport:
+    """Runs a callback right after a module's first import (see `_when_imported`)."""
+
+    pending: dict[str, Callable[[], None]] = {}
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        then = self.pending.pop(name, None)
+        if then is None:
+            return None
+        spec = importlib.util.find_spec(name)  # the ordinary finders: this one no longer waits for it
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then(module: Any) -> None:
+            exec_module(module)
+            then()
+
+        spec.loader.exec_module = exec_then  # type: ignore[method-assign]
+        return spec
+
+
+_AFTER_IMPORT = _AfterImport()
+
+
+def _when_imported(module: str, then: Callable[[], None]) -> None:
+    """Call `then` once `module` is imported: now if it is, else right after its import.
+
+    Optuna resets its log level when it is first imported, so its verbosity cannot be set
+    before; importing it here would cost every usage error most of a second.
+    """
+    if module in sys.modules:
+        then()
+        return
+    _AfterImport.pending[module] = then
+    if _AFTER_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _AFTER_IMPORT)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,9 +100,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         url = ctx.params.get("storage")
-        from kdsweep.service.sweep import optuna_verbosity
-
-        optuna_verbosity((ctx.find_root().obj or {}).get("verbose", 0))
+        _when_imported("optuna", functools.partial(_optuna_verbosity, (ctx.find_root().obj or {}).get("verbose", 0)))
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
@@ -100,7 +147,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 
 def check_data(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--data is a folder: a dataset spec or a folder that does not exist is a usage error."""
-    from kdsweep.core.data import DataError, check_root
+    from kdsweep.core.data_root import DataError, check_root
 
     try:
         check_root(value, bool(ctx.params.get("download")))

@@ -38,17 +38,18 @@ regulariser ranking as their cost to an under-fitted network, not as Q1's answer
 the paper preset.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
-import optuna
-
-from kdsweep.core import budget
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.service import priors
-from kdsweep.service.pruners import ForecastPruner
 from kdsweep.service.space import Categorical, Float
 from kdsweep.service.spec import Preset, StudySpec
+
+if TYPE_CHECKING:  # imported where used: a usage error answers before Optuna or torch loads
+    import optuna
 
 CNN = {"model.family": ["cnn"]}
 REGULARISED = {"reg.kind": ["dropout", "spatial_dropout", "dropblock"]}
@@ -94,6 +95,8 @@ def narrow(config: TrainConfig) -> dict[str, dict[str, list[int]]]:
     leaving it out of the space keeps every trial a real one. Regularisers add no parameters,
     so they do not change what is feasible.
     """
+    from kdsweep.core import budget
+
     candidates = next(p.choices for p in SPACE if p.name == "cnn.width")
     in_shape, classes = _shape(config)
     widths = set(candidates)
@@ -110,12 +113,17 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     # the tuning half of benchmarks/curves/q1.json (Q1's space at 4,000 images of 14 px and 9
     # epochs, not this file's smoke preset), read at the same fractions of training for other
     # epoch counts; the study's own complete trials join it as they finish. MEASURED
+    from kdsweep.service import priors
+    from kdsweep.service.pruners import ForecastPruner
+
     return ForecastPruner(config.epochs, margin=0.005, miss=0.075, min_epoch=1, neighbours=5, param_weight=2.0,
                           band=0.1, prior=priors.Q1, prior_distributions=priors.Q1_DISTRIBUTIONS)
 
 
 def hyperband(config: TrainConfig) -> optuna.pruners.BasePruner:
     # The previous default: brackets give some trials a late first rung.
+    import optuna
+
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs, reduction_factor=3)
 
 

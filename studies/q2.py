@@ -33,11 +33,16 @@ student early in training; Beyer et al. 2022 found that distillation needs long,
 schedules, so read the smoke preset's answer about alpha and T as provisional.
 """
 
-import optuna
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from kdsweep.core.config import DataConfig, KDConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Float
 from kdsweep.service.spec import Preset, StudySpec
+
+if TYPE_CHECKING:  # imported where used: a usage error answers before Optuna loads
+    import optuna
 
 SPACE = [
     Float("kd.alpha", 0.0, 1.0),
@@ -54,6 +59,8 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     # `python -m benchmarks.curves --study q2 --preset smoke --n 64 --shard K/2`); the
     # `pruning_q2` benchmark entry scores every pruner on it, and a pruner replaces this one
     # only when it measures > 1.0x with <= 2% of sequences missing the best there.
+    import optuna
+
     return optuna.pruners.NopPruner()
 
 

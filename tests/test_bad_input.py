@@ -160,7 +160,7 @@ CASES = [
          lambda t, s, c: ["worker", study_file(t, "w", "Float(\"mlp.dropout\", 0.0, 0.3",
                                                 "Float(\"mlp.dropout\", 0.0, 0.4"),
                           "--storage", s, "--device", "cpu"],
-         "space.mlp.dropout.high: study has 0.3, this worker has 0.4", 2),
+         "space.mlp.dropout.high: study has 0.3, this study file gives 0.4", 2),
     Case("corrupt npz",
          lambda t, s, c: ["train", "--config", config_file(t, f"npz:{corrupt_npz(t)}")],
          "as a .npz archive", 1),

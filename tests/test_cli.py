@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from kdsweep.cli import main
 from kdsweep.service import spec as studies
+from kdsweep.service.launch import gpu_device_files
 from kdsweep.service.sweep import Sweep
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -29,8 +30,8 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), prog_name="kdsweep", env=env)
+def run(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="kdsweep", env=env, input=input)
 
 
 def user_error(result: Result, code: int, *expected: str) -> str:
@@ -72,7 +73,7 @@ def created(in_tmp: Path) -> str:
 
 
 def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
-    readme = README.read_text()
+    readme = "\n".join(p.read_text() for p in [README, *sorted((README.parent / "docs").glob("*.md"))])
     assert main.commands, "no commands"
     for name, command in main.commands.items():
         result = run(name, "--help")
@@ -80,7 +81,7 @@ def test_every_command_has_help_with_an_example_and_is_in_the_readme() -> None:
         assert command.help and command.help.strip(), name
         examples = [line for line in result.output.splitlines() if f"kdsweep {name}" in line]
         assert examples, f"`kdsweep {name} --help` shows no example"
-        assert re.search(rf"^\| `kdsweep {name}\b", readme, re.M), f"README.md's command table lacks `kdsweep {name}`"
+        assert re.search(rf"^\| `kdsweep {name}\b", readme, re.M), f"the command tables (README.md, docs/) lack `kdsweep {name}`"
     top = run("--help")
     assert top.exit_code == 0 and "kdsweep launch q2" in top.output
 
@@ -162,7 +163,7 @@ def test_data_missing_offline(in_tmp: Path) -> None:
     empty = in_tmp / "data"
     empty.mkdir()
     result = run("launch", "q1", "--preset", "paper", "--force", "--device", "cpu", "--data", str(empty))
-    user_error(result, 1, "CIFAR-10 is not in", "--download")
+    user_error(result, 2, "holds none of CIFAR-10's files", "--download")
     assert not (in_tmp / "kdsweep.db").exists()
 
 
@@ -385,10 +386,18 @@ def test_read_commands_create_no_tables_in_sqlite(in_tmp: Path, command: list[st
 # ---------------------------------------------------------------- fast to answer
 
 
-@pytest.mark.parametrize("args", [["--help"], ["launch", "--help"], ["launch", "q2", "--workers", "0"],
-                                  ["status", "-h"], ["best", "q2", "--format", "xml"]])
+@pytest.mark.parametrize("args", [
+    ["--help"], ["launch", "--help"], ["launch", "q2", "--workers", "0"], ["status", "-h"],
+    ["best", "q2", "--format", "xml"], ["launch", "nosuch"], ["launch", "q2", "--preset", "smok"],
+    ["launch", "q1", "--preset", "smok"], ["launch", "q2", "--preset", "smoke", "--set", "epochs=two"],
+    ["launch", "q1", "--preset", "smoke", "--set", "cnn.width=32"], ["create", "q2", "--set", "data.foo=1"],
+    ["launch", "q2", "--preset", "smoke", "--data", "/nonexistent-folder"],
+    pytest.param(["launch", "q2", "--preset", "paper"], marks=pytest.mark.skipif(
+        bool(gpu_device_files()), reason="a GPU device file is present: torch must be asked")),
+], ids=" ".join)
 def test_help_and_usage_errors_import_neither_torch_nor_optuna(args: list[str]) -> None:
-    """What click answers by itself (help, parsing errors) loads no heavy library: 0.2 s, not 3 s
+    """Help, parsing errors and every usage error (unknown study, preset or setting, a GPU
+    preset on a machine without a GPU) load no heavy library: a fraction of a second, not 4-8 s
     (the time itself is benchmarks' `cli_startup_s`)."""
     import subprocess
     import sys
@@ -479,3 +488,33 @@ def test_a_teacher_setting_the_data_cannot_meet_is_refused_before_storing(in_tmp
     user_error(result, 1, "kd.teacher_train_subset=100000 but")
     assert "teacher" not in result.output.split("Error: ")[0] or "data: " not in result.output
     assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_an_existing_data_folder_without_the_dataset_is_refused_not_replaced(in_tmp: Path) -> None:
+    """Debian's Fashion-MNIST stands in for the default folder only, never for one the user gave."""
+    empty = in_tmp / "empty"
+    empty.mkdir()
+    user_error(run("launch", "q1", "--preset", "smoke", "--data", str(empty), "-n", "1", "--set", "epochs=1"),
+               2, f"the data folder {empty} holds none of Fashion-MNIST's files")
+    assert not (in_tmp / "kdsweep.db").exists()
+
+
+def test_rm_asks_one_plain_question_and_leaves_no_lock_files(created: str, in_tmp: Path) -> None:
+    """The question names the study, its siblings and its files; the SQLite lock files go too."""
+    sweep = Sweep.open(created, "q2", write=True)
+    sibling = sweep.make_sibling(".baseline")
+    for s in (sweep, sibling):
+        with s.lock():  # what a worker leaves beside the database
+            pass
+    assert sorted(p.name for p in in_tmp.glob("sweep.db.slots-*")), "no lock files to check"
+    (in_tmp / "runs" / "q2").mkdir(parents=True)
+    result = run("rm", "q2", "--storage", created, input="n\n")
+    assert result.exit_code == 1 and "Aborted" in result.output
+    assert result.output.startswith(
+        f"delete study 'q2' (0 of 2 trials finished, 0 running), its baseline sibling 'q2.baseline' "
+        f"and the folder {in_tmp / 'runs' / 'q2'}? [y/N]"), result.output
+    result = run("rm", "q2", "--storage", created, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "q2.baseline" in result.output
+    assert not list(in_tmp.glob("sweep.db.slots-*")), list(in_tmp.glob("sweep.db.slots-*"))
+    assert not (in_tmp / "runs" / "q2").exists()

@@ -71,14 +71,15 @@ def image_ids(x: torch.Tensor) -> set[int]:
 # -- Fashion-MNIST -----------------------------------------------------------------------------
 
 
-def test_fashion_mnist_from_debian_files_leaves_them_untouched(fmnist_dir: Path, tmp_path: Path):
+def test_fashion_mnist_from_debian_files_leaves_them_untouched(
+    fmnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in fmnist_dir.iterdir()}
-    root = tmp_path / "empty"  # an existing folder without the files: Debian's are found
-    root.mkdir()
-    full = load_splits(DataConfig(dataset="fashion-mnist", root=str(root), val_size=500))
-    sub = load_splits(
-        DataConfig(dataset="fashion-mnist", root=str(root), val_size=500, train_subset=2000)
-    )
+    monkeypatch.delenv("KDSWEEP_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default folder, without the files: Debian's are found
+    root = tmp_path / ".cache" / "kdsweep" / "data"
+    full = load_splits(DataConfig(dataset="fashion-mnist", val_size=500))
+    sub = load_splits(DataConfig(dataset="fashion-mnist", val_size=500, train_subset=2000))
     assert full.in_shape == (1, 28, 28) and full.num_classes == 10
     assert full.classes[0] == "T-shirt/top"
     assert len(full.train_y) + len(full.val_y) == 60000
@@ -93,7 +94,7 @@ def test_fashion_mnist_from_debian_files_leaves_them_untouched(fmnist_dir: Path,
     assert torch.equal(sub.train_x, full.train_x[:2000]) and torch.equal(sub.val_y, full.val_y)
     after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in fmnist_dir.iterdir()}
     assert after == before
-    assert not any(root.iterdir())  # nothing written into the data folder
+    assert not root.exists()  # nothing written into the data folder
 
 
 @pytest.mark.parametrize("layout", ["gz in root", "torchvision raw"])
@@ -112,8 +113,10 @@ def test_fashion_mnist_root_files_come_before_debian(tmp_path: Path, layout: str
 
 def test_fashion_mnist_missing_names_the_ways_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.delenv("KDSWEEP_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default folder, where Debian's copy may stand in
     with pytest.raises(DataError) as caught:
-        load_splits(DataConfig(dataset="fashion-mnist", root=str(tmp_path)))
+        load_splits(DataConfig(dataset="fashion-mnist"))
     message = str(caught.value)
     assert one_sentence(message)
     for hint in ("apt-get install dataset-fashion-mnist", "--data", "KDSWEEP_DATA", "--download"):
@@ -505,3 +508,15 @@ def test_imagenet_statistics_on_grey_images_made_rgb():
     expect = torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
     assert out.shape == (2, 3, 4, 4)
     assert torch.allclose(out[0, :, 0, 0], expect)
+
+
+def test_a_data_folder_the_user_gave_is_never_replaced_by_debians(fmnist_dir: Path, tmp_path: Path):
+    """An existing folder holding none of the files is refused (a usage error), not swapped."""
+    from kdsweep.core.data import DataFolderError
+
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(DataFolderError, match="holds none of Fashion-MNIST's files"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(root), val_size=500))
+    with pytest.raises(DataFolderError, match="holds none of CIFAR-10's files"):
+        load_splits(DataConfig(dataset="cifar10", root=str(root), val_size=500))

@@ -442,7 +442,7 @@ def test_worker_from_elsewhere_refuses(tmp_path: Path, monkeypatch: pytest.Monke
         assert message[0].count(". ") <= 1 and "Traceback" not in result.output  # one sentence
         assert [(t.number, t.state) for t in load(url).trials] == before
 
-    refuse([str(other)], "space.optim.lr.high: study has 0.3, this worker has 0.5")
+    refuse([str(other)], "space.optim.lr.high: study has 0.3, this study file gives 0.5")
     refuse([str(TINY), "--preset", "slow"], "was created with preset 'quick', not 'slow'")
     # A study created by another kdsweep version: its recorded definition says so.
     load(url).set_user_attr(keys.DEFINITION, {**stored, "kdsweep_version": "0.0.1"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -114,22 +115,54 @@ def test_build_status_says_what_a_first_run_waits_for(tmp_path, monkeypatch: pyt
         progress.write_build_progress(tmp_path / "abc.progress.json", 0, 4, now)
         assert progress.build_status(tmp_path) == "building the teacher, once: epoch 0/4"
         progress.write_build_progress(tmp_path / "abc.progress.json", 2, 4, now - 40)  # 20 s an epoch
-        for pid in (11, 12, 13):
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        for pid in (os.getpid(), holder.pid, dead.pid):
             (tmp_path / f"abc.waiting-{pid}").touch()
+        # A killed waiter's marker stays behind; only live processes wait.
         assert progress.build_status(tmp_path) == (
-            "building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it")
+            "building the teacher, once: epoch 2/4, ~40 s left; 2 workers waiting for it")
+        # The cache is shared by every sweep on the host: a launch counts its own workers only.
+        assert progress.build_status(tmp_path, pids={holder.pid, dead.pid, 999_999_999}) == (
+            "building the teacher, once: epoch 2/4, ~40 s left; 1 worker waiting for it")
+        # Another sweep's build, which none of this launch's workers runs or waits for: not shown.
+        assert progress.build_status(tmp_path, pids={dead.pid, 999_999_999}) is None
+        assert progress.build_status(tmp_path, pids={os.getpid()}) is not None  # one of its own waits
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
     assert progress.build_status(tmp_path) is None  # its builder is gone: no longer shown
 
 
-def test_eta_from_finished_trials() -> None:
-    assert progress.eta([], 10, 2) == ""
-    assert progress.eta([30.0], 0, 2) == ""  # nothing left
-    assert progress.eta([30.0, 50.0], 9, 2) == "~3 min left"  # 9 trials x 40 s / 2 workers
+def test_eta_needs_a_finished_trial_and_work_left() -> None:
+    assert progress.eta([], [], 10, 2, epochs=4) == ""
+    assert progress.eta([(30.0, 3)], [], 0, 2, epochs=3) == ""  # nothing left
+
+
+def test_eta_is_the_epochs_left_times_the_seconds_an_epoch_takes() -> None:
+    # 10 s an epoch, no pruning so far (4 of 4 epochs each): 9 trials x 40 s / 2 workers.
+    assert progress.eta_seconds([(40.0, 4), (40.0, 4)], [], 9, 2, epochs=4) == pytest.approx(180.0)
     # The first wave waited for the teacher: once later trials finished, only theirs count.
-    assert progress.eta([190.0, 190.0, 20.0, 20.0], 3, 2) == "~30 s left"
+    assert progress.eta_seconds([(190.0, 4), (190.0, 4), (40.0, 4), (40.0, 4)], [], 3, 2,
+                                epochs=4) == pytest.approx(60.0)
+
+
+def test_eta_counts_the_epochs_pruning_leaves_trials() -> None:
+    """Half the trials so far were pruned after 1 of 9 epochs: a trial not yet started is
+    expected to run 5 epochs, not 9; one that got past the cut is expected to finish."""
+    finished = [(90.0, 9), (10.0, 1), (90.0, 9), (10.0, 1)]  # 10 s an epoch
+    # 4 waiting x 5 epochs + a running trial at epoch 3 (6 left) = 26 epochs / 2 workers x 10 s.
+    assert progress.eta_seconds(finished, [3], 4, 2, epochs=9) == pytest.approx(130.0)
+    # The last trial alone: it sets the time, whatever the number of idle workers.
+    assert progress.eta_seconds(finished, [3], 0, 4, epochs=9) == pytest.approx(60.0)
+
+
+def test_eta_includes_the_reference_run_after_the_sweep() -> None:
+    finished = [(40.0, 4), (40.0, 4)]
+    without = progress.eta_seconds(finished, [], 2, 2, epochs=4)
+    assert progress.eta_seconds(finished, [], 2, 2, epochs=4, reference=True) == pytest.approx(without + 40.0)
+    # The sweep done, the reference still to run: not "nothing left".
+    assert progress.eta(finished, [], 0, 2, epochs=4, reference=True) == "~40 s left"
 
 
 def test_log_lines_do_not_run_into_a_bar(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

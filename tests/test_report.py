@@ -66,8 +66,9 @@ def q2() -> optuna.Study:
 
 
 def test_figures_follow_the_params_present(q1: optuna.Study, q2: optuna.Study) -> None:
-    assert report.applicable(q1) == ["history", "intermediate", "importance", "family", "dropblock"]
-    assert report.applicable(q2) == ["history", "intermediate", "importance", "kd_contour"]
+    assert report.applicable(q1) == ["history", "intermediate", "importance", "family", "dropblock", "parallel",
+                                     "slice"]
+    assert report.applicable(q2) == ["history", "intermediate", "importance", "kd_contour", "parallel", "slice"]
 
 
 def test_q1_figure_data(q1: optuna.Study) -> None:
@@ -152,7 +153,7 @@ def test_report_of_one_complete_and_one_pruned_trial(tmp_path: Path) -> None:
     study = _study("q2", [({"kd.alpha": 0.5, "kd.temperature": 3.0}, [0.6, 0.7], False),
                           ({"kd.alpha": 0.9, "kd.temperature": 3.0}, [0.2], True)], dists)
     files = report.write_report(Sweep(study), tmp_path)  # too few trials for importances: still a report
-    assert set(files) == {"history", "intermediate", "importance", "kd_contour"}
+    assert set(files) == {"history", "intermediate", "importance", "kd_contour", "parallel", "slice"}
     assert report.figure_data(study)["importance"] == {}
     assert all((tmp_path / f"{name}.png").exists() for name in files)
 
@@ -183,3 +184,9 @@ def test_family_figures_keep_a_group_whose_every_trial_was_pruned() -> None:
     png = report.png_figure(study, "family", data)
     labels = [t.get_text() for t in png.axes[0].get_xticklabels()]
     assert "cnn/spatial_dropout\n(n=0, +1 pruned)" in labels, labels
+
+
+def test_history_shows_pruned_trials_and_marks_the_winner(q1: optuna.Study) -> None:
+    data = report.figure_data(q1)["history"]
+    assert (data["pruned_trial"], data["pruned_value"]) == ([5], [0.20])  # at its last epoch
+    assert data["winner"] == {"trial": 3, "value": 0.74}

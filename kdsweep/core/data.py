@@ -29,8 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from kdsweep.core.config import DataConfig
+from kdsweep.core.data_root import (  # noqa: F401  (kdsweep.core.data.DataError and check_root stay importable)
+    DEBIAN_FASHION_MNIST,
+    DataError,
+    DataFolderError,
+    check_root,
+    given_root,
+    none_of_its_files,
+    resolve_root,
+)
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -61,10 +69,6 @@ _VALID_FORMS = (
     "cifar10, cifar100, fashion-mnist, npz:PATH (a .npz file with arrays x and y) "
     "or folder:PATH (a directory with one sub-folder of images per class)"
 )
-
-
-class DataError(Exception):
-    """The data cannot be loaded as configured; the message is one sentence saying what to do."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,35 +131,6 @@ _CACHE: dict[tuple[object, ...], Splits] = {}
 _CACHE_LOCK = threading.Lock()  # Optuna's n_jobs runs trials in threads: decode once, not n times
 
 
-def resolve_root(cfg: DataConfig) -> Path:
-    """The data directory: `cfg.root`, else $KDSWEEP_DATA, else ~/.cache/kdsweep/data (absolute)."""
-    root = cfg.root or os.environ.get("KDSWEEP_DATA") or "~/.cache/kdsweep/data"
-    return Path(root).expanduser().resolve()
-
-
-def check_root(root: str | None, download: bool = False) -> None:
-    """Refuse a data folder given by a user (--data, $KDSWEEP_DATA) that cannot be one.
-
-    A dataset spec (npz:PATH, folder:PATH) given as the folder, or a folder that does not
-    exist (unless torchvision may create it to download into), raises DataError: otherwise a
-    named dataset would silently be looked for elsewhere (Debian's Fashion-MNIST).
-    """
-    if not root:
-        return
-    for prefix in ("npz:", "folder:"):
-        if root.startswith(prefix):
-            raise DataError(
-                f"{root!r} is a dataset, not a data folder; pass it as --dataset {root} "
-                "(env KDSWEEP_DATASET) and keep --data for the folder that holds downloaded datasets."
-            )
-    path = Path(root).expanduser()
-    if not download and not path.is_dir():
-        raise DataError(
-            f"the data folder {path} does not exist; pass --data DIR with an existing folder "
-            "(or none, for the default), or add --download to create it."
-        )
-
-
 def clear_cache() -> None:
     """Forget every `Splits` loaded in this process (frees their memory once unreferenced)."""
     with _CACHE_LOCK:
@@ -192,9 +167,9 @@ def load_splits(cfg: DataConfig, names: dict[str, str] | None = None) -> Splits:
         splits = _CACHE.get(cache_key)
         if splits is None:
             if kind in _CIFAR:
-                source = _load_cifar(kind, path, cfg.download)
+                source = _load_cifar(kind, path, cfg.download, given_root(cfg))
             elif kind == "fashion-mnist":
-                source = _load_fashion_mnist(path, cfg.download)
+                source = _load_fashion_mnist(path, cfg.download, given_root(cfg))
             elif kind == "npz":
                 source = _load_npz(path)
             else:
@@ -258,7 +233,7 @@ def _nhwc_to_nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
 
 
-def _load_cifar(name: str, root: Path, download: bool) -> _Source:
+def _load_cifar(name: str, root: Path, download: bool, given: bool = False) -> _Source:
     from torchvision import datasets
 
     title, cls_name, folder = _CIFAR[name]
@@ -280,6 +255,8 @@ def _load_cifar(name: str, root: Path, download: bool) -> _Source:
                 f"{title} in {root / folder} is incomplete or corrupted and downloading is off; "
                 f"{ways_out}."
             ) from error
+        if given:
+            raise none_of_its_files(title, root, folder) from None
         raise DataError(f"{title} is not in {root} and downloading is off; {ways_out}.") from error
     return _Source(
         spec=f"{name}:{root}",
@@ -317,13 +294,18 @@ def _read_idx_gz(path: Path) -> np.ndarray:
     return body.reshape(dims).copy()  # frombuffer is read-only; torch wants writable memory
 
 
-def _load_fashion_mnist(root: Path, download: bool) -> _Source:
+def _load_fashion_mnist(root: Path, download: bool, given: bool = False) -> _Source:
+    """Fashion-MNIST from torchvision's raw folder or the four IDX .gz files; Debian's copy
+    stands in only for the default folder, never for one the user gave (`given`)."""
     classes = _FMNIST_CLASSES
     raw = root / "FashionMNIST" / "raw"
     names = [n for pair in _FMNIST_FILES for n in pair]
     use_torchvision = all((raw / n).is_file() for n in names)
     if not use_torchvision:
-        for folder in (root, raw, DEBIAN_FASHION_MNIST):
+        folders = (root, raw) if given else (root, raw, DEBIAN_FASHION_MNIST)
+        if given and not download and not any((f / f"{n}.gz").is_file() for f in folders for n in names):
+            raise none_of_its_files("Fashion-MNIST", root, "its four IDX .gz files or FashionMNIST/raw")
+        for folder in folders:
             files = [folder / f"{n}.gz" for n in names]
             if all(f.is_file() for f in files):
                 arrays = [_read_idx_gz(f) for f in files]

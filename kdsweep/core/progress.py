@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
@@ -165,13 +165,19 @@ def write_build_progress(path: str | os.PathLike, epoch: int, epochs: int, start
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump({"epoch": epoch, "epochs": epochs, "started": started, "updated": time.time(),
-                   "done": done}, f)
+                   "done": done, "pid": os.getpid()}, f)
     os.replace(tmp, path)
 
 
-def build_status(folder: str | os.PathLike) -> str | None:
+def build_status(folder: str | os.PathLike, pids: Collection[int] | None = None) -> str | None:
     """'building the teacher, once: epoch 2/4, ~40 s left; 3 workers waiting for it' for a build
-    in progress under `folder` (the teacher cache), else None."""
+    in progress under `folder` (the teacher cache), else None.
+
+    Waiters are counted from their `<key>.waiting-<pid>` markers, only those of a live process
+    and, given `pids` (a launch's own workers), only those: the cache is shared by every sweep
+    on the host, and a killed waiter leaves its marker behind. Given `pids`, a build that none
+    of them runs or waits for is not shown.
+    """
     try:
         names = os.listdir(folder)
     except OSError:
@@ -188,7 +194,10 @@ def build_status(folder: str | os.PathLike) -> str | None:
         key = name[: -len(".progress.json")]
         if p.get("done") or not _held(os.path.join(folder, f"{key}.lock")):
             continue  # finished, or its builder died (the OS released its lock)
-        waiting = sum(n.startswith(f"{key}.waiting-") for n in names)
+        waiting = sum(1 for n in names if n.startswith(f"{key}.waiting-")
+                      and _live_waiter(n[len(f"{key}.waiting-"):], pids))
+        if pids is not None and not waiting and p.get("pid") not in pids:
+            continue  # another sweep's teacher: none of this launch's workers builds or waits for it
         epoch, epochs = int(p["epoch"]), int(p["epochs"])
         left = ""
         if epoch > 0:
@@ -197,6 +206,23 @@ def build_status(folder: str | os.PathLike) -> str | None:
         others = f"; {waiting} worker{'s' if waiting != 1 else ''} waiting for it" if waiting else ""
         return f"building the teacher, once: epoch {epoch}/{epochs}{left}{others}"
     return None
+
+
+def _live_waiter(pid_text: str, pids: Collection[int] | None) -> bool:
+    """Whether a waiting marker's process is alive (and one of `pids`, when given)."""
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pids is not None and pid not in pids:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _held(lock_path: str) -> bool:
@@ -221,15 +247,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def eta(wall_times: list[float], left: float, workers: int) -> str:
-    """'~3 min left' for `left` trials (a running one counts half) shared by `workers`.
+def eta(finished: Sequence[tuple[float, int]], running: Sequence[int], waiting: int, workers: int,
+        epochs: int, reference: bool = False) -> str:
+    """'~3 min left' from the work that remains, or '' before any trial finished or when none is
+    left (see `eta_seconds`)."""
+    seconds = eta_seconds(finished, running, waiting, workers, epochs, reference)
+    return "" if seconds is None else f"~{_duration(seconds)} left"
 
-    `wall_times` are the finished trials' seconds in the order they finished. The first wave
-    (one trial per worker) includes the minutes a first run spends building the teacher, so
-    once later trials have finished only theirs count. '' before any trial finished or when
-    none is left.
+
+def eta_seconds(finished: Sequence[tuple[float, int]], running: Sequence[int], waiting: int, workers: int,
+                epochs: int, reference: bool = False) -> float | None:
+    """Seconds until a sweep is done: the epochs left / workers x the seconds one epoch takes.
+
+    `finished`: (wall seconds, epochs run) of each finished trial (complete or pruned), in the
+    order they finished; `running`: the epochs each running trial has done; `waiting`: trials
+    not started; `epochs`: a trial's full length. A trial that has done d epochs is expected to
+    run as long as the finished trials that got past d did (pruning so far decides that), a
+    trial not yet started as long as the finished ones did on average. Seconds per epoch come
+    from the finished trials, leaving out the first wave (one per worker) once later ones exist:
+    it also paid for the teacher's build (while a build runs, `build_status` gives its own time
+    left). `reference`: the alpha=0 reference (one full-length trial, alone) still runs after
+    the last trial. None before any trial finished or when nothing is left.
     """
-    if not wall_times or left <= 0:
-        return ""
-    later = wall_times[workers:] or wall_times
-    return f"~{_duration(sum(later) / len(later) * left / max(1, workers))} left"
+    if not finished or (waiting <= 0 and not running and not reference):
+        return None
+    later = list(finished[workers:]) or list(finished)
+    per_epoch = sum(w for w, _ in later) / max(1, sum(e for _, e in later))
+
+    def left(done: int) -> float:
+        beyond = [e - done for _, e in finished if e > done]
+        return sum(beyond) / len(beyond) if beyond else float(max(0, epochs - done))
+
+    each = [left(0)] * max(0, waiting) + [left(d) for d in running]
+    trials = max(sum(each) / max(1, workers), max(each, default=0.0)) * per_epoch
+    return trials + (epochs * per_epoch if reference else 0.0)

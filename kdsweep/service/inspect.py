@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from kdsweep.core.config import compact
 from kdsweep.service import keys
-from kdsweep.service.sweep import VERIFY_SUFFIX, Sweep, is_requeued
+from kdsweep.service.sweep import BASELINE_SUFFIX, VERIFY_SUFFIX, Sweep, is_requeued
 
 CHART_WIDTH = 40  # characters of the curve's bars
 
@@ -116,15 +116,15 @@ def ls_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def study_folders(storage_url: str, study_name: str, artifacts: str | None = None,
                   logdir: str | None = None) -> list[Path]:
-    """The folders a study and its verify sibling fill: artifacts (checkpoints, kept weights)
-    and TensorBoard runs. None for a name that is not a safe one (stored before names were
-    checked, or by plain Optuna): kdsweep never made folders for it, and a path made of it
-    could lead anywhere."""
+    """The folders a study and its verify and baseline siblings fill: artifacts (checkpoints,
+    kept weights) and TensorBoard runs. None for a name that is not a safe one (stored before
+    names were checked, or by plain Optuna): kdsweep never made folders for it, and a path made
+    of it could lead anywhere."""
     from kdsweep.service.location import StorageURLError, check_study_name, location
 
     where = location(storage_url)
     try:
-        names = (check_study_name(study_name), check_study_name(study_name + VERIFY_SUFFIX))
+        names = tuple(check_study_name(study_name + s) for s in ("", VERIFY_SUFFIX, BASELINE_SUFFIX))
     except StorageURLError:
         return []
     return [where.artifacts(n, artifacts) for n in names] + [where.runs(logdir) / n for n in names]
@@ -152,6 +152,28 @@ def dump(doc: Any, fmt: str | None, output: str | None = None) -> str:
 
     fmt = fmt or ("json" if output and output.lower().endswith(".json") else "yaml")
     return json.dumps(doc, indent=2) + "\n" if fmt == "json" else yaml.safe_dump(doc, sort_keys=False)
+
+
+def rm_question(sweep, folders: list[Path]) -> str:
+    """What `kdsweep rm` asks to delete: "study 'q2' (3 of 50 trials finished, 1 running), its
+    verify sibling 'q2.verify' and the folders runs/q2"."""
+    c = sweep.counts()
+    items = [f"study {sweep.name!r} ({c.finished} of {sweep.n_trials} trials finished, {c.running} running)"]
+    items += [f"its {s.name.rsplit('.', 1)[-1]} sibling {s.name!r}" for s in sweep.family()[1:]]
+    if folders:
+        items.append(f"the folder{'s' if len(folders) > 1 else ''} {', '.join(map(str, folders))}")
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def swept_value(path: str) -> tuple[str, int, float] | None:
+    """(study, trial, value) recorded in an export of `kdsweep best`, or None for a bare config."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        return str(doc["study"]), int(doc["trial"]), float(doc["value"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
 
 
 def remove_files(folders: Iterable[Path]) -> None:

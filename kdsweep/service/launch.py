@@ -16,11 +16,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kdsweep.service.spec import StudySpec
-from kdsweep.service.sweep import Counts, Sweep
+
+if TYPE_CHECKING:  # imported where used: `kdsweep launch` answers a usage error without Optuna
+    from kdsweep.service.sweep import Counts, Sweep
 
 
 def cpu_cores() -> int:
@@ -85,9 +88,10 @@ ETA_EVERY_S = 30.0  # seconds between status lines that differ only in their tim
 _ETA = re.compile(r"~[^;|]* left")
 
 
-def status_line(sweep: Sweep, workers: int) -> str:
+def status_line(sweep: Sweep, workers: int, pids: Collection[int] | None = None, reference: bool = False) -> str:
     """The progress line, with what a first run spends its first minutes on (the teacher's
-    build, which the other workers wait for) and the sweep's ETA."""
+    build, and how many of this launch's workers, `pids`, wait for it) and the sweep's ETA
+    (`reference`: the alpha=0 reference run still follows the sweep; see `progress.eta_seconds`)."""
     from optuna.trial import TrialState
 
     from kdsweep.core import progress
@@ -95,13 +99,22 @@ def status_line(sweep: Sweep, workers: int) -> str:
 
     c = sweep.counts()
     line = sweep.progress_line(c)
-    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"))
+    building = progress.build_status(os.path.join(progress.cache_dir(), "teachers"), pids)
     if building:
         return f"{line} | {building}"
     done = sorted((t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
                    if keys.WALL_TIME in t.user_attrs and t.datetime_complete), key=lambda t: t.datetime_complete)
-    left = progress.eta([t.user_attrs[keys.WALL_TIME] for t in done], c.waiting + 0.5 * c.running, workers)
+    finished = [(float(t.user_attrs[keys.WALL_TIME]), _epochs_run(t)) for t in done]
+    running = [len(t.intermediate_values) for t in sweep.trials(TrialState.RUNNING)]
+    epochs = int((sweep.definition.get("config") or {}).get("epochs") or max((e for _, e in finished), default=1))
+    left = progress.eta(finished, running, c.waiting, workers, epochs, reference)
     return f"{line} | {left}" if left else line
+
+
+def _epochs_run(trial) -> int:
+    from kdsweep.service import keys
+
+    return int(trial.user_attrs.get(keys.EPOCHS_RUN) or len(trial.intermediate_values) or 1)
 
 
 def _die_with_parent() -> None:
@@ -154,6 +167,7 @@ def run(
     extra_env: Mapping[str, str] | None = None,
     grace: float = 60.0,
     first: list[str] | None = None,
+    reference: bool = False,
 ) -> tuple[Counts, str]:
     """Start the workers and watch them; returns the final counts and how it ended.
 
@@ -200,7 +214,7 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = status_line(sweep, len(procs))
+            line = status_line(sweep, len(procs), {p.pid for p in procs}, reference)
             # A new line when something happened; a countdown alone only every ETA_EVERY_S.
             news = _ETA.sub("", line)
             if news != last_news or (line != last and time.monotonic() - shown_at >= ETA_EVERY_S):
@@ -220,7 +234,7 @@ def run(
             for s, h in old.items():
                 signal.signal(s, h)
     final = sweep.counts()
-    line = status_line(sweep, len(procs))
+    line = status_line(sweep, len(procs), {p.pid for p in procs}, reference)
     if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
         echo(line)
     return final, stop["why"] or "done"
@@ -253,16 +267,36 @@ def load_spec(study: str, preset: str, overrides: Sequence[str]) -> tuple[StudyS
 
 
 def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None:
-    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced)."""
-    import torch
+    """DeviceError for cuda without CUDA; StudyError for a GPU preset on a CPU (unless forced).
 
-    from kdsweep.core.devices import resolve_device
+    A machine with no GPU device file at all is answered without importing torch (seconds).
+    """
     from kdsweep.service.spec import StudyError
 
-    resolve_device(device)
-    if needs_gpu and not torch.cuda.is_available() and not force:
+    def no_gpu() -> bool:
+        if not gpu_device_files():
+            return True
+        import torch
+
+        return not torch.cuda.is_available()
+
+    if needs_gpu and not force and no_gpu():
         raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
                          "use --preset smoke, or add --force to run it on the CPU anyway.")
+    from kdsweep.core import install
+    from kdsweep.core.devices import resolve_device
+
+    install.check()  # torch and torchvision belong together: one sentence, not a traceback later
+    resolve_device(device)
+
+
+def gpu_device_files() -> list[str]:
+    """The device files a CUDA (or ROCm) GPU shows on Linux; none means torch would find none."""
+    import glob
+
+    if sys.platform != "linux":
+        return ["(not Linux: ask torch)"]
+    return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg")
 
 
 def default_workers(device: str, trials_per_device: int) -> int:
@@ -335,10 +369,11 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
     """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
     run its waiting trials, `fuse` at a time in one fused model when fuse > 1 (Q2-like studies
     only: kdsweep/service/fused_worker.py); returns the worker's summary."""
+    from kdsweep.core import install
     from kdsweep.core.devices import resolve_device
     from kdsweep.service.objective import Objective
     from kdsweep.service.spec import StudyError
-    from kdsweep.service.sweep import SweepNotFound
+    from kdsweep.service.sweep import Sweep, SweepNotFound
     from kdsweep.service.worker import run_worker
 
     try:
@@ -354,6 +389,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
         from kdsweep.service.fused_worker import check_fusable
 
         check_fusable(spec, sweep.preset, sweep.overrides)
+    install.check()
     resolve_device(str(runtime["device"]))
     preflight(spec, sweep.preset, sweep.overrides, runtime)
     objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
@@ -386,6 +422,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     A sweep that has nothing left to run prints its summary and starts no worker ('finished').
     """
     from kdsweep.service.storage import open_storage, redact
+    from kdsweep.service.sweep import Sweep
 
     check_device(device, spec.preset(preset).needs_gpu, preset, force)
     if fuse > 1:
@@ -413,7 +450,8 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     if reference is not None and reference.trials(TrialState.WAITING):
         echo(f"worker 0 trains the student alone (alpha=0) first, in {reference.name!r}")
         early = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
-    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout, first=early)
+    final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout, first=early,
+                     reference=_reference_due(sweep))
     reference = baseline.prepare(sweep) if how == "done" else None  # its run failed or was stopped
     if reference is not None and reference.trials(TrialState.WAITING):
         # The student alone (alpha=0), outside N: one run, one worker with this host's cores.
@@ -421,20 +459,37 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         solo = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
         run(reference, solo, plan_workers(1, device, url), echo)
     echo(sweep.summary_table())
-    for line in report.noise_summary(sweep):  # issue 10: how much of the top is noise
-        echo(line)
+    if sweep.best_trial is not None:  # else the table has said "no complete trials."
+        for line in report.noise_summary(sweep):  # how much of the top is noise
+            echo(line)
     from kdsweep.service.dashboard import write_verdict
 
     write_verdict(sweep)  # the same verdict as the study's note in optuna-dashboard
     return sweep, final, how
 
 
+def _reference_due(sweep: Sweep) -> bool:
+    """Whether the alpha=0 reference run still follows this sweep (for its ETA)."""
+    from kdsweep.service import baseline, keys
+
+    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
+        return False
+    return baseline.reference_point(sweep.spec.space) is not None and baseline.result(sweep) is None
+
+
+# A study stopped short of N that the same command finishes: sysexits' EX_TEMPFAIL ("a
+# temporary failure; the user is invited to retry"), so `launch ... && next` does not go on.
+EXIT_RESUME = 75
+
+
 def ending(sweep: Sweep, final: Counts, how: str) -> tuple[str, int]:
-    """The closing sentence of a launch and its exit code (0, 1 a study short of N, 130)."""
+    """The closing sentence of a launch and its exit code: 0 done; 1 a study short of N after
+    failures; 75 (`EXIT_RESUME`) stopped short by --timeout or `kdsweep stop`, the same command
+    finishes it; 130 interrupted."""
     if how == "done" and sweep.stop_requested:
-        return "stopped by `kdsweep stop`: run the same command again to finish the study.", 0
+        return "stopped by `kdsweep stop`: run the same command again to finish the study.", EXIT_RESUME
     if how in ("interrupted", "timeout"):
-        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else 0
+        return f"{how}: run the same command again to finish the study.", 130 if how == "interrupted" else EXIT_RESUME
     if how == "done" and final.finished < (sweep.n_trials or 0):
         return (f"the study has {final.finished} of {sweep.n_trials} finished trials after {final.failed} "
                 "failures; see `kdsweep status` for their reasons."), 1

@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsweep.service import keys
+from kdsweep.service import keys, report_optuna
 from kdsweep.service.sweep import Sweep
 
 log = logging.getLogger("kdsweep.service.report")
@@ -64,7 +64,7 @@ def applicable(study: optuna.Study) -> list[str]:
         names.append("family")
     if "dropblock.size" in params:
         names.append("dropblock")
-    return names
+    return names + report_optuna.applicable(params)
 
 
 # ---------------------------------------------------------------- the data behind each figure
@@ -77,7 +77,13 @@ def history_data(study: optuna.Study) -> dict[str, Any]:
     best: list[float] = []
     for t in done:
         best.append(t.value if not best else pick(best[-1], t.value))
-    return {"trial": [t.number for t in done], "value": [t.value for t in done], "best": best}
+    pruned = [t for t in _pruned(study) if t.intermediate_values]
+    winner = next((t for t in done if t.value == best[-1]), None) if done else None
+    return {"trial": [t.number for t in done], "value": [t.value for t in done], "best": best,
+            "pruned_trial": [t.number for t in pruned],
+            "pruned_value": [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+            "winner": None if winner is None else {"trial": winner.number, "value": winner.value},
+            "reference": None}  # the alpha=0 run's value, filled in by write_report for KD sweeps
 
 
 def intermediate_data(study: optuna.Study) -> dict[str, Any]:
@@ -189,6 +195,8 @@ DATA = {
     "kd_contour": kd_contour_data,
     "family": family_data,
     "dropblock": dropblock_data,
+    "parallel": report_optuna.data,
+    "slice": report_optuna.data,
 }
 
 
@@ -205,6 +213,8 @@ def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
     import plotly.graph_objects as go
 
     metric = _metric(study)
+    if name in report_optuna.NAMES:
+        return report_optuna.plotly_figure(study, name, metric)
     if name == "history":
         return optuna.visualization.plot_optimization_history(study, target_name=metric)
     if name == "importance":
@@ -247,10 +257,21 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     metric = _metric(study)
+    if name in report_optuna.NAMES:
+        return report_optuna.png_figure(study, name, metric, PNG_SIZE)
     fig, ax = plt.subplots(figsize=PNG_SIZE, dpi=PNG_DPI)
     if name == "history":
         ax.scatter(data["trial"], data["value"], s=18, label="complete trial")
+        if data.get("pruned_trial"):
+            ax.scatter(data["pruned_trial"], data["pruned_value"], s=22, marker="x", color="#7f7f7f",
+                       label="pruned (its last epoch)")
         ax.step(data["trial"], data["best"], where="post", color="#d62728", label="best so far")
+        if data.get("winner"):
+            w = data["winner"]
+            ax.scatter([w["trial"]], [w["value"]], s=160, marker="*", color="#ffbf00", edgecolor="black",
+                       zorder=5, label=f"winner (trial {w['trial']})")
+        if data.get("reference") is not None:
+            ax.axhline(data["reference"], color="#2ca02c", linestyle="--", label="student alone (alpha=0)")
         ax.set(xlabel="trial", ylabel=metric, title=f"{study.study_name}: optimisation history")
         ax.legend()
     elif name == "intermediate":
@@ -353,6 +374,8 @@ def noise_summary(sweep: Sweep) -> list[str]:
     against the student trained alone (kdsweep/service/baseline.py)."""
     from kdsweep.service import baseline, stats
 
+    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
+        return []  # a sibling: its runs are a reference or a verification, not a sweep to verify
     ranked = sweep.top(len(sweep.trials()))
     if not ranked:
         return ["no complete trial yet."]
@@ -424,6 +447,11 @@ def write_report(sweep: Sweep, out: Path, verify_text: str | None = None) -> dic
         raise ReportError(f"study {study.study_name!r} has no finished trial to report on yet.")
     out.mkdir(parents=True, exist_ok=True)
     data = figure_data(study)
+    from kdsweep.service import baseline
+
+    reference = baseline.result(sweep) if baseline.find(sweep) is not None else None
+    if reference is not None and "history" in data:
+        data["history"]["reference"] = reference.value
     files: dict[str, list[str]] = {}
     for name, d in data.items():
         written = []

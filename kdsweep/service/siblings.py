@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from kdsweep.service.sweep import Sweep
 
 VERIFY_SUFFIX = ".verify"
+BASELINE_SUFFIX = ".baseline"  # kdsweep/service/baseline.py
 COPIED = (keys.DEFINITION, keys.SCHEMA, keys.UID, keys.SEED)  # workers of both must agree
 
 

@@ -16,14 +16,15 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 import kdsweep
 from kdsweep.core.config import ConfigError, TrainConfig, replace, to_dict, validate
 from kdsweep.service import space as sp
 from kdsweep.service.location import StorageURLError, check_study_name
+
+if TYPE_CHECKING:  # imported where used: study files and usage errors load without Optuna
+    import optuna
 
 # Settings that say where or how fast a run happens, not what it is: they may differ between
 # the hosts of one study and are left out of its recorded definition.
@@ -37,6 +38,8 @@ class StudyError(ValueError):
 
 def default_sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     # Optuna 5 defaults TPE to multivariate + constant liar, so parallel workers don't collide.
+    import optuna
+
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
@@ -283,5 +286,5 @@ def diff_definitions(stored: Mapping[str, Any], local: Mapping[str, Any], prefix
             if found:
                 return found
         elif a != b:
-            return f"{prefix}{key}: study has {a!r}, this worker has {b!r}"
+            return f"{prefix}{key}: study has {a!r}, this study file gives {b!r}"
     return None

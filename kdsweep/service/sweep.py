@@ -56,7 +56,7 @@ from kdsweep.service import keys, siblings, sweep_text
 from kdsweep.service import requeue as rq
 from kdsweep.service import space as sp
 from kdsweep.service.requeue import DIED, INTERRUPTED, MAX_RETRIES, OUTAGE, is_requeued  # noqa: F401
-from kdsweep.service.siblings import VERIFY_SUFFIX
+from kdsweep.service.siblings import BASELINE_SUFFIX, VERIFY_SUFFIX
 from kdsweep.service.slots import (  # noqa: F401  (re-exported: the queue's names)
     DEFAULT_N,
     WINDOW,
@@ -389,11 +389,20 @@ class Sweep(SlotQueue):
         return len(self.trials(TrialState.RUNNING))
 
     def delete(self) -> list[str]:
-        """Delete this study and its verify sibling from the storage; their names."""
-        names = [s.name for s in (self, self.sibling(VERIFY_SUFFIX)) if s is not None]
-        for name in names:
-            optuna.delete_study(study_name=name, storage=self._storage)
-        return names
+        """Delete this study and its verify and baseline siblings from the storage, with the
+        lock files a SQLite storage kept for them; their names."""
+        from kdsweep.service.storage import lock_files
+
+        doomed = self.family()
+        for s in doomed:
+            optuna.delete_study(study_name=s.name, storage=self._storage)
+            for f in lock_files(self._storage, s._id):
+                f.unlink(missing_ok=True)
+        return [s.name for s in doomed]
+
+    def family(self) -> list[Sweep]:
+        """This study and those of its siblings that exist (verify, baseline), in that order."""
+        return [s for s in (self, self.sibling(VERIFY_SUFFIX), self.sibling(BASELINE_SUFFIX)) if s is not None]
 
     # ------------------------------------------------------------------ siblings
 

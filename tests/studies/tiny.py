@@ -7,13 +7,17 @@ does with its trials.
 The data come from Debian's dataset-fashion-mnist (found without --data).
 """
 
-import dataclasses
+from __future__ import annotations
 
-import optuna
+import dataclasses
+from typing import TYPE_CHECKING
 
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from kdsweep.service.space import Float, Int
 from kdsweep.service.spec import Preset, StudySpec
+
+if TYPE_CHECKING:  # imported where used: a usage error answers before Optuna loads
+    import optuna
 
 SPACE = [
     Float("optim.lr", 0.01, 0.3, log=True),
@@ -26,6 +30,8 @@ DATA = DataConfig(dataset="fashion-mnist", val_size=500, train_subset=2000, test
 
 
 def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
+    import optuna
+
     return optuna.pruners.NopPruner()  # fault tests count trials; pruning would only blur that
 
 
@@ -41,6 +47,8 @@ def _config(epochs: int) -> TrainConfig:
 
 def sampler(seed: int | None) -> optuna.samplers.BaseSampler:
     # Random, not TPE: the crowded-SQLite test runs 200 trials and TPE's cost grows with them.
+    import optuna
+
     return optuna.samplers.RandomSampler(seed=seed)
 
 

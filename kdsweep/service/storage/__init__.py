@@ -38,7 +38,7 @@ from kdsweep.service.location import (
 )
 from kdsweep.service.storage.errors import NoStudies, StorageUnavailable, storage_error
 from kdsweep.service.storage.heartbeats import dead_trial_ids
-from kdsweep.service.storage.locks import study_lock, transaction
+from kdsweep.service.storage.locks import lock_files, study_lock, transaction
 from kdsweep.service.storage.opening import open_storage, study_names
 from kdsweep.service.storage.retrying import RetryingStorage
 from kdsweep.service.storage.settings import (
@@ -53,7 +53,7 @@ from kdsweep.service.storage.settings import (
 __all__ = [
     "ARTIFACTS_DIR", "DEFAULT_URL", "GRACE_S", "HEARTBEAT_S", "RETRIES", "RUNS_DIR", "SCHEME", "URL_HELP",
     "NoStudies", "RetryingStorage", "StorageError", "StorageLocation", "StorageURLError", "StorageUnavailable",
-    "check_study_name", "dead_trial_ids", "grace_period", "heartbeat_interval", "location", "open_storage",
+    "check_study_name", "dead_trial_ids", "lock_files", "grace_period", "heartbeat_interval", "location", "open_storage",
     "password_of", "redact", "redact_text", "retries", "storage_error", "study_lock", "study_names",
     "transaction",
 ]

@@ -67,7 +67,7 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
     database = rdb.engine.url.database if rdb is not None else None
     where = storage.location if isinstance(storage, RetryingStorage) else None
     if dialect == "sqlite" and database and database != ":memory:":
-        with _file_lock(f"{database}.slots-{study_id}.lock"):
+        with _file_lock(str(lock_files(storage, study_id)[0])):
             conn = with_retries(_begin, "lock", where)(rdb)
             with _one_transaction(rdb, conn, where):
                 yield
@@ -78,6 +78,17 @@ def study_lock(storage: BaseStorage, study_id: int) -> Iterator[None]:
     else:
         with _LOCAL_LOCKS.setdefault((id(storage), study_id), threading.Lock()):
             yield
+
+
+def lock_files(storage: BaseStorage, study_id: int) -> list[Path]:
+    """The files `study_lock` keeps beside a SQLite database for a study (the lock and its
+    owner note); none for other storages. `kdsweep rm` deletes them with the study."""
+    rdb = rdb_of(storage)
+    database = rdb.engine.url.database if rdb is not None and rdb.engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        return []
+    lock = f"{database}.slots-{study_id}.lock"
+    return [Path(lock), Path(lock + ".owner")]
 
 
 @contextlib.contextmanager
