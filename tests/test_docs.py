@@ -211,7 +211,7 @@ def test_the_bad_input_table_has_every_case_of_its_test():
 
 def test_the_exit_codes_page_states_the_codes_the_cli_uses():
     page = _hooks().exit_codes()
-    for code in ("0", "1", "2", "130"):
+    for code in ("0", "1", "2", "75", "130"):
         assert f"| {code} | " in page
 
 
