@@ -7,6 +7,7 @@ sizes are chosen to fit it, and an entry that overruns says so in its row.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -93,6 +94,10 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
             entry = {"name": name, "skipped": f"error: {type(exc).__name__}: {exc}"}
         wall = time.perf_counter() - start
         entry["wall_s"] = round(wall, 1)
+        # The conditions of this entry's own run (entries are merged into one file from runs
+        # on different days): when it ended and the load average over its last minutes.
+        entry["date_utc"] = report.machine_time()
+        entry["load_avg"] = [round(x, 1) for x in os.getloadavg()]
         entry["budget_s"] = None if quick else budget
         if quick and not entry.get("skipped"):
             entry.setdefault("details", {})["mode"] = "--quick (shrunk sizes: plumbing, not the entry's figure)"

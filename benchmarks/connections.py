@@ -82,5 +82,5 @@ def run(device: str, quick: bool) -> Entry:
         details={"workers": workers, "trials": trials, "trials_run": ran, "wall_s": round(wall, 1),
                  "most_connections_per_worker": most, "peak_connections_all_workers": seen.get("total", 0),
                  "arithmetic": f"({MAX_CONNECTIONS} - {RESERVED} reserved - {LAUNCH} launch) // {most}",
-                 "before_issue_12": "2 per worker, 3 at the study lock: about 30 workers"},
+                 "earlier_design": "kdsweep 0.1: 2 per worker, 3 at the study lock: about 30 workers"},
     )

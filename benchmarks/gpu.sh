@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU part of the benchmark suite, for a fresh GPU machine with this repo copied and
-# python3 + torch (+ torchvision) preinstalled, but no .venv. About 6 minutes on one H100
-# before issue 14 added gpu_resnet18_train_224px, q2_fused and compile variants (not timed yet).
+# python3 + torch (+ torchvision) preinstalled, but no .venv. The entries without
+# gpu_resnet18_train_224px, q2_fused and the compile variants took about 6 minutes on one H100.
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh
 #

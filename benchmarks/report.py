@@ -58,6 +58,10 @@ WHAT = {
 }
 
 
+def machine_time() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -73,7 +77,7 @@ def machine() -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu, "cores": cores(), "python": platform.python_version(),
-        "torch": torch.__version__, "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__, "date_utc": machine_time(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

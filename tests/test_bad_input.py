@@ -187,7 +187,7 @@ CASES = [
     Case("grace period not above the heartbeat",
          lambda t, s, c: ["create", str(TINY), "--storage", s, "--preset", "quick"],
          "KDSWEEP_GRACE (5 s) must be longer than KDSWEEP_HEARTBEAT (10 s)", 1, env={"KDSWEEP_GRACE": "5"}),
-    # -- issue 12: hostile or odd input
+    # -- hostile or odd input
     Case("raw '@' and '/' in a PostgreSQL password",
          lambda t, s, c: ["status", "tiny", "--storage",
                           f"postgresql+psycopg://kdsweep:{RAW_PASSWORD}@127.0.0.1:{free_port()}/kdsweep"],

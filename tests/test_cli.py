@@ -430,7 +430,7 @@ def test_set_errors_are_one_sentence(in_tmp: Path, study: str, setting: str, exp
                expected)
 
 
-# ---------------------------------------------------------------- one meaning per option (issue 10)
+# ---------------------------------------------------------------- one meaning per option
 
 
 def test_a_dataset_given_as_the_data_folder_is_refused(in_tmp: Path, tiny_npz: Path) -> None:

@@ -1,6 +1,5 @@
 """The CLI on a real tiny sweep (tests/tiny_sweep.py: an MLP on 8x8 images, seconds): exports,
-exit codes, what launch prints and what a worker logs. Each test is the regression test of a
-point of issue 13."""
+exit codes, what launch prints and what a worker logs."""
 
 from __future__ import annotations
 

@@ -461,7 +461,7 @@ def test_tiny_npz_is_learnable_by_a_small_mlp(tiny_npz: Path):
     assert accuracy > 0.6  # chance is 0.1
 
 
-# -- augmentation and folders that fit the data (issue 10) -----------------------------------
+# -- augmentation and folders that fit the data ---------------------------------------------
 
 
 def test_digits_like_npz_gets_no_flips_and_no_shifts_by_default(tiny_npz: Path):

@@ -270,7 +270,7 @@ def test_git_ignores_the_sqlite_slot_lock_files() -> None:
     assert result.returncode == 0
 
 
-# ---------------------------------------------------------------- issue 12: the storage location
+# ---------------------------------------------------------------- the storage location
 
 
 def test_a_raw_at_or_slash_in_a_password_is_redacted_whole_and_never_a_host() -> None:
@@ -306,7 +306,7 @@ def test_location_knows_the_sqlite_file_and_the_folders_beside_it(tmp_path: Path
 
 
 def test_only_the_storage_module_parses_a_storage_url() -> None:
-    """Issue 9/12: one parser. Other modules call StorageLocation; none slices 'sqlite:///'."""
+    """One parser. Other modules call StorageLocation; none slices 'sqlite:///'."""
     offenders = []
     for path in sorted((ROOT / "kdsweep").rglob("*.py")):
         if path.name == "location.py" or path.name == "opening.py" and path.parent.name == "storage":
@@ -317,7 +317,7 @@ def test_only_the_storage_module_parses_a_storage_url() -> None:
     assert offenders == []
 
 
-# ---------------------------------------------------------------- issue 12: errors sorted
+# ---------------------------------------------------------------- errors sorted
 
 
 def _wrapped(exc: BaseException) -> BaseException:
@@ -450,7 +450,7 @@ def test_outage_past_the_budget_is_storage_unavailable(monkeypatch: pytest.Monke
         storage.retries()
 
 
-# ---------------------------------------------------------------- issue 12: SQLite readers
+# ---------------------------------------------------------------- SQLite readers
 
 
 PROBE_READER = """
@@ -505,7 +505,7 @@ def test_sqlite_readers_never_take_the_write_lock(tmp_path: Path) -> None:
     assert locked == 0, f"the writer found the file locked {locked} times in {writes + locked} ({reads} reads)"
 
 
-# ---------------------------------------------------------------- issue 12: the study lock
+# ---------------------------------------------------------------- the study lock
 
 
 LOCK_HOLDER = """
@@ -599,7 +599,7 @@ def test_the_study_lock_block_is_one_transaction(backend: str, tmp_path: Path, r
     assert len(optuna.load_study(study_name="atomic", storage=storage.open_storage(url, heartbeat=False)).trials) == 1
 
 
-# ---------------------------------------------------------------- issue 12: concurrent first starts
+# ---------------------------------------------------------------- concurrent first starts
 
 
 CREATE_AT = """

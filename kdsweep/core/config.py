@@ -3,7 +3,8 @@
 A `TrainConfig` is the whole contract between a study and the training core: a trial stores
 `to_dict(config)` as JSON in its user attributes, `kdsweep best` exports it, and
 `from_dict` turns it back into a config that `kdsweep train --config` runs unchanged.
-Units are given in the comments; "images" always means training images seen.
+Every setting carries its meaning and unit in its field metadata (`doc`, `unit`; read them
+with `describe`); "images" always means training images seen.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,95 +23,162 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one sentence a user can act on."""
 
 
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def setting(default: Any = _NO_DEFAULT, *, doc: str, unit: str = "",
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its meaning (`doc`) and unit (`unit`) in its metadata."""
+    meta = {"doc": doc, "unit": unit}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    # cifar10 | cifar100 | fashion-mnist | npz:PATH | folder:PATH (class sub-folders of images)
-    dataset: str = "cifar10"
-    root: str | None = None  # data directory; None: $KDSWEEP_DATA, then ~/.cache/kdsweep/data
-    download: bool = False  # let torchvision download the dataset when it is missing
-    val_size: int = 5000  # images carved from the training set for validation (pruning, selection)
-    split_seed: int = 0  # seed of the train/validation split; fixed for a whole study
-    train_subset: int | None = None  # keep this many training images (after the split); None: all
-    test_subset: int | None = None  # keep this many test images; None: all
-    image_size: int | None = None  # square side the network sees, resized per batch; None: native
-    channels: int | None = None  # 3 turns grayscale into RGB for ResNets; None: native
-    # Augmentation; None: the dataset's default (`kdsweep.core.data.default_augmentation`: CIFAR
-    # and Fashion-MNIST pad 4 with flips, npz:/folder: data no flips and pad <= side/16).
-    pad: int | None = None  # random-crop padding in pixels (integer shifts in [-pad, pad]); 0: none
-    flip: bool | None = None  # random horizontal flips
-    # Input normalisation: dataset (per-channel mean/std of the whole training split, before
-    # train_subset, so every subset and the teacher share it) | imagenet (the ImageNet weights'
-    # own mean/std, from torchvision's weights metadata) | auto (imagenet when model.weights is
-    # imagenet, else dataset). `mean`/`std` (per network input channel, [0, 1] pixel scale)
-    # are filled in when a config is resolved; given, they are used as they are.
-    normalize: str = "auto"
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
+    """The data: which dataset, how it is split, augmented and normalised."""
+
+    dataset: str = setting("cifar10", doc="cifar10 | cifar100 | fashion-mnist | npz:PATH (arrays x, y) "
+                           "| folder:PATH (one sub-folder of images per class)")
+    root: str | None = setting(None, unit="path", doc="the data folder; None: $KDSWEEP_DATA, then "
+                               "~/.cache/kdsweep/data (Fashion-MNIST: also Debian's read-only copy)")
+    download: bool = setting(False, doc="let torchvision download the dataset when it is missing")
+    val_size: int = setting(5000, unit="images", doc="carved from the training set for validation "
+                            "(pruning, selection)")
+    split_seed: int = setting(0, unit="seed", doc="of the train/validation split; fixed for a whole study")
+    train_subset: int | None = setting(None, unit="images", doc="training images kept after the "
+                                       "split; None: all")
+    test_subset: int | None = setting(None, unit="images", doc="test images kept; None: all")
+    image_size: int | None = setting(None, unit="pixels", doc="square side the network sees, resized "
+                                     "per batch; None: native")
+    channels: int | None = setting(None, unit="channels", doc="3 turns grayscale into RGB for "
+                                   "ResNets; None: native")
+    pad: int | None = setting(None, unit="pixels", doc="random-crop padding: integer shifts in "
+                              "[-pad, pad]; 0: none; None: the dataset's default (CIFAR and "
+                              "Fashion-MNIST 4; npz:/folder: data at most side/16)")
+    flip: bool | None = setting(None, doc="random horizontal flips; None: the dataset's default "
+                                "(CIFAR and Fashion-MNIST yes; npz:/folder: data no)")
+    normalize: str = setting("auto", doc="dataset (per-channel mean/std of the whole training split, "
+                             "before train_subset) | imagenet (the ImageNet weights' own mean/std) "
+                             "| auto (imagenet when model.weights is imagenet, else dataset)")
+    mean: tuple[float, ...] = setting((), unit="per input channel, [0, 1] pixel scale",
+                                      doc="filled in when a config is resolved; given, used as it is")
+    std: tuple[float, ...] = setting((), unit="per input channel, [0, 1] pixel scale",
+                                     doc="filled in when a config is resolved; given, used as it is")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "cnn"  # mlp | cnn | resnet18 | resnet50
-    # -- Q1 (mlp, cnn) --
-    budget: int | None = None  # trainable parameters to match; resolves `hidden` / `channels`
-    depth: int = 2  # mlp: hidden layers; cnn: conv blocks per stage (3 stages)
-    width: int = 32  # cnn: channels of the first stage (sampled); the last stage is solved
-    factorized: bool = False  # cnn: 3x1 then 1x3 convolutions instead of 3x3
-    regularizer: str = "none"  # after conv layers: none | dropout | spatial_dropout | dropblock
-    rate: float = 0.0  # drop probability of the regulariser (cnn) or hidden dropout (mlp)
-    block_size: int = 5  # dropblock: requested block side in pixels; adapted per stage
-    ramp: bool = True  # dropblock: ramp the rate linearly from 0 over training (Ghiasi et al.)
-    hidden: tuple[int, ...] = ()  # mlp hidden widths; filled by the budget solver
-    channels: tuple[int, ...] = ()  # cnn stage channels; filled by the budget solver
-    block_sizes: tuple[int, ...] = ()  # dropblock block side used per stage; filled by the solver
-    # -- Q2 (resnet18, resnet50) --
-    weights: str = "none"  # none | imagenet | PATH to a state_dict file
-    stem: str = "imagenet"  # imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no max-pool
-    trainable: str = "all"  # all | head (linear probe: only the classifier is trained)
+    """The network: a Q1 MLP or CNN at a parameter budget, or a Q2 ResNet."""
+
+    arch: str = setting("cnn", doc="mlp | cnn | resnet18 | resnet50")
+    budget: int | None = setting(None, unit="trainable parameters", doc="mlp, cnn: the budget to "
+                                 "match; resolves `hidden` / `channels`")
+    depth: int = setting(2, unit="layers", doc="mlp: hidden layers; cnn: conv blocks per stage "
+                         "(3 stages)")
+    width: int = setting(32, unit="channels", doc="cnn: of the first stage (sampled); the last "
+                         "stage is solved")
+    factorized: bool = setting(False, doc="cnn: 3x1 then 1x3 convolutions instead of 3x3")
+    regularizer: str = setting("none", doc="cnn, after conv layers: none | dropout | "
+                               "spatial_dropout | dropblock")
+    rate: float = setting(0.0, unit="probability", doc="drop rate of the regulariser (cnn) or "
+                          "hidden dropout (mlp)")
+    block_size: int = setting(5, unit="pixels", doc="dropblock: requested block side; adapted "
+                              "per stage")
+    ramp: bool = setting(True, doc="dropblock: ramp the rate linearly from 0 over training "
+                         "(Ghiasi et al.)")
+    hidden: tuple[int, ...] = setting((), unit="units per layer", doc="mlp hidden widths; filled "
+                                      "by the budget solver")
+    channels: tuple[int, ...] = setting((), unit="channels per stage", doc="cnn stage widths; "
+                                        "filled by the budget solver")
+    block_sizes: tuple[int, ...] = setting((), unit="pixels per stage", doc="dropblock block side "
+                                           "used per stage; filled by the solver")
+    weights: str = setting("none", doc="resnet: none | imagenet | PATH to a state_dict file")
+    stem: str = setting("imagenet", doc="resnet: imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 "
+                        "conv, no max-pool)")
+    trainable: str = setting("all", doc="resnet: all | head (linear probe: only the classifier "
+                             "is trained)")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 0.05  # peak learning rate (SGD, per batch of `batch_size`)
-    momentum: float = 0.9  # SGD Nesterov momentum
-    weight_decay: float = 5e-4  # L2, applied to weights only (not biases or norms)
-    label_smoothing: float = 0.0
-    warmup: float = 0.1  # fraction of training spent ramping the learning rate up linearly
-    schedule: str = "cosine"  # cosine | linear | constant, after the warm-up
+    """SGD with Nesterov momentum, a linear warm-up, then the schedule."""
+
+    lr: float = setting(0.05, unit="per step of batch_size images", doc="peak learning rate")
+    momentum: float = setting(0.9, unit="fraction", doc="Nesterov momentum")
+    weight_decay: float = setting(5e-4, unit="L2 coefficient", doc="applied to weights only "
+                                  "(not biases or norms)")
+    label_smoothing: float = setting(0.0, unit="probability mass", doc="of the cross-entropy "
+                                     "(hard) term")
+    warmup: float = setting(0.1, unit="fraction of training", doc="the learning rate ramps up "
+                            "linearly")
+    schedule: str = setting("cosine", doc="cosine | linear | constant, after the warm-up")
 
 
 @dataclass(frozen=True)
 class KDConfig:
     """Knowledge distillation: L = (1-alpha)*CE(y, s) + alpha*T^2*KL(softmax(t/T) || softmax(s/T))."""
 
-    alpha: float = 0.0  # weight of the soft (teacher) term; 0 is plain cross-entropy
-    temperature: float = 4.0  # T, softens both distributions
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet50"))
-    teacher_epochs: int = 5  # epochs of the teacher's probe (or fine-tune when weights="none")
-    teacher_lr: float = 0.05
-    teacher_batch_size: int | None = None  # images per teacher step; None: the student's batch_size
-    teacher_image_size: int | None = None  # None: same as the student's data.image_size
-    # Training images the teacher learns from, the first of the same training split (the
-    # student's subset is their first part; never the validation split). None: the student's.
-    teacher_train_subset: int | None = None
-    cache_logits: bool = True  # cache teacher logits per (image, augmentation view)
+    alpha: float = setting(0.0, unit="weight in [0, 1]", doc="of the soft (teacher) term; 0 is "
+                           "plain cross-entropy")
+    temperature: float = setting(4.0, unit="T", doc="softens both distributions")
+    teacher: ModelConfig = setting(factory=lambda: ModelConfig(arch="resnet50"), doc="the teacher's "
+                                   "network (model keys)")
+    teacher_epochs: int = setting(5, unit="epochs", doc="of the teacher's probe (or fine-tune when "
+                                  "its weights are none)")
+    teacher_lr: float = setting(0.05, unit="per step", doc="the teacher's peak learning rate")
+    teacher_batch_size: int | None = setting(None, unit="images per step", doc="None: the "
+                                             "student's batch_size")
+    teacher_image_size: int | None = setting(None, unit="pixels", doc="None: the student's "
+                                             "data.image_size")
+    teacher_train_subset: int | None = setting(None, unit="images", doc="the teacher learns from "
+                                               "the first of the same training split (never "
+                                               "validation); None: the student's")
+    cache_logits: bool = setting(True, doc="cache teacher logits per (image, augmentation view)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    kd: KDConfig | None = None  # None: no teacher
-    epochs: int = 10
-    batch_size: int = 256  # images per step
-    eval_batch_size: int = 1024
-    seed: int = 0  # model init, batch order, augmentation
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # CPU threads of this process; None: torch's default
-    compile: bool = False  # torch.compile the model (CUDA only; reused while shapes agree)
-    evaluate_test: bool = False  # also report test accuracy at the end (exported configs only)
-    cache_dir: str | None = None  # teacher probes and logit caches; None: $KDSWEEP_CACHE or ~/.cache
+    """One training run, whole: a trial stores it and `kdsweep train --config` runs it."""
+
+    data: DataConfig = setting(factory=DataConfig, doc="data keys")
+    model: ModelConfig = setting(factory=ModelConfig, doc="model keys")
+    optim: OptimConfig = setting(factory=OptimConfig, doc="optim keys")
+    kd: KDConfig | None = setting(None, doc="kd keys; None: no teacher, plain cross-entropy")
+    epochs: int = setting(10, unit="epochs", doc="passes over the training images")
+    batch_size: int = setting(256, unit="images per step", doc="training batch")
+    eval_batch_size: int = setting(1024, unit="images per forward", doc="evaluation batch")
+    seed: int = setting(0, unit="seed", doc="model init, batch order, augmentation")
+    device: str = setting("auto", doc="auto | cpu | cuda | cuda:N")
+    threads: int | None = setting(None, unit="CPU threads", doc="of this process; None: torch's "
+                                  "default")
+    compile: bool = setting(False, doc="torch.compile the model (CUDA only; reused while shapes "
+                            "agree)")
+    evaluate_test: bool = setting(False, doc="also report test accuracy at the end (exported "
+                                  "configs and verification runs)")
+    cache_dir: str | None = setting(None, unit="path", doc="teacher probes and logit caches; "
+                                    "None: $KDSWEEP_CACHE or ~/.cache/kdsweep")
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str, str]]:
+    """Every setting as (dotted key, type, default, unit, meaning), nested configs flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        sub = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+        if sub is not None and key != "kd.teacher":
+            yield from describe(sub, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        else:
+            made = f.default_factory()  # type: ignore[misc]
+            default = f"{type(made).__name__}(arch={made.arch!r})" if hasattr(made, "arch") else repr(made)
+        name = hint.__name__ if isinstance(hint, type) else str(hint)
+        yield key, name, default, f.metadata.get("unit", ""), f.metadata.get("doc", "")
 
 
 # Lowest allowed value of numeric settings (inclusive unless marked), beyond their type;
