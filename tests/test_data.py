@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kdsweep.core import data
+from kdsweep.core import data, sources
 from kdsweep.core.config import DataConfig
 from kdsweep.core.data import (
     DataError,
@@ -112,7 +112,7 @@ def test_fashion_mnist_root_files_come_before_debian(tmp_path: Path, layout: str
 
 
 def test_fashion_mnist_missing_names_the_ways_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
     monkeypatch.delenv("KDSWEEP_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # the default folder, where Debian's copy may stand in
     with pytest.raises(DataError) as caught:
