@@ -1,7 +1,7 @@
 """Datasets decoded once into uint8 tensors, fixed train/val/test splits, and whole-batch ops.
 
 `load_splits(cfg)` turns a `DataConfig` into a `Splits`: uint8 N×C×H×W tensors on the CPU plus
-int64 labels, decoded once per process. Training moves them to its device and then works on
+int64 labels, decoded once per process (the files are read by `kdsweep.core.sources`). Training moves them to its device and then works on
 whole batches: `batch_indices` picks rows, `sample_views` / `apply_views` crop and flip, and
 `to_input` scales, normalises, resizes and widens channels. Nothing here loops over samples.
 
