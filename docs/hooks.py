@@ -17,8 +17,16 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `mkdocs build` from the repository root: import this kdsweep
-    sys.path.insert(0, str(ROOT))
+
+
+def _root_on_path() -> None:
+    """Make this checkout's `kdsweep` and `benchmarks` importable. MkDocs restores sys.path
+    after loading a hook module, so this runs when a page is rendered, not at import."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+_root_on_path()  # the tests import this module directly
 
 MARK = re.compile(r"^<!-- generate: ([a-z-]+) -->$", re.M)
 
@@ -280,4 +288,5 @@ def render(markdown: str) -> str:
 
 
 def on_page_markdown(markdown: str, **kwargs: object) -> str:
+    _root_on_path()
     return render(markdown)
