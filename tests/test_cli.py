@@ -469,7 +469,7 @@ def test_launch_trains_on_the_dataset_given_and_says_so(in_tmp: Path, tiny_npz: 
                  "--set", "data.val_size=100", "--set", "data.train_subset=200")
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.startswith("data: "))
-    assert f"npz:{tiny_npz}" in header and "network input 1x8x8" in header and "augmentation none" in header
+    assert f"npz:{tiny_npz}" in header and "network input 1x14x14 (native 1x8x8)" in header and "augmentation none" in header
     assert "train 200 (of 1100), val 100, test 300" in header
     study = optuna.load_study(study_name="q1", storage=url)
     for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
