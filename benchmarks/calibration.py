@@ -30,9 +30,6 @@ a Student-t 95% interval).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import itertools
 import json
 import logging
@@ -40,15 +37,14 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
+from benchmarks.curves import locked
 from kdsweep.core.config import replace
 from kdsweep.core.train import TrainingError, train
 from kdsweep.service import spec as studies
@@ -84,19 +80,8 @@ def run_key(arm: str, settings: dict[str, Any], seed: int) -> str:
     return json.dumps([arm, dict(sorted(settings.items())), seed])
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    with open(Path(tempfile.gettempdir()) / f"kdsweep-calibration-{digest}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _merge(path: Path, meta: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
-    with _locked(path):
+    with locked(path):
         table = json.loads(path.read_text()) if path.exists() else {"meta": meta, "commands": [], "runs": []}
         if (table["meta"]["study"], table["meta"]["preset"]) != (meta["study"], meta["preset"]):
             raise click.UsageError(f"{path} holds runs of another study or preset; choose another --out.")

@@ -61,8 +61,10 @@ def load_table(path: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Beside the system's temporary files, not the repository: one lock per output path.
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the table at `path` (shards of one recording share it).
+
+    Beside the system's temporary files, not the repository: one lock per output path."""
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     lock = Path(tempfile.gettempdir()) / f"kdsweep-curves-{digest}.lock"
     with open(lock, "w") as fh:
@@ -75,7 +77,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _merge(path: Path, meta: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
     """Add `row` to the table at `path` (created with `meta`), atomically; returns the table."""
-    with _locked(path):
+    with locked(path):
         table = load_table(path) if path.exists() else {"meta": meta, "configs": []}
         if table["meta"]["definition"] != meta["definition"] or table["meta"]["seed"] != meta["seed"]:
             raise click.UsageError(f"{path} was recorded with another study definition or seed; "

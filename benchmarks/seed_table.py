@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from benchmarks.curves import _locked
+from benchmarks.curves import locked
 from kdsweep.core.train import TrainingError, train
 from kdsweep.service import keys, racing
 from kdsweep.service import spec as studies
@@ -46,7 +46,7 @@ def _write(path: Path, table: dict[str, Any]) -> None:
 def _merge(path: Path, meta: dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
     import json
 
-    with _locked(path):
+    with locked(path):
         table = json.loads(path.read_text()) if path.exists() else {"meta": meta, "runs": []}
         if table["meta"]["candidates"] != meta["candidates"]:
             raise click.UsageError(f"{path} holds other candidates; choose another --out or delete it.")
