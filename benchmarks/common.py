@@ -141,3 +141,23 @@ def torchvision_fmnist_root(into: Path) -> Path:
         with gzip.open(source / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return into
+
+
+def warm_logit_cache(config) -> None:
+    """Fill the trial's teacher-logit cache for every (image, view)."""
+    import numpy as np
+    import torch
+
+    from kdsweep.core import data, teacher
+    from kdsweep.core.devices import resolve_device
+    from kdsweep.core.train import resolve
+
+    config = resolve(config)
+    splits = data.load_splits(config.data)
+    fn, _ = teacher.prepare(config).logits_source(config, splits, resolve_device(config.device))
+    views = data.num_views(config.data.pad, config.data.flip)
+    pairs = np.arange(len(splits.train_x) * views)
+    for start in range(0, len(pairs), config.eval_batch_size):
+        chunk = pairs[start:start + config.eval_batch_size]
+        idx, view = torch.from_numpy(chunk // views), torch.from_numpy(chunk % views)
+        fn(idx, view, None, (idx.numpy(), view.numpy()))

@@ -23,29 +23,15 @@ from typing import Any
 import numpy as np
 import optuna
 
-from benchmarks.common import Entry, env, scratch
+from benchmarks.common import Entry, env, scratch, warm_logit_cache
 
 STUDY = Path(__file__).parent / "studies" / "q2_tiny.py"
 
 
 def _warm(study_def, preset: str, overrides: dict[str, Any], device: str) -> None:
     """Train the teacher and fill its logit cache for every (image, view)."""
-    import torch
-
-    from kdsweep.core import data, teacher
-    from kdsweep.core.devices import resolve_device
-    from kdsweep.core.train import resolve
-
-    config = resolve(study_def.config_for(preset, {"kd.alpha": 0.5, "kd.temperature": 4.0}, overrides,
+    warm_logit_cache(study_def.config_for(preset, {"kd.alpha": 0.5, "kd.temperature": 4.0}, overrides,
                                           device=device, threads=1))
-    splits = data.load_splits(config.data)
-    fn, _ = teacher.prepare(config).logits_source(config, splits, resolve_device(device))
-    views = data.num_views(config.data.pad, config.data.flip)
-    pairs = np.arange(len(splits.train_x) * views)
-    for start in range(0, len(pairs), config.eval_batch_size):
-        chunk = pairs[start:start + config.eval_batch_size]
-        idx, view = torch.from_numpy(chunk // views), torch.from_numpy(chunk % views)
-        fn(idx, view, None, (idx.numpy(), view.numpy()))
 
 
 def _throughput(url: str, name: str) -> dict[str, Any]:

@@ -29,9 +29,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import click
-import numpy as np
 
-from benchmarks.common import Entry, scratch
+from benchmarks.common import Entry, scratch, warm_logit_cache
 
 
 def before_correctness(model, x, y, config, splits, device):
@@ -81,25 +80,6 @@ def _config(divisor: int, cache: str, device: str):
     return dataclasses.replace(cfg, device=device, threads=1, cache_dir=cache)
 
 
-def _warm(config) -> None:
-    """Fill the trial's teacher-logit cache for every (image, view)."""
-    import torch
-
-    from kdsweep.core import data, teacher
-    from kdsweep.core.devices import resolve_device
-    from kdsweep.core.train import resolve
-
-    config = resolve(config)
-    splits = data.load_splits(config.data)
-    fn, _ = teacher.prepare(config).logits_source(config, splits, resolve_device(config.device))
-    views = data.num_views(config.data.pad, config.data.flip)
-    pairs = np.arange(len(splits.train_x) * views)
-    for start in range(0, len(pairs), config.eval_batch_size):
-        chunk = pairs[start:start + config.eval_batch_size]
-        idx, view = torch.from_numpy(chunk // views), torch.from_numpy(chunk % views)
-        fn(idx, view, None, (idx.numpy(), view.numpy()))
-
-
 def measure(device: str, divisor: int) -> Entry:
     import torch
 
@@ -124,7 +104,7 @@ def measure(device: str, divisor: int) -> Entry:
                     "seconds": legs["teacher_after"]["wall_s"]},
                    folder / f"{teacher.teacher_key(tconfig, splits)}.pt")
         teacher._LOADED.clear()
-        _warm(config)
+        warm_logit_cache(config)
         prepared = teacher.prepare(config)
         for name, before in (("trial_before", True), ("trial_after", False)):
             with _path(before):
