@@ -30,6 +30,7 @@ from kdsweep.cli_options import (
     set_option,
     storage_option,
     sweep_options,
+    track_option,
 )
 from kdsweep.cli_read import (
     COMMANDS as READ_COMMANDS,  # export, report, dashboard, tensorboard, studies
@@ -79,13 +80,14 @@ for _command in READ_COMMANDS:
 @click.option("--dry-run", is_flag=True,
               help="Print 4 sampled points: values, resolved widths, parameter count; needs no data, stores nothing.")
 @click.option("--force", is_flag=True, help="Run a GPU preset on the CPU anyway.")
+@track_option
 @json_option
 @friendly
 def launch(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
            overrides: tuple[str, ...], dataset: str | None, n_trials: int | None, workers: int | None,
            trials_per_device: int, threads: int | None, fuse: int, timeout: float | None, dry_run: bool,
-           force: bool, as_json: bool) -> None:
+           force: bool, track: str | None, as_json: bool) -> None:
     """Create or resume STUDY and run it with parallel workers until N trials finish.
 
     N counts COMPLETE + PRUNED trials; failed ones are replaced. Running the same command
@@ -111,7 +113,7 @@ def launch(study: str, storage: str, preset: str, study_name: str | None, data: 
         return
     sweep, final, how = launcher.launch(storage, spec, preset, changes, study_name, n_trials, seed, device, force,
                                         workers, trials_per_device, data, download, artifacts, tensorboard,
-                                        timeout, _status_echo, threads=threads, fuse=fuse)
+                                        timeout, _status_echo, threads=threads, fuse=fuse, track=track)
     if as_json:
         echo_json({**sweep.summary(), "ended": how})
     message, code = launcher.ending(sweep, final, how)
@@ -167,10 +169,11 @@ def create(study: str, storage: str, preset: str, study_name: str | None, data: 
               help="CPU threads of this worker (default: all cores; launch sets its share; env KDSWEEP_THREADS).")
 @click.option("--fuse", type=click.IntRange(min=1), default=1, show_default=True,
               help="Q2: train K trials' students together in one fused model (one batch, one teacher lookup).")
+@track_option
 @friendly
 def worker(study: str, storage: str, preset: str, study_name: str | None, data: str | None,
            download: bool, device: str, seed: int, artifacts: str | None, tensorboard: bool,
-           worker_index: int, threads: int | None, fuse: int) -> None:
+           worker_index: int, threads: int | None, fuse: int, track: str | None) -> None:
     """Join an existing study and run its waiting trials until none are left.
 
     The preset and --set overrides are read from the study itself; a worker whose study
@@ -193,7 +196,7 @@ def worker(study: str, storage: str, preset: str, study_name: str | None, data: 
     summary = start_worker(
         open_storage(storage, wait=True), spec, study_name, preset if given else None, runtime(device, data, download, threads),
         location(storage).artifacts(study_name, artifacts), runs_root(storage) / study_name if tensorboard else None,
-        worker_index, fuse=fuse)
+        worker_index, fuse=fuse, track=track)
     if summary.interrupted:
         sys.exit(130)
 

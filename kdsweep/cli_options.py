@@ -208,6 +208,22 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _check_track(ctx: click.Context, param: click.Parameter, tracker: str | None) -> str | None:
+    """--track names an installed tracker: a missing package is a usage error before anything
+    is stored (and nothing of the tracker is imported here)."""
+    from kdsweep.service.tracking import TrackingError, check
+
+    try:
+        check(tracker)
+    except TrackingError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    return tracker
+
+
+track_option = click.option(
+    "--track", type=click.Choice(["mlflow"]), default=None, envvar="KDSWEEP_TRACK", callback=_check_track,
+    help="Log each trial as one run of an experiment tracker: mlflow (server from MLFLOW_TRACKING_URI; "
+         "env KDSWEEP_TRACK). Needs pip install 'kdsweep[mlflow]'.")
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", envvar="KDSWEEP_SET",
     help="Override a setting of the preset (e.g. --set epochs=2 --set data.train_subset=500); "

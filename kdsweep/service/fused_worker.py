@@ -132,8 +132,9 @@ def run_fused_worker(sweep: Sweep, objective: Objective, fuse: int) -> WorkerSum
                 # An outage past the retry budget: nothing can be written now, the trial stays
                 # RUNNING until the reaper re-queues it (never a failure); or it was declared
                 # dead and re-queued elsewhere already.
+                run.end_tracking("REQUEUED")
                 raise error
-            run.close()
+            run.close(error)
             if error is None:
                 sweep.tell(run.trial, run.record(result))
                 state = TrialState.COMPLETE
@@ -156,6 +157,7 @@ def run_fused_worker(sweep: Sweep, objective: Objective, fuse: int) -> WorkerSum
     def requeue_running() -> None:
         for trial_id in list(running):
             entry = running.pop(trial_id)
+            entry.run.end_tracking("REQUEUED")
             try:
                 if sweep.requeue(trial_id, INTERRUPTED):
                     log.warning("trial %d interrupted and re-queued", entry.run.trial.number)
@@ -166,7 +168,9 @@ def run_fused_worker(sweep: Sweep, objective: Objective, fuse: int) -> WorkerSum
     def leave_running() -> None:
         """A storage outage: tell nothing (the reaper re-queues them), stop their heartbeats."""
         for trial_id in list(running):
-            running.pop(trial_id).beats.close()
+            entry = running.pop(trial_id)
+            entry.run.end_tracking("REQUEUED")
+            entry.beats.close()
 
     with signals(flag):
         try:

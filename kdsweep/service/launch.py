@@ -348,7 +348,7 @@ def with_dataset(spec, preset: str, overrides: Mapping[str, object], dataset: st
 
 
 def worker_args(source: str, study_name: str, data: str | None, download: bool, artifacts: str | None,
-                tensorboard: bool, fuse: int = 1) -> list[str]:
+                tensorboard: bool, fuse: int = 1, track: str | None = None) -> list[str]:
     """The `kdsweep worker` arguments launch gives each of its workers."""
     args = [source, "--study-name", study_name]
     if fuse > 1:
@@ -361,11 +361,13 @@ def worker_args(source: str, study_name: str, data: str | None, download: bool, 
         args += ["--artifacts", artifacts]
     if not tensorboard:
         args.append("--no-tensorboard")
+    if track:
+        args += ["--track", track]
     return args
 
 
 def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Mapping[str, object],
-                 artifacts, tensorboard, worker_index: int = 0, fuse: int = 1):
+                 artifacts, tensorboard, worker_index: int = 0, fuse: int = 1, track: str | None = None):
     """`kdsweep worker`: join `study_name` (refusing another study file, preset or version) and
     run its waiting trials, `fuse` at a time in one fused model when fuse > 1 (Q2-like studies
     only: kdsweep/service/fused_worker.py); returns the worker's summary."""
@@ -393,7 +395,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
     resolve_device(str(runtime["device"]))
     preflight(spec, sweep.preset, sweep.overrides, runtime)
     objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
-                          overrides=sweep.overrides)
+                          track=track, overrides=sweep.overrides)
     if fuse > 1:
         from kdsweep.service.fused_worker import run_fused_worker
 
@@ -411,13 +413,14 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
            n_trials: int | None, seed: int, device: str, force: bool, workers: int | None,
            trials_per_device: int, data: str | None, download: bool, artifacts: str | None,
            tensorboard: bool, timeout: float | None, echo: Callable[[str], None], *,
-           threads: int | None = None, fuse: int = 1) -> tuple[Sweep, Counts, str]:
+           threads: int | None = None, fuse: int = 1, track: str | None = None) -> tuple[Sweep, Counts, str]:
     """`kdsweep launch`: check the device and the data, create or resume the sweep, run its
     workers; (sweep, final counts, how it ended: done, finished, timeout or interrupted).
 
     `threads`: CPU threads of each worker (None: KDSWEEP_THREADS if the user set it, else
     cores // workers; see `plan_workers`). `fuse` > 1: each worker trains that many Q2 trials
     as one fused model (refused, before anything is stored, for a study that cannot be fused).
+    `track`: "mlflow" logs each trial as one MLflow run (kdsweep/service/tracking.py).
 
     A sweep that has nothing left to run prints its summary and starts no worker ('finished').
     """
@@ -440,7 +443,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
          f"{sweep.n_trials} trials, {workers} worker(s)")
     for line in header:  # what will actually be used: data, sizes, augmentation, the teacher
         echo(line)
-    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse)
+    args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse, track)
     from optuna.trial import TrialState
 
     from kdsweep.service import baseline, report
@@ -449,14 +452,14 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     early = None
     if reference is not None and reference.trials(TrialState.WAITING):
         echo(f"worker 0 trains the student alone (alpha=0) first, in {reference.name!r}")
-        early = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
+        early = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard, track=track)
     final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout, first=early,
                      reference=_reference_due(sweep))
     reference = baseline.prepare(sweep) if how == "done" else None  # its run failed or was stopped
     if reference is not None and reference.trials(TrialState.WAITING):
         # The student alone (alpha=0), outside N: one run, one worker with this host's cores.
         echo(f"training the student alone (alpha=0) once, in {reference.name!r}")
-        solo = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard)
+        solo = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard, track=track)
         run(reference, solo, plan_workers(1, device, url), echo)
     echo(sweep.summary_table())
     if sweep.best_trial is not None:  # else the table has said "no complete trials."

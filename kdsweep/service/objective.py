@@ -15,6 +15,10 @@ One trial's lifecycle, the same for the plain and the fused worker (`TrialRun`):
    value, the per-image validation mask `val_correct`/`val_n`, test accuracy where asked,
    the teacher, kept weights).
 5. **tell**: the worker's (`Sweep.tell`).
+
+With `--track mlflow` (`Objective.track`), the same steps feed the trial's MLflow run
+(kdsweep/service/tracking.py): opened or continued at config, a step per report, ended by
+`record` or, for a pruned, failed or re-queued attempt, by `close(error)`.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class TrialRun:
         self.params: dict[str, Any] = {}
         self.config: TrainConfig | None = None
         self.writer: Any = None
+        self.tracked: Any = None  # the trial's MLflow run (kdsweep.service.tracking.MlflowTrial)
         self.trial_log: _TrialLog | None = None
         self._log_wanted = trial_log
         # A verification or reference run (kdsweep/service/verify.py, baseline.py): fixed params,
@@ -139,6 +144,11 @@ class TrialRun:
                 # retries of the same trial append to it.
                 self.trial_log = _TrialLog(self.writer.folder / "log.txt")
                 trial.set_user_attr(keys.LOG_FILE, str(self.trial_log.path))
+        if objective.track is not None:
+            from kdsweep.service.tracking import MlflowTrial
+
+            self.tracked = MlflowTrial.open(trial.study.study_name, str(trial.study.user_attrs.get(keys.UID, "")),
+                                            origin(trial), trial.number, {**self.params, "seed": config.seed})
         return config
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -149,6 +159,8 @@ class TrialRun:
         trial.set_user_attr(keys.EPOCHS_RUN, epoch)
         if self.writer is not None:
             self.writer.epoch(epoch, metrics)
+        if self.tracked is not None:
+            self.tracked.epoch(epoch, metrics)
         log.debug("trial %d epoch %d %s %.4f", trial.number, epoch, metric, metrics[metric])
         # Never at the last epoch: the trial has paid for all of it, and pruning it then would
         # only throw its value away (Hyperband's upper rung can fall on the last epoch). As in
@@ -174,10 +186,23 @@ class TrialRun:
             trial.set_user_attr(keys.TEACHER_VAL_ACC, result.teacher["val_acc"])
         if result.model is not None and self.objective.keep_weights > 0:
             self.objective._keep_weights(trial, result.model, result.final_val_acc)
+        if self.tracked is not None:
+            n = len(result.val_correct) if result.val_correct is not None else 0
+            se = stats.binomial_se(result.final_val_acc, n) if n else None
+            extra = {} if result.test_acc is None else {"test_acc": result.test_acc}
+            self.tracked.end("COMPLETE", result.final_val_acc, se, extra)
         return result.final_val_acc
 
-    def close(self) -> None:
-        """The attempt's wall time; closes its TensorBoard run and log file (whatever the end)."""
+    def end_tracking(self, state: str) -> None:
+        """End the trial's MLflow run, if any, as `state` (PRUNED, FAILED or REQUEUED)."""
+        if self.tracked is not None:
+            self.tracked.end(state)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The attempt's wall time; closes its TensorBoard run and log file (whatever the end),
+        and its MLflow run when `error` ended the attempt (`record` ends a finished one)."""
+        if error is not None:
+            self.end_tracking(outcome(error))
         self.trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - self.start, 3))
         if self.writer is not None:
             extra: dict[str, Any] = {"trial": self.trial.number}
@@ -188,6 +213,18 @@ class TrialRun:
             self.trial_log.close()
 
 
+def outcome(error: BaseException) -> str:
+    """How an attempt that raised `error` ends for its tracker: PRUNED, REQUEUED or FAILED."""
+    from kdsweep.service.storage import StorageError
+
+    if isinstance(error, optuna.TrialPruned):
+        return "PRUNED"
+    # An interrupt, a trial declared dead meanwhile, a storage outage: its retry continues.
+    if isinstance(error, (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError, StorageError)):
+        return "REQUEUED"
+    return "FAILED"
+
+
 @dataclass
 class Objective:
     study: StudySpec
@@ -195,6 +232,7 @@ class Objective:
     runtime: Mapping[str, Any]  # device, threads, data root, ... (not part of the definition)
     artifacts: Path  # checkpoints and kept weights live here (shared storage for many hosts)
     tensorboard: Path | None = None  # runs/<study>/<trial>/ event files when set
+    track: str | None = None  # "mlflow": each trial as one MLflow run (kdsweep/service/tracking.py)
     keep_weights: int = 3  # weights of the best few complete trials are kept
     overrides: Mapping[str, Any] = field(default_factory=dict)  # `--set` values the study records
     stop: Any = None  # a worker's stop flag (`is_set()`), set by its signal handler: train() stops cleanly
@@ -206,19 +244,25 @@ class Objective:
         run = TrialRun(self, trial)
         config = run.configure()
         checkpoint = self._checkpoint(trial)
+        error: BaseException | None = None
         try:
             # The teacher first (trained once per host and cached; minutes the first time).
             teacher = prepare_teacher(config)
             result = train(config, report=run.report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            error = exc
             raise  # declared dead and re-queued elsewhere: the retry resumes from the checkpoint
-        except (optuna.TrialPruned, Exception):
+        except (optuna.TrialPruned, Exception) as exc:
             # Pruned or failed for good (a failed trial is replaced by a fresh number): nothing
             # will resume it. Interrupts and dead workers keep theirs for the retry.
+            error = exc
             _drop(checkpoint)
             raise
+        except BaseException as exc:  # an interrupt: the trial is re-queued
+            error = exc
+            raise
         finally:
-            run.close()
+            run.close(error)
         value = run.record(result)
         _drop(checkpoint)
         return value
