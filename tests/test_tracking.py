@@ -185,9 +185,10 @@ def test_each_trial_is_one_mlflow_run_and_a_requeued_trial_continues_its_run(
     done = [t for t in load().trials if t.state == TrialState.COMPLETE]
     retry = next(t for t in done if t.system_attrs.get("failed_trial") == number)
     assert len(done) == 3 and retry.number != number
-    runs = {r.data.tags["kdsweep.trial"]: r for r in client.search_runs([experiment.experiment_id])}
+    found = client.search_runs([experiment.experiment_id])
+    runs = {r.data.tags["kdsweep.trial"]: r for r in found}
     origins = {str(t.system_attrs.get("failed_trial", t.number)): t for t in done}
-    assert sorted(runs) == sorted(origins)  # one run per trial, the re-queued one included
+    assert len(found) == 3 and sorted(runs) == sorted(origins)  # one run per trial, the re-queued one too
     assert runs[str(number)].info.run_id == waiting.info.run_id  # ... which continued its first run
     assert runs[str(number)].data.tags["kdsweep.number"] == str(retry.number)
     for origin_number, trial in origins.items():
