@@ -81,6 +81,30 @@ def test_nothing_of_mlflow_is_imported_when_tracking_is_off(tmp_path: Path, tiny
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow  # imports MLflow and torch, trains two tiny trials
+def test_a_tracking_server_that_does_not_answer_costs_a_warning_not_the_trial(
+        tmp_path: Path, tiny_npz: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("mlflow", reason=f"needs MLflow ({INSTALL}, or the test extra)")
+    from kdsweep.service import spec as studies
+    from kdsweep.service.objective import Objective
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.sweep import Sweep
+    from kdsweep.service.worker import run_worker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nobody listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    spec = studies.load(str(write_study(tmp_path, tiny_npz)))
+    storage = open_storage(f"sqlite:///{tmp_path / 't.db'}")
+    Sweep.create(storage, spec, "smoke", "tiny", 2, seed=0)
+    objective = Objective(spec, "smoke", {"device": "cpu", "threads": 1}, tmp_path / "artifacts", track="mlflow")
+    sweep = Sweep.join(storage, "tiny", spec)
+    summary = run_worker(sweep, objective)
+    assert (summary.complete, summary.failed) == (2, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kdsweep.service.tracking"]
+    assert len(warnings) == 2 and all("is not tracked in MLflow" in w for w in warnings), warnings
+
+
 # ---------------------------------------------------------------- a real tracking server
 
 
