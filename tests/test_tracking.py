@@ -234,3 +234,52 @@ def test_each_trial_is_one_mlflow_run_and_a_requeued_trial_continues_its_run(
         assert steps == [1, 2] == sorted(trial.intermediate_values)
         last = max(history, key=lambda m: (m.step, m.timestamp))
         assert last.value == pytest.approx(trial.intermediate_values[2])
+
+
+@pytest.mark.slow
+def test_a_fused_workers_trials_are_one_run_each_across_a_requeue(
+        mlflow_server: str, tmp_path: Path, fmnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from kdsweep.service import spec as studies
+    from kdsweep.service.fused_worker import run_fused_worker
+    from kdsweep.service.objective import Objective, TrialRun
+    from kdsweep.service.storage import open_storage
+    from kdsweep.service.sweep import Sweep
+    from kdsweep.service.worker import Interrupted
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    spec = studies.load(str(Path(__file__).parent / "studies" / "tiny_kd.py"))
+    storage = open_storage(f"sqlite:///{tmp_path / 't.db'}")
+    Sweep.create(storage, spec, "quick", "tiny_kd", 3, seed=0)
+    objective = Objective(spec, "quick", {"device": "cpu", "threads": 1}, tmp_path / "artifacts", track="mlflow")
+    report = TrialRun.report
+
+    def interrupted(run: TrialRun, epoch: int, metrics) -> None:  # noqa: ANN001
+        report(run, epoch, metrics)
+        raise Interrupted()  # Ctrl-C after the first member's first epoch: all three re-queued
+
+    monkeypatch.setattr(TrialRun, "report", interrupted)
+    run_fused_worker(Sweep.join(storage, "tiny_kd", spec), objective, 3)
+    monkeypatch.setattr(TrialRun, "report", report)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tiny_kd")
+    assert experiment is not None
+    first = {r.data.tags["kdsweep.trial"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert len(first) == 3 and {r.data.tags["state"] for r in first.values()} == {"REQUEUED"}
+
+    summary = run_fused_worker(Sweep.join(storage, "tiny_kd", spec), objective, 3)
+    assert summary.complete == 3
+    done = optuna.load_study(study_name="tiny_kd", storage=storage).get_trials(states=(TrialState.COMPLETE,))
+    found = client.search_runs([experiment.experiment_id])
+    assert len(found) == 3
+    for run in found:
+        trial = next(t for t in done if str(t.system_attrs.get("failed_trial")) == run.data.tags["kdsweep.trial"])
+        assert run.info.run_id == first[run.data.tags["kdsweep.trial"]].info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+        assert float(run.data.params["kd.alpha"]) == pytest.approx(trial.params["kd.alpha"])
+        assert run.data.metrics["value"] == pytest.approx(trial.value)
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        assert steps == {1, 2}
