@@ -566,7 +566,7 @@ def per_call_ms(makers: dict[str, Callable[[], optuna.pruners.BasePruner]], conf
         for _ in range(calls):
             trial.should_prune()
         out[name] = {"first_call_ms": round(first * 1e3, 1),
-                     "should_prune_ms": round((time.perf_counter() - t0) / calls * 1e3, 2), "prunes": decision}
+                     "should_prune_ms": round((time.perf_counter() - t0) / calls * 1e3, 2), "prunes": bool(decision)}
     out["load_after"] = os.getloadavg()
     return out
 
