@@ -113,3 +113,17 @@ def test_racing_replay_judges_on_held_out_seeds_and_counts_runs() -> None:
     assert out["grid_runs"] == 24 and out["race_runs_mean"] == 9 and out["runs_ratio"] == 0.375
     assert out["grid_picks_held_out_best"] == out["race_picks_held_out_best"] == 1.0
     assert out["race_agrees_with_grid"] == 1.0 and out["held_out_seeds"] == 4
+
+
+def test_a_tables_trials_carry_the_space_it_was_recorded_on() -> None:
+    # q1's smoke preset narrowed the learning rate to 0.01-0.2 after q1.json was recorded on
+    # 0.01-0.4: its configurations must be replayed (and stored) in the recorded distributions.
+    import optuna
+
+    from benchmarks.pruning import TABLE, distributions, load, recorded_space
+
+    meta, configs = load(TABLE)
+    dists = distributions(recorded_space(meta))
+    for c in configs:
+        optuna.trial.create_trial(params=c["params"], distributions={k: dists[k] for k in c["params"]}, value=0.5)
+    assert max(c["params"]["optim.lr"] for c in configs) > 0.2

@@ -282,3 +282,99 @@ def test_forecast_replay_equals_a_real_ask_tell_study() -> None:
 def test_forecast_bad_parameters_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         ForecastPruner(**kwargs)
+
+
+# --- the per-study cache: a call that finds no new complete trial reads none --------------------
+
+def scripted_sqlite_study(url: str, pruner: optuna.pruners.BasePruner, storage=None) -> optuna.Study:
+    return optuna.create_study(study_name="cache", storage=storage or url, direction="maximize", pruner=pruner)
+
+
+@pytest.mark.parametrize("make", [lambda: forecast_pruner(), lambda: CurvePruner(T, min_epoch=1)],
+                         ids=["forecast", "curve"])
+def test_a_cached_pruner_decides_as_a_fresh_one_at_every_call(tmp_path, make) -> None:
+    # One pruner kept over a whole scripted sweep on SQLite (its cache read once per new complete
+    # trial) and a new pruner at every call (everything read afresh) give the same answers.
+    from kdsweep.service.storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    storage = open_storage(url, heartbeat=False)
+    kept = make()
+    study = scripted_sqlite_study(url, kept, storage)
+    rng = random.Random(2)
+    kinds = ("fast", "bad", "slow", "bad", "fast", "slow", "bad", "bad", "fast", "slow")
+    answers: list[tuple] = []
+    for kind in kinds:
+        curve = [round(v + rng.uniform(-0.03, 0.03), 4) for v in SHAPES[kind]]
+        study.enqueue_trial({"kind": kind, "lr": round(rng.uniform(0.02, 0.3), 4)})
+        trial = study.ask()
+        trial.suggest_categorical("kind", list(KINDS.choices))
+        trial.suggest_float("lr", LR.low, LR.high, log=True)
+        for epoch, v in enumerate(curve, start=1):
+            trial.report(v, epoch)
+            if epoch == T:
+                break
+            frozen = study._storage.get_trial(trial._trial_id)
+            mine = [kept.prune(study, frozen) for _ in range(2)]  # twice: the second from the cache
+            fresh = make()
+            answers.append((kind, epoch, mine[0], fresh.prune(study, frozen)))
+            assert mine[0] == mine[1] == answers[-1][3], answers[-1]
+            if isinstance(kept, ForecastPruner):
+                assert kept.bound(study, frozen) == fresh.bound(study, frozen)
+            else:
+                assert kept.chance(study, frozen) == fresh.chance(study, frozen)
+        study.tell(trial, curve[-1])  # every trial completes: each call after it sees one more
+    assert any(a[2] for a in answers) and not all(a[2] for a in answers)  # both decisions happened
+
+
+def test_complete_trials_are_counted_through_the_sweeps_storage_and_pruner_view(tmp_path) -> None:
+    from kdsweep.service.requeue import AsOrigin
+    from kdsweep.service.storage import complete_count, open_storage
+
+    url = f"sqlite:///{tmp_path / 'count.db'}"
+    study = optuna.create_study(study_name="count", storage=open_storage(url, heartbeat=False), direction="maximize")
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL):
+        trial = study.ask()
+        trial.report(0.5, 1)
+        study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
+    study.ask()  # running
+    view = AsOrigin(CurvePruner(T)).view(study)
+    plain = optuna.load_study(study_name="count", storage=url)  # Optuna's own cached RDB storage
+    assert [complete_count(s._storage, s._study_id) for s in (study, view, plain)] == [2, 2, 2]
+    assert complete_count(optuna.create_study()._storage, 0) is None  # in memory: no count
+
+
+@pytest.mark.parametrize("make", [lambda: forecast_pruner(), lambda: CurvePruner(T, min_epoch=1)],
+                         ids=["forecast", "curve"])
+def test_a_call_with_no_new_complete_trial_reads_no_trials(tmp_path, make, monkeypatch) -> None:
+    # The cost at thousands of trials: Optuna's RDB get_trials reloads every running trial and
+    # sorts all of them; the pruner asks the database for a count instead and reads only when it grew.
+    url = f"sqlite:///{tmp_path / 'reads.db'}"
+    pruner = make()
+    study = scripted_sqlite_study(url, pruner)
+    for kind in ("fast", "bad", "slow"):  # three complete trials, told without asking the pruner
+        study.enqueue_trial({"kind": kind, "lr": 0.1})
+        done = study.ask()
+        done.suggest_categorical("kind", list(KINDS.choices))
+        done.suggest_float("lr", LR.low, LR.high, log=True)
+        for epoch, v in enumerate(SHAPES[kind], start=1):
+            done.report(v, epoch)
+        study.tell(done, SHAPES[kind][-1])
+    reads = []
+    real = study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda *a, **k: reads.append(1) or real(*a, **k))
+    study.enqueue_trial({"kind": "bad", "lr": 0.1})
+    trial = study.ask()
+    trial.suggest_categorical("kind", list(KINDS.choices))
+    trial.suggest_float("lr", LR.low, LR.high, log=True)
+    trial.report(0.3, 1)
+    first = trial.should_prune()  # the first call reads them
+    assert len(reads) == 1
+    assert [trial.should_prune() for _ in range(3)] == [first] * 3
+    assert len(reads) == 1  # the cache already holds all three complete trials
+    other = study.ask()  # a fourth trial completes: the next call reads once
+    other.report(0.9, 1)
+    study.tell(other, 0.9)
+    trial.should_prune()
+    trial.should_prune()
+    assert len(reads) == 2

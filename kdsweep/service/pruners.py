@@ -40,9 +40,13 @@ diverging loss raises TrainingError in train() before the epoch is reported and 
 FAILs, as with any pruner; a NaN reported by another objective likewise ends as that objective
 decides, not as PRUNED. Complete trials with non-finite values or another length are skipped.
 
-Cost: each call reads the study's complete trials once (`get_trials(deepcopy=False)`); their
-curves are kept per study in an array that only grows when a new trial completes, so a call
-is one distance computation over it (measured at 2,000 trials in docs/benchmarks.md).
+Cost: both pruners keep what they derive from a study's complete trials per study, and a call
+first asks the database how many trials are COMPLETE (`storage.complete_count`, one SQL
+count); only when that number grew are the trials read (`get_trials(deepcopy=False)`) and the
+new ones added. COMPLETE is final, so an unchanged count means the same trials and the same
+decision as a fresh read. Without the count, Optuna's RDB `get_trials` reloads every running
+trial and sorts all trials on every call: that read, not the forecast, was the cost at
+thousands of trials (`pruning_epoch_savings` in benchmarks/results.json measures both).
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import FrozenTrial, TrialState
+
+from kdsweep.service.storage import complete_count
 
 
 @dataclass
@@ -117,7 +123,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         self.prior_curves = prior_curves
         self.neighbours = neighbours
         self.window = window
-        self._curves: dict[tuple[int, int, str], _Curves] = {}  # (storage, study id, name) -> curves
+        self._curves: dict[tuple[int, str], _Curves] = {}  # (id of the Study object, its name) -> curves
         self._lock = threading.Lock()  # trials of one worker process may share this pruner in threads
 
     def __repr__(self) -> str:
@@ -126,15 +132,19 @@ class CurvePruner(optuna.pruners.BasePruner):
                 f"prior_spread={self.prior_spread}, prior_curves={self.prior_curves}, "
                 f"neighbours={self.neighbours}, window={self.window})")
 
-    def _study_curves(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> _Curves:
+    def _study_curves(self, study: optuna.Study, sign: float) -> _Curves:
         with self._lock:
-            return self._update(study, complete, sign)
+            # Per Study object (a worker keeps one per study), with its name: an object's id can
+            # be reused once it is freed (and a cache that has seen more trials than exist is reset).
+            key = (id(study), study.study_name)
+            cache = self._curves.get(key)
+            if cache is not None and complete_count(study._storage, study._study_id) == len(cache.seen):
+                return cache  # the same complete trials: nothing to read
+            complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            return self._update(key, cache, complete, sign)
 
-    def _update(self, study: optuna.Study, complete: list[FrozenTrial], sign: float) -> _Curves:
-        # Per Study object (a worker keeps one per study), with its name: an object's id can be
-        # reused once it is freed (and a cache that has seen more trials than exist is reset).
-        key = (id(study), study.study_name)
-        cache = self._curves.get(key)
+    def _update(self, key: tuple[int, str], cache: _Curves | None, complete: list[FrozenTrial],
+                sign: float) -> _Curves:
         if cache is None or len(cache.seen) > len(complete):  # new, or not the study it was
             cache = self._curves[key] = _Curves()
         if len(cache.seen) != len(complete):  # trials never leave COMPLETE: only new ones to add
@@ -164,7 +174,7 @@ class CurvePruner(optuna.pruners.BasePruner):
         y = values[t]
         if not math.isfinite(y):
             return None  # NaN or inf: the objective fails (or completes) it, not the pruner
-        cache = self._study_curves(study, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), sign)
+        cache = self._study_curves(study, sign)
         if cache.best is None:
             return None  # no incumbent yet
         y *= sign
@@ -396,8 +406,11 @@ class ForecastPruner(optuna.pruners.BasePruner):
 
     def _update(self, study: optuna.Study, sign: float) -> _Study:
         key = (id(study), study.study_name)
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         cache = self._studies.get(key)
+        if (cache is not None and cache.refs is not None
+                and complete_count(study._storage, study._study_id) == len(cache.seen)):
+            return cache  # the same complete trials (COMPLETE is final): nothing to read or score
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if cache is None or len(cache.seen) > len(complete):  # new, or not the study it was
             cache = self._studies[key] = _Study()
         if cache.refs is not None and len(cache.seen) == len(complete):

@@ -48,7 +48,7 @@ from optuna.study._study_direction import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.service import keys
-from kdsweep.service.storage import transaction
+from kdsweep.service.storage import complete_count, transaction
 
 MAX_RETRIES = 3  # a trial whose worker died this many times is given up (failed for good)
 INTERRUPTED = "interrupted"  # re-queue reasons: a signal (Ctrl-C, SIGTERM, a drain) ...
@@ -153,6 +153,11 @@ class PrunerView(BaseStorage):
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self._inner.get_trial(trial_id)
+
+    def complete_count(self, study_id: int) -> int | None:
+        """The storage's count (`storage.complete_count`): a re-queued attempt is FAIL, never
+        COMPLETE, so this view holds the same complete trials."""
+        return complete_count(self._inner, study_id)
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._inner.get_study_id_from_name(study_name)

@@ -15,6 +15,8 @@ In layers, each a module, each using only the ones above it:
   back-off (about 75 s by default), then `StorageUnavailable`.
 * `locks`: `study_lock`, a lock per study shared by every process of the database, whose block
   is one transaction; `transaction`, the same transaction without the lock.
+* `counts`: `complete_count`, a study's COMPLETE trials counted by the database (what a
+  pruner's cache of complete trials checks before it reads them again).
 * `heartbeats`: `dead_trial_ids`, the RUNNING trials of dead workers, on the database's clock.
   (Optuna's journal storage has no heartbeats, which is why kdsweep uses RDB storage only.)
 * `opening`: `open_storage`, which makes Optuna's schema once (one process at a time) and
@@ -36,6 +38,7 @@ from kdsweep.service.location import (
     redact,
     redact_text,
 )
+from kdsweep.service.storage.counts import complete_count
 from kdsweep.service.storage.errors import NoStudies, StorageUnavailable, storage_error
 from kdsweep.service.storage.heartbeats import dead_trial_ids
 from kdsweep.service.storage.locks import lock_files, study_lock, transaction
@@ -53,7 +56,7 @@ from kdsweep.service.storage.settings import (
 __all__ = [
     "ARTIFACTS_DIR", "DEFAULT_URL", "GRACE_S", "HEARTBEAT_S", "RETRIES", "RUNS_DIR", "SCHEME", "URL_HELP",
     "NoStudies", "RetryingStorage", "StorageError", "StorageLocation", "StorageURLError", "StorageUnavailable",
-    "check_study_name", "dead_trial_ids", "lock_files", "grace_period", "heartbeat_interval", "location", "open_storage",
+    "check_study_name", "complete_count", "dead_trial_ids", "lock_files", "grace_period", "heartbeat_interval", "location", "open_storage",
     "password_of", "redact", "redact_text", "retries", "storage_error", "study_lock", "study_names",
     "transaction",
 ]
