@@ -94,8 +94,9 @@ def test_q2_contour_holds_every_complete_trial(q2: optuna.Study) -> None:
     assert d["temperature"] == [2, 4, 8, 15, 12, 6]
     assert d["bounds"] == {"kd.alpha": [0, 1], "kd.temperature": [1, 20]}
     fig = report.plotly_figure(q2, "kd_contour", d)
-    xs = sorted(x for tr in fig.data if tr.type == "scatter" and tr.x is not None for x in tr.x)
-    assert xs == sorted(d["alpha"])  # Optuna's contour plots every complete trial
+    xs = sorted(x for tr in fig.data if tr.type == "scatter" and tr.x is not None
+                and not (tr.name or "").startswith(("pruned", "alpha=0")) for x in tr.x)
+    assert xs == sorted(d["alpha"])  # Optuna's contour plots every complete trial (pruned ones: apart)
 
 
 def test_plotly_figures_mark_pruned_trials_and_groups(q1: optuna.Study) -> None:
@@ -201,3 +202,69 @@ def test_the_top_table_states_constant_columns_once() -> None:
     table = report.top_table(study)
     assert table.splitlines()[0] == "| rank | trial | value | optim.lr |"
     assert table.rstrip().endswith("Every row: epochs 3, params 1,000, MFLOPs/image 2.00.")
+
+
+def _legend(ax) -> list[str]:  # noqa: ANN001
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_the_kd_contour_shows_pruned_trials_and_the_alpha_0_reference(q2: optuna.Study) -> None:
+    d = report.figure_data(q2)["kd_contour"]
+    assert d["pruned"] == {"alpha": [0.95], "temperature": [19], "value": [0.1], "trial": [6]}
+    assert d["reference"] is None  # write_report fills it in from the .baseline sibling
+    d["reference"] = 0.6123
+    fig = report.plotly_figure(q2, "kd_contour", d)
+    named = {tr.name: tr for tr in fig.data if tr.name}
+    assert list(named["pruned (1)"].x) == [0.95] and named["pruned (1)"].marker.symbol == "x"
+    ref = named["alpha=0 reference (student alone): 0.6123"]
+    assert list(ref.x) == [0.0, 0.0] and list(ref.y) == [1, 20]  # across the searched T
+    png = report.png_figure(q2, "kd_contour", d)
+    ax = png.axes[0]
+    assert _legend(ax) == ["complete (6)", "pruned (1)", "alpha=0 reference (student alone): 0.6123"]
+    assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [0.0]
+    points = [[list(map(float, p)) for p in c.get_offsets()] for c in ax.collections]
+    assert [[0.95, 19.0]] in points  # the pruned trial, apart from the 6 complete ones
+    d["reference"] = None
+    assert "alpha=0 reference: not run yet" in _legend(report.png_figure(q2, "kd_contour", d).axes[0])
+
+
+def test_the_report_takes_the_contour_reference_from_the_baseline_sibling(
+        q2: optuna.Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsweep.service import baseline
+
+    ref = optuna.trial.create_trial(value=0.577, params={}, distributions={})
+    monkeypatch.setattr(baseline, "find", lambda sweep: object())
+    monkeypatch.setattr(baseline, "result", lambda sweep: ref)
+    report.write_report(Sweep(q2), tmp_path / "r")
+    data = json.loads((tmp_path / "r" / "data.json").read_text())
+    assert data["kd_contour"]["reference"] == 0.577 and data["history"]["reference"] == 0.577
+
+
+def test_accuracy_against_flops_has_one_series_per_family_with_binomial_errors() -> None:
+    study = optuna.create_study(study_name="q1", direction="maximize")
+    flops = [2.0e5, 2.1e5, 3.0e6, 2.5e6, 4.0e6, 1.0e6, 3.5e6]  # MLPs cost less per image than CNNs
+    for i, ((params, curve, pruned), f) in enumerate(zip(Q1_TRIALS, flops, strict=True)):
+        attrs = {"epochs_run": len(curve), "flops": f, **({"val_n": 1000} if i == 0 else {})}  # else val_size
+        study.add_trial(optuna.create_trial(
+            params=params, distributions={k: Q1_DIST[k] for k in params},
+            intermediate_values=dict(enumerate(curve, 1)), user_attrs=attrs,
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            value=None if pruned else curve[-1]))
+    study.set_user_attr("kdsweep.definition", {"study": "q1", "metric": "val_acc",
+                                                "config": {"model": {"budget": 30000}, "data": {"val_size": 500}}})
+    assert "flops" in report.applicable(study)
+    d = report.figure_data(study)["flops"]
+    assert list(d["series"]) == ["mlp", "cnn"]  # the pruned CNN is left out: it has no final value
+    assert d["series"]["mlp"]["flops"] == [2.0e5, 2.1e5] and d["series"]["cnn"]["trial"] == [2, 3, 4, 6]
+    assert d["series"]["mlp"]["se"] == pytest.approx([(0.62 * 0.38 / 1000) ** 0.5, (0.5 * 0.5 / 500) ** 0.5])
+    assert d["winner"] == {"trial": 3, "family": "cnn", "flops": 2.5e6, "value": 0.74}
+    fig = report.plotly_figure(study, "flops", d)
+    assert [tr.name for tr in fig.data] == ["mlp", "cnn", "winner (trial 3, cnn)"]
+    assert list(fig.data[0].error_y.array) == pytest.approx(d["series"]["mlp"]["se"])
+    assert fig.layout.xaxis.type == "log"
+    ax = report.png_figure(study, "flops", d).axes[0]
+    assert ax.get_xscale() == "log"
+    assert sorted(_legend(ax)) == ["cnn (n=4)", "mlp (n=2)", "winner (trial 3, cnn)"]
+    assert len(ax.containers) == 2  # one error-bar series per family
+    # A study whose trials hold no FLOPs (older ones) has no such figure.
+    assert "flops" not in report.applicable(_study("q1", Q1_TRIALS, Q1_DIST))

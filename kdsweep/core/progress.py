@@ -260,13 +260,14 @@ def eta_seconds(finished: Sequence[tuple[float, int]], running: Sequence[int], w
     """Seconds until a sweep is done: the epochs left / workers x the seconds one epoch takes.
 
     `finished`: (wall seconds, epochs run) of each finished trial (complete or pruned), in the
-    order they finished; `running`: the epochs each running trial has done; `waiting`: trials
+    order they finished (the seconds a trial trained: `kdsweep launch` leaves out the time it
+    waited for the teacher); `running`: the epochs each running trial has done; `waiting`: trials
     not started; `epochs`: a trial's full length. A trial that has done d epochs is expected to
     run as long as the finished trials that got past d did (pruning so far decides that), a
     trial not yet started as long as the finished ones did on average. Seconds per epoch come
     from the finished trials, leaving out the first wave (one per worker) once later ones exist:
-    it also paid for the teacher's build (while a build runs, `build_status` gives its own time
-    left). `reference`: the alpha=0 reference (one full-length trial, alone) still runs after
+    it started cold, beside the teacher's build (while a build runs, `build_status` gives its
+    own time left). `reference`: the alpha=0 reference (one full-length trial, alone) still runs after
     the last trial. None before any trial finished or when nothing is left.
     """
     if not finished or (waiting <= 0 and not running and not reference):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -188,7 +189,9 @@ def run_fused_worker(sweep: Sweep, objective: Objective, fuse: int) -> WorkerSum
                         # The teacher is prepared first (trained once per host, minutes the first
                         # time); alpha does not enter it, and prepare() skips it for alpha = 0,
                         # which the first member may have while later ones distil.
+                        began = time.perf_counter()
                         teacher = prepare_teacher(replace(first.config, **{"kd.alpha": 1.0}))
+                        running[first.tag].run.teacher_s = time.perf_counter() - began
                         group = FusedGroup(first.config, fuse, data_seed=first.config.seed,
                                            stop=flag, teacher=teacher)
                     seed[0] = group.data_seed

@@ -42,6 +42,7 @@ TEST_ACC = "test_acc"  # held-out test accuracy (verification and reference runs
 VERSION = "kdsweep_version"  # the kdsweep that ran the trial
 EPOCHS_RUN = "epochs_run"
 WALL_TIME = "wall_time"  # seconds
+TEACHER_S = "teacher_s"  # seconds of WALL_TIME spent building the teacher or waiting for it
 IMAGES_PER_S = "images_per_s"
 BEST_VAL_ACC = "best_val_acc"
 TEACHER_KEY = "teacher_key"

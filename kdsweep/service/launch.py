@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from kdsweep.service.spec import StudySpec
 
 if TYPE_CHECKING:  # imported where used: `kdsweep launch` answers a usage error without Optuna
+    from optuna.trial import FrozenTrial
+
     from kdsweep.service.sweep import Counts, Sweep
 
 
@@ -104,11 +106,22 @@ def status_line(sweep: Sweep, workers: int, pids: Collection[int] | None = None,
         return f"{line} | {building}"
     done = sorted((t for t in sweep.trials(TrialState.COMPLETE, TrialState.PRUNED)
                    if keys.WALL_TIME in t.user_attrs and t.datetime_complete), key=lambda t: t.datetime_complete)
-    finished = [(float(t.user_attrs[keys.WALL_TIME]), _epochs_run(t)) for t in done]
+    finished = training_times(done)
     running = [len(t.intermediate_values) for t in sweep.trials(TrialState.RUNNING)]
     epochs = int((sweep.definition.get("config") or {}).get("epochs") or max((e for _, e in finished), default=1))
     left = progress.eta(finished, running, c.waiting, workers, epochs, reference)
     return f"{line} | {left}" if left else line
+
+
+def training_times(trials: Sequence[FrozenTrial]) -> list[tuple[float, int]]:
+    """(seconds, epochs) each finished trial spent training, for `progress.eta`: its wall time
+    less the time it spent building the teacher or waiting for it. The teacher is built once,
+    at the start; the first wave's trials (one per worker) waited for it, and minutes of
+    waiting spread over a few epochs made the first ETA of a KD sweep 3-4 times too long."""
+    from kdsweep.service import keys
+
+    return [(max(0.0, float(t.user_attrs[keys.WALL_TIME]) - float(t.user_attrs.get(keys.TEACHER_S) or 0.0)),
+             _epochs_run(t)) for t in trials]
 
 
 def _epochs_run(trial) -> int:
@@ -465,9 +478,11 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     if sweep.best_trial is not None:  # else the table has said "no complete trials."
         for line in report.noise_summary(sweep):  # how much of the top is noise
             echo(line)
-    from kdsweep.service.dashboard import write_verdict
+    if how != "interrupted":  # Ctrl-C returns at once: the note imports optuna-dashboard (pandas,
+        # scikit-learn: seconds); the launch that finishes the study writes it
+        from kdsweep.service.dashboard import write_verdict
 
-    write_verdict(sweep)  # the same verdict as the study's note in optuna-dashboard
+        write_verdict(sweep)  # the same verdict as the study's note in optuna-dashboard
     return sweep, final, how
 
 

@@ -96,6 +96,7 @@ class TrialRun:
     def __init__(self, objective: Objective, trial: optuna.Trial, trial_log: bool = True) -> None:
         self.objective, self.trial = objective, trial
         self.start = time.perf_counter()
+        self.teacher_s: float | None = None  # of the wall time, spent on the teacher (see close)
         self.params: dict[str, Any] = {}
         self.config: TrainConfig | None = None
         self.writer: Any = None
@@ -204,6 +205,8 @@ class TrialRun:
         if error is not None:
             self.end_tracking(outcome(error))
         self.trial.set_user_attr(keys.WALL_TIME, round(time.perf_counter() - self.start, 3))
+        if self.teacher_s is not None:  # launch's ETA leaves it out: the teacher is built once
+            self.trial.set_user_attr(keys.TEACHER_S, round(self.teacher_s, 3))
         if self.writer is not None:
             extra: dict[str, Any] = {"trial": self.trial.number}
             if self.config is not None:
@@ -247,7 +250,9 @@ class Objective:
         error: BaseException | None = None
         try:
             # The teacher first (trained once per host and cached; minutes the first time).
+            began = time.perf_counter()
             teacher = prepare_teacher(config)
+            run.teacher_s = time.perf_counter() - began
             result = train(config, report=run.report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
         except optuna.exceptions.UpdateFinishedTrialError as exc:
             error = exc

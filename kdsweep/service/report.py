@@ -6,8 +6,10 @@ no kaleido or browser needed). Which study-specific figures apply is read from t
 the trials hold, so any study file gets the generic ones and q1/q2 get theirs:
 
 * every study: optimisation history, intermediate values (pruned trials marked), importances;
-* `kd.alpha` and `kd.temperature` (q2): the alpha x T contour of validation accuracy;
-* `model.family` (q1): validation accuracy of MLP vs CNN (by regulariser) at the matched budget;
+* `kd.alpha` and `kd.temperature` (q2): the alpha x T contour of validation accuracy, with the
+  complete trials, the pruned ones (x) and the alpha=0 reference run (the student alone);
+* `model.family` (q1): validation accuracy of MLP vs CNN (by regulariser) at the matched budget,
+  and (`flops`) against each trial's forward FLOPs per image, one series per family;
 * `dropblock.size` (q1): validation accuracy by DropBlock block size.
 
 A sibling `<study>.verify` study (see kdsweep/service/verify.py) adds its seed statistics to the summary.
@@ -62,6 +64,8 @@ def applicable(study: optuna.Study) -> list[str]:
         names.append("kd_contour")
     if "model.family" in params:
         names.append("family")
+        if any(keys.FLOPS in t.user_attrs for t in _complete(study)):
+            names.append("flops")
     if "dropblock.size" in params:
         names.append("dropblock")
     return names + report_optuna.applicable(params)
@@ -113,8 +117,11 @@ def importance_data(study: optuna.Study) -> dict[str, float]:
 
 
 def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
-    """alpha, T and validation accuracy of every complete trial."""
+    """alpha, T and validation accuracy of every complete trial; alpha, T and last reported
+    value of every pruned one; `reference`: the alpha=0 run's value (the student alone, from
+    the `.baseline` sibling), filled in by write_report."""
     done = [t for t in _complete(study) if all(p in t.params for p in KD_PARAMS)]
+    pruned = [t for t in _pruned(study) if all(p in t.params for p in KD_PARAMS)]
     bounds = {}
     for p in KD_PARAMS:  # the searched range, so the plot shows where the sampler did not go
         dist = next((t.distributions[p] for t in done), None)
@@ -122,7 +129,35 @@ def kd_contour_data(study: optuna.Study) -> dict[str, Any]:
             bounds[p] = [dist.low, dist.high]
     return {"alpha": [t.params["kd.alpha"] for t in done],
             "temperature": [t.params["kd.temperature"] for t in done],
-            "value": [t.value for t in done], "trial": [t.number for t in done], "bounds": bounds}
+            "value": [t.value for t in done], "trial": [t.number for t in done], "bounds": bounds,
+            "pruned": {"alpha": [t.params["kd.alpha"] for t in pruned],
+                       "temperature": [t.params["kd.temperature"] for t in pruned],
+                       "value": [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                       "trial": [t.number for t in pruned]},
+            "reference": None}
+
+
+def flops_data(study: optuna.Study) -> dict[str, Any]:
+    """Validation accuracy of complete trials against their forward FLOPs per image, one series
+    per family (mlp, cnn), each accuracy with its binomial standard error sqrt(p (1 - p) / n)
+    over the n validation images (the trial's own count, else the study's val_size); the
+    winner is the best of them."""
+    val_size = ((study.user_attrs.get(keys.DEFINITION) or {}).get("config") or {}).get("data", {}).get("val_size")
+    series: dict[str, dict[str, list]] = {}
+    for t in _complete(study):
+        if "model.family" not in t.params or t.user_attrs.get(keys.FLOPS) is None:
+            continue
+        n = t.user_attrs.get(keys.VAL_N) or val_size
+        s = series.setdefault(str(t.params["model.family"]), {"trial": [], "flops": [], "value": [], "se": []})
+        s["trial"].append(t.number)
+        s["flops"].append(float(t.user_attrs[keys.FLOPS]))
+        s["value"].append(t.value)
+        s["se"].append(math.sqrt(t.value * (1 - t.value) / n) if n and 0 <= t.value <= 1 else None)
+    points = [(v, fam, s["trial"][i], s["flops"][i]) for fam, s in series.items() for i, v in enumerate(s["value"])]
+    best = (max if _maximize(study) else min)(points, default=None)
+    return {"series": {k: series[k] for k in sorted(series, key=lambda k: (k != "mlp", k))},
+            "winner": None if best is None else {"trial": best[2], "family": best[1], "flops": best[3],
+                                                 "value": best[0]}}
 
 
 def _budget(study: optuna.Study) -> int | None:
@@ -194,6 +229,7 @@ DATA = {
     "importance": importance_data,
     "kd_contour": kd_contour_data,
     "family": family_data,
+    "flops": flops_data,
     "dropblock": dropblock_data,
     "parallel": report_optuna.data,
     "slice": report_optuna.data,
@@ -220,7 +256,7 @@ def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
     if name == "importance":
         return optuna.visualization.plot_param_importances(study, target_name=metric)
     if name == "kd_contour":
-        return optuna.visualization.plot_contour(study, params=list(KD_PARAMS), target_name=metric)
+        return _kd_contour_plotly(study, data, metric)
     fig = go.Figure()
     if name == "intermediate":
         for tr in data["trials"]:
@@ -242,6 +278,42 @@ def plotly_figure(study: optuna.Study, name: str, data: Any) -> Any:
         for size, values in data["sizes"].items():
             fig.add_trace(go.Box(y=values, name=f"block {size}", boxpoints="all", jitter=0.3))
         fig.update_layout(title="DropBlock: validation accuracy by block size", yaxis_title=metric)
+    elif name == "flops":
+        for family, s in data["series"].items():
+            fig.add_trace(go.Scatter(x=s["flops"], y=s["value"], mode="markers", name=family,
+                                     error_y={"type": "data", "array": [e or 0.0 for e in s["se"]]},
+                                     text=[f"trial {n}" for n in s["trial"]]))
+        if data["winner"]:
+            w = data["winner"]
+            fig.add_trace(go.Scatter(x=[w["flops"]], y=[w["value"]], mode="markers",
+                                     name=f"winner (trial {w['trial']}, {w['family']})",
+                                     marker={"symbol": "star", "size": 16, "color": "#ffbf00",
+                                             "line": {"color": "black", "width": 1}}))
+        fig.update_layout(title=f"{metric} against forward FLOPs per image (bars: 1 binomial SE)",
+                          xaxis={"type": "log", "title": "forward FLOPs per image"}, yaxis_title=metric)
+    return fig
+
+
+def _kd_contour_plotly(study: optuna.Study, data: Mapping[str, Any], metric: str) -> Any:
+    """Optuna's contour, with the pruned trials (x) and the alpha=0 reference (a dashed line
+    at alpha = 0, its value in the legend) drawn over it."""
+    import plotly.graph_objects as go
+
+    fig = optuna.visualization.plot_contour(study, params=list(KD_PARAMS), target_name=metric)
+    pruned = data.get("pruned") or {}
+    if pruned.get("trial"):
+        fig.add_trace(go.Scatter(
+            x=pruned["alpha"], y=pruned["temperature"], mode="markers", name=f"pruned ({len(pruned['trial'])})",
+            marker={"symbol": "x", "size": 9, "color": "#d62728"},
+            text=[f"trial {n}: {v:.4f} at its last epoch" for n, v in zip(pruned["trial"], pruned["value"],
+                                                                           strict=True)]))
+    if data.get("reference") is not None:
+        ts = data["temperature"] + pruned.get("temperature", [])
+        low, high = data["bounds"].get("kd.temperature") or [min(ts, default=1.0), max(ts, default=1.0)]
+        fig.add_trace(go.Scatter(x=[0.0, 0.0], y=[low, high], mode="lines", line={"dash": "dash", "color": "#2ca02c"},
+                                 name=f"alpha=0 reference (student alone): {data['reference']:.4f}"))
+    fig.update_layout(title=f"alpha x T: {metric}", showlegend=True,
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.15})
     return fig
 
 
@@ -299,12 +371,24 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
         if len(v) >= 4 and len(set(a)) > 1 and len(set(t)) > 1:
             try:
                 cs = ax.tricontourf(a, t, v, levels=12, cmap="viridis", alpha=0.8)
-                fig.colorbar(cs, ax=ax, label=metric)
+                bar = fig.colorbar(cs, ax=ax, label=metric)
+                if data.get("reference") is not None:  # where the student alone sits on the scale
+                    bar.ax.axhline(data["reference"], color="#2ca02c", linestyle="--", linewidth=2)
             except (ValueError, RuntimeError):  # collinear points: no triangulation
                 pass
-        sc = ax.scatter(a, t, c=v, cmap="viridis", edgecolors="black", s=30)
+        sc = ax.scatter(a, t, c=v, cmap="viridis", edgecolors="black", s=30, label=f"complete ({len(v)})")
         if len(v) < 4:
             fig.colorbar(sc, ax=ax, label=metric)
+        pruned = data.get("pruned") or {}
+        if pruned.get("trial"):
+            ax.scatter(pruned["alpha"], pruned["temperature"], marker="x", color="#d62728", s=40,
+                       label=f"pruned ({len(pruned['trial'])})")
+        if data.get("reference") is not None:
+            ax.axvline(0.0, color="#2ca02c", linestyle="--", linewidth=2,
+                       label=f"alpha=0 reference (student alone): {data['reference']:.4f}")
+        else:
+            ax.plot([], [], " ", label="alpha=0 reference: not run yet")
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
         for param, setter in (("kd.alpha", ax.set_xlim), ("kd.temperature", ax.set_ylim)):
             if param in data["bounds"]:
                 low, high = data["bounds"][param]
@@ -312,6 +396,18 @@ def png_figure(study: optuna.Study, name: str, data: Any) -> Any:
                 setter(low - pad, high + pad)
         ax.set(xlabel="alpha (weight of the teacher's soft term)", ylabel="temperature T",
                title=f"{study.study_name}: {metric} over alpha x T")
+    elif name == "flops":
+        for family, s in data["series"].items():
+            ax.errorbar(s["flops"], s["value"], yerr=[e or 0.0 for e in s["se"]], fmt="o", markersize=4,
+                        capsize=3, alpha=0.8, label=f"{family} (n={len(s['value'])})")
+        if data["winner"]:
+            w = data["winner"]
+            ax.scatter([w["flops"]], [w["value"]], s=200, marker="*", color="#ffbf00", edgecolor="black",
+                       zorder=5, label=f"winner (trial {w['trial']}, {w['family']})")
+        ax.set_xscale("log")
+        ax.set(xlabel="forward FLOPs per image (log scale)", ylabel=metric,
+               title=f"{study.study_name}: {metric} against compute (complete trials; bars: 1 binomial SE)")
+        ax.legend()
     elif name in ("family", "dropblock"):
         if name == "family":
             pruned = data["pruned"]
@@ -458,8 +554,10 @@ def write_report(sweep: Sweep, out: Path, verify_text: str | None = None) -> dic
     from kdsweep.service import baseline
 
     reference = baseline.result(sweep) if baseline.find(sweep) is not None else None
-    if reference is not None and "history" in data:
-        data["history"]["reference"] = reference.value
+    if reference is not None:
+        for name in ("history", "kd_contour"):
+            if name in data:
+                data[name]["reference"] = reference.value
     files: dict[str, list[str]] = {}
     for name, d in data.items():
         written = []
