@@ -119,3 +119,20 @@ def test_launch_trains_the_alpha0_reference_first_not_after_the_sweep(tmp_path: 
     # One worker: it took the reference before the sweep's trials, so the comparison with the
     # student alone is there while the sweep runs, not only after its last trial.
     assert ref.datetime_complete <= min(t.datetime_start for t in sweep)
+
+
+def test_launch_eta_drops_the_reference_once_it_is_done(storage):
+    """Worker 0 runs the alpha=0 reference first; once it is done, the ETA stops adding it
+    (it was decided once, at the start, and kept adding it to the very end)."""
+    from kdsweep.service.launch import ReferenceDue
+
+    sweep = create_or_resume(studies.load("q2"), "smoke", storage, "q2", 5, overrides=SHRUNK)
+    baseline.prepare(sweep)
+    due = ReferenceDue(sweep)
+    assert due() and due()
+    sibling = optuna.load_study(study_name="q2.baseline", storage=storage)
+    trial = sibling.ask()  # the waiting reference run
+    sibling.tell(trial, 0.7)
+    assert not due()
+    q1 = create_or_resume(studies.load("q1"), "smoke", storage, "q1", 3)
+    assert not ReferenceDue(q1)()

@@ -180,7 +180,7 @@ def run(
     extra_env: Mapping[str, str] | None = None,
     grace: float = 60.0,
     first: list[str] | None = None,
-    reference: bool = False,
+    reference: Callable[[], bool] | None = None,
 ) -> tuple[Counts, str]:
     """Start the workers and watch them; returns the final counts and how it ended.
 
@@ -191,7 +191,8 @@ def run(
     running `grace` seconds later is killed. The workers form one process group, and each
     gets SIGTERM from the kernel if launch itself is killed, so none is ever left behind.
     `first`: worker arguments the first worker runs to the end before its own (the alpha=0
-    reference, so it is ready early rather than after the last trial).
+    reference, so it is ready early rather than after the last trial). `reference`: whether
+    that run still follows the sweep, asked at each status line (for the ETA).
     """
     procs: list[subprocess.Popen] = []
     group: int | None = None
@@ -227,7 +228,7 @@ def run(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop["why"] = "timeout"
                 break
-            line = status_line(sweep, len(procs), {p.pid for p in procs}, reference)
+            line = status_line(sweep, len(procs), {p.pid for p in procs}, bool(reference and reference()))
             # A new line when something happened; a countdown alone only every ETA_EVERY_S.
             news = _ETA.sub("", line)
             if news != last_news or (line != last and time.monotonic() - shown_at >= ETA_EVERY_S):
@@ -247,7 +248,7 @@ def run(
             for s, h in old.items():
                 signal.signal(s, h)
     final = sweep.counts()
-    line = status_line(sweep, len(procs), {p.pid for p in procs}, reference)
+    line = status_line(sweep, len(procs), {p.pid for p in procs}, bool(reference and reference()))
     if line != last:  # "[50/50] ..." once, not again when nothing changed since the last line
         echo(line)
     return final, stop["why"] or "done"
@@ -467,7 +468,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         echo(f"worker 0 trains the student alone (alpha=0) first, in {reference.name!r}")
         early = worker_args(spec.source, reference.name, data, download, artifacts, tensorboard, track=track)
     final, how = run(sweep, args, plan_workers(workers, device, url, threads), echo, timeout=timeout, first=early,
-                     reference=_reference_due(sweep))
+                     reference=ReferenceDue(sweep))
     reference = baseline.prepare(sweep) if how == "done" else None  # its run failed or was stopped
     if reference is not None and reference.trials(TrialState.WAITING):
         # The student alone (alpha=0), outside N: one run, one worker with this host's cores.
@@ -486,13 +487,25 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     return sweep, final, how
 
 
-def _reference_due(sweep: Sweep) -> bool:
-    """Whether the alpha=0 reference run still follows this sweep (for its ETA)."""
-    from kdsweep.service import baseline, keys
+class ReferenceDue:
+    """Whether the alpha=0 reference run still follows `sweep` (for its ETA), asked anew at
+    each status line until it turns false: worker 0 runs it first, so it is usually done
+    while the sweep still runs, and from then on the ETA must leave it out. Once false, it
+    stays false without another storage read."""
 
-    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
-        return False
-    return baseline.reference_point(sweep.spec.space) is not None and baseline.result(sweep) is None
+    def __init__(self, sweep: Sweep) -> None:
+        from kdsweep.service import baseline, keys
+
+        self.sweep = sweep
+        self.due = (keys.BASELINE_OF not in sweep.attrs and sweep.verifies is None
+                    and baseline.reference_point(sweep.spec.space) is not None)
+
+    def __call__(self) -> bool:
+        from kdsweep.service import baseline
+
+        if self.due:
+            self.due = baseline.result(self.sweep) is None
+        return self.due
 
 
 # A study stopped short of N that the same command finishes: sysexits' EX_TEMPFAIL ("a
