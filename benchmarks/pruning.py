@@ -607,7 +607,7 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     results["oracle(min_epoch 1)"] = summary([oracle([c["replay"] for c in seq], 1) for seq in seqs])
     clock["score_s"] = round(time.perf_counter() - start - clock["tune_s"], 1)
     print(f"  scored in {clock['score_s']} s", file=sys.stderr, flush=True)
-    # The study file's pruner is left out of the bootstrap (on Q1 it is ForecastPruner again).
+    # The study file's pruner is left out of Q1's bootstrap; with `reference` (q2) every pruner is in it.
     boot_makers = {k: v for k, v in makers.items() if reference or not k.startswith("studies/")}
     boot = config_bootstrap(test_half, boot_makers, dists, 2 if quick else replicates, 10 if quick else BOOT_SEQ,
                             sequence_len)
