@@ -79,6 +79,7 @@ LIVE_TRIALS, LIVE_SEEDS = 20, 4  # live check: a budget of 20 unpruned trials' e
 Q2_SEQUENCE_LEN = 8  # q2's table is smaller
 HB = "hyperband(1..T, eta 3)"
 FORECAST = "forecast (tuned, prior)"
+NOP = "nop (no pruning: the reference)"
 Q2_TABLE = TABLE.with_name("q2.json")
 # ForecastPruner's grid, cross-fitted on the tuning half (FOLD_SEED splits it in two folds).
 FORECAST_FIXED = {"min_epoch": 1, "band": 0.1, "neighbours": 5}
@@ -592,9 +593,12 @@ def makers_for(epochs: int, tuned_curve: dict, tuned_forecast: dict, prior: list
     }
 
 
-def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicates: int = REPLICATES
-           ) -> tuple[dict[str, Any], Any]:
-    """Tune on one half of a table; then, once, score every pruner on the other half."""
+def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicates: int = REPLICATES,
+           reference: bool = False) -> tuple[dict[str, Any], Any]:
+    """Tune on one half of a table; then, once, score every pruner on the other half.
+
+    With `reference`, NopPruner is scored too (the 1.0x every other ratio is against) and every
+    pruner, the study file's included, gets intervals from the bootstrap over configurations."""
     start = time.perf_counter()
     meta, configs = load(table)
     epochs = meta["epochs"]
@@ -617,6 +621,8 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     # 2. The held-out half, scored once with what step 1 chose.
     seqs = sequences(test_half, n_score, seed=2, length=sequence_len)
     makers = makers_for(epochs, tuned_curve, tuned_forecast, prior, dists, study, meta)
+    if reference:
+        makers[NOP] = (optuna.pruners.NopPruner, False)
     scores = {k: evaluate(seqs, m, dists if p else None) for k, (m, p) in makers.items()}
     results = {k: summary(s) for k, s in scores.items()}
     for k in results:
@@ -628,8 +634,8 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     results["oracle(min_epoch 1)"] = summary([oracle([c["replay"] for c in seq], 1) for seq in seqs])
     clock["score_s"] = round(time.perf_counter() - start - clock["tune_s"], 1)
     print(f"  scored in {clock['score_s']} s", file=sys.stderr, flush=True)
-    # The study file's pruner is left out of the bootstrap (on Q1 it is ForecastPruner again).
-    boot_makers = {k: v for k, v in makers.items() if not k.startswith("studies/")}
+    # The study file's pruner is left out of Q1's bootstrap; with `reference` (q2) every pruner is in it.
+    boot_makers = {k: v for k, v in makers.items() if reference or not k.startswith("studies/")}
     boot = config_bootstrap(test_half, boot_makers, dists, 2 if quick else replicates, 10 if quick else BOOT_SEQ,
                             sequence_len)
     clock["bootstrap_s"] = round(time.perf_counter() - start - clock["tune_s"] - clock["score_s"], 1)
@@ -724,13 +730,28 @@ def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
     start = time.perf_counter()
     if not table.exists() or len(load(table)[1]) < 8:
         raise Skip(f"{table} holds too few configurations (record it with benchmarks/curves.py).")
-    n = len(load(table)[1])
-    out = assess(table, quick, sequence_len=min(Q2_SEQUENCE_LEN, n // 4), replicates=REPLICATES)[0]
+    meta, configs = load(table)
+    n = len(configs)
+    out = assess(table, quick, sequence_len=min(Q2_SEQUENCE_LEN, n // 4), replicates=REPLICATES, reference=True)[0]
     ours = out["pruners"][FORECAST]
     study_pruner = out["pruners"]["studies/q2.py's pruner"]
     paying = {k: v for k, v in out["pruners"].items()
               if not k.startswith(("clairvoyant", "oracle")) and v["mean_ratio"] > 1.0 and v["miss_rate"] <= 0.02}
     out["pruners_that_pay"] = sorted(paying)
+    boot = out["config_bootstrap"]
+    # Per pruner: held-out sequences' mean ratio and miss rate, with the intervals to quote
+    # (configuration bootstrap); then the ceilings of the stopping criterion.
+    out["headline"] = {
+        "table_configs": f"{n} of the {meta['n']} drawn",
+        "pruners": {k: {"mean_ratio": v["mean_ratio"], "miss_rate": v["miss_rate"],
+                        "mean_ratio_config_95ci": boot.get(k, {}).get("mean_ratio_95ci"),
+                        "miss_rate_config_95ci": boot.get(k, {}).get("miss_rate_95ci")}
+                    for k, v in out["pruners"].items() if not k.startswith(("clairvoyant", "oracle"))},
+        "ceilings_mean_ratio": {e: out["pruners"][f"clairvoyant incumbent rule(min_epoch {e})"]["mean_ratio"]
+                                for e in (1, 2, 3)},
+        "ceilings_config_95ci": {e: boot[f"clairvoyant(min_epoch {e})"]["mean_ratio_95ci"] for e in (1, 2, 3)},
+        "oracle_mean_ratio": out["pruners"]["oracle(min_epoch 1)"]["mean_ratio"],
+    }
     out["seconds_total"] = round(time.perf_counter() - start, 1)
     out["load"] = os.getloadavg()
     return Entry(

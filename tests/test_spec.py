@@ -60,11 +60,18 @@ def test_q1_space_holds_only_widths_that_meet_the_budget(q1: studies.StudySpec, 
         assert set(kept) < set(candidates)  # the narrowing really removes widths here
 
 
-def test_q2_does_not_prune() -> None:
-    # No pruner measured on q2's tables both saved epochs and kept the best (studies/q2.py).
+def test_q2_prunes_only_the_setting_its_table_was_recorded_on() -> None:
+    # studies/q2.py: CurvePruner where benchmarks/curves/q2.json was recorded (the smoke preset
+    # as it is), NopPruner on every other setting.
+    from kdsweep.service.pruners import CurvePruner
+
     study = studies.load("q2")
-    for preset in study.presets:
-        assert isinstance(study.pruner(study.preset(preset).config), optuna.pruners.NopPruner)
+    smoke = study.pruner(study.base_config("smoke"))
+    assert isinstance(smoke, CurvePruner)
+    assert (smoke.max_epochs, smoke.margin, smoke.min_epoch, smoke.confidence, smoke.slope_weight) == (3, 0.005, 2, 0.8, 0.5)
+    for other in (study.base_config("smoke", {"epochs": 4}), study.base_config("smoke", {"data.train_subset": 500}),
+                  study.preset("paper").config):
+        assert isinstance(study.pruner(other), optuna.pruners.NopPruner)
 
 
 def test_q1_pruner_is_the_curve_pruner_over_the_epochs() -> None:

@@ -108,7 +108,9 @@ def check_sweep(study_name: str, url: str, proc: subprocess.CompletedProcess[str
 
     really_pruned = [t for t in pruned if t.intermediate_values and t.user_attrs.get("pruned_reason")]
     spec = studies.load(study_name)
-    if isinstance(spec.pruner(spec.preset("smoke").config), optuna.pruners.NopPruner):
+    # The pruner of the sweep as launched: the smoke preset with this file's overrides.
+    if isinstance(spec.pruner(spec.base_config("smoke", studies.parse_overrides(SETS[study_name]))),
+                  optuna.pruners.NopPruner):
         assert not really_pruned, "a study without a pruner pruned"
     else:
         assert really_pruned, f"the pruner pruned nothing in {N} trials"
