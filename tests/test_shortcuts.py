@@ -23,10 +23,13 @@ def test_live_taps_are_the_taps_that_meet_a_real_pixel():
     assert live_taps(1, 2, 0, 2) is None
 
 
-@pytest.mark.parametrize(("size", "stride"), [(1, 1), (2, 2), (2, 1), (3, 2), (5, 1)])
-def test_a_live_tap_conv_is_the_plain_conv_forward_and_backward(size: int, stride: int):
+@pytest.mark.parametrize(("kernel", "pad", "size", "stride"), [
+    (3, 1, 1, 1), (3, 1, 2, 2), (3, 1, 2, 1), (3, 1, 3, 2), (3, 1, 5, 1), (3, 1, 4, 2),
+    (1, 0, 1, 1), (1, 0, 2, 2), (1, 0, 3, 1), (7, 3, 1, 2), (7, 3, 2, 2), (3, 0, 3, 1), (5, 2, 2, 1),
+])
+def test_a_live_tap_conv_is_the_plain_conv_forward_and_backward(kernel: int, pad: int, size: int, stride: int):
     torch.manual_seed(0)
-    plain = nn.Conv2d(6, 5, 3, stride=stride, padding=1, bias=True).double()
+    plain = nn.Conv2d(6, 5, kernel, stride=stride, padding=pad, bias=True).double()
     live = use_live_taps(copy.deepcopy(plain))
     assert type(live) is LiveTapConv2d
     x = torch.randn(4, 6, size, size, dtype=torch.float64)
@@ -39,7 +42,7 @@ def test_a_live_tap_conv_is_the_plain_conv_forward_and_backward(size: int, strid
     for want, got in zip(grads[0], grads[1], strict=True):
         assert want.shape == got.shape
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    if size == 1:  # only the centre tap meets a pixel: every other tap's gradient is exactly 0
+    if (kernel, size) == (3, 1):  # only the centre tap meets a pixel: the others' gradient is exactly 0
         mask = torch.ones(3, 3, dtype=torch.bool)
         mask[1, 1] = False
         assert live.weight.grad[:, :, mask].abs().max().item() == 0.0
