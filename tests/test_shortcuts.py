@@ -102,3 +102,30 @@ def test_a_folded_copy_gives_the_logits_of_the_model_and_leaves_it_alone(arch: s
 def test_models_other_than_resnets_are_evaluated_as_they_are():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     assert for_inference(mlp) is mlp
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_resnet_trains_as_torchvision_s_own_at_28_px(arch: str):
+    # Training mode (batch statistics), forward and every gradient, against the same weights in
+    # torchvision's ResNet of plain nn.Conv2d; float64, so only rounding could differ.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = build_resnet(ModelConfig(arch=arch, weights="none", stem="imagenet"), num_classes=10).double()
+    with torch.no_grad():  # zero_init_residual leaves the last BatchNorm of each block at 0
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_(1, 0.3)
+    plain = getattr(torchvision.models, arch)(num_classes=10).double()
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3, 28, 28, dtype=torch.float64), torch.tensor([0, 3, 7, 1, 2, 9, 4, 3])
+    losses = []
+    for net in (plain, model):
+        loss = F.cross_entropy(net.train()(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        want = grads[name].grad  # float64 rounding, relative to the gradient's scale (~1e-14 seen)
+        assert (p.grad - want).abs().max() <= 1e-10 * want.abs().max(), name
