@@ -191,15 +191,23 @@ def run(device: str, quick: bool) -> Entry:
 
 @click.command()
 @click.option("--divisor", type=int, default=1, show_default=True, help="Divide every image count by this.")
+@click.option("--float64", "float64", is_flag=True,
+              help="Train and score in float64: the paths then round alike to ~1e-15, so any accuracy "
+                   "difference left is a real one (float32 runs this small can drift apart by chaos).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True)
-def main(divisor: int, output: str) -> None:
+def main(divisor: int, float64: bool, output: str) -> None:
     """Run `q2_speed` alone, at the preset's sizes or smaller ones, into a JSON list."""
     import time as _t
 
+    import torch
+
+    if float64:
+        torch.set_default_dtype(torch.float64)
     start = _t.perf_counter()
     entry = measure("cpu", divisor).to_json()
     entry["wall_s"] = round(_t.perf_counter() - start, 1)
-    entry["details"]["command"] = f"python -m benchmarks.speed --divisor {divisor}"
+    entry["details"]["dtype"] = str(torch.get_default_dtype())
+    entry["details"]["command"] = f"python -m benchmarks.speed --divisor {divisor}" + (" --float64" if float64 else "")
     with open(output, "w") as f:
         json.dump([entry], f, indent=1)
     click.echo(json.dumps(entry, indent=1))
