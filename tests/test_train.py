@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -246,13 +247,17 @@ def test_label_smoothing_reaches_the_cross_entropy_term_at_every_alpha(tiny_npz:
 
 @pytest.mark.slow
 def test_evaluation_classifies_every_image_as_a_plain_forward_does(fmnist_dir: Path) -> None:
-    # The scoring path (inference mode, channels_last on the CPU) against the plainest one:
-    # a default-layout forward under no_grad, image by image the same top-1.
+    # The scoring path (inference mode, channels_last on the CPU, BatchNorms folded, dead taps
+    # skipped) against the plainest one: torchvision's own ResNet-18 with the same weights, a
+    # default-layout forward under no_grad; image by image the same top-1 on the q2 smoke
+    # preset's 5000 validation images.
+    from torchvision.models import resnet18
+
     from kdsweep.core import data
     from kdsweep.core.train import _to_input, correctness
 
     config = TrainConfig(
-        data=DataConfig(dataset="fashion-mnist", root=str(fmnist_dir), val_size=2000, train_subset=1000,
+        data=DataConfig(dataset="fashion-mnist", root=str(fmnist_dir), val_size=5000, train_subset=1000,
                         channels=3, pad=1, flip=True),
         model=ModelConfig(arch="resnet18", weights="none", stem="imagenet"),
         optim=OptimConfig(lr=0.05), epochs=1, batch_size=25, eval_batch_size=512, device="cpu", threads=1,
@@ -260,8 +265,10 @@ def test_evaluation_classifies_every_image_as_a_plain_forward_does(fmnist_dir: P
     result = train(config)
     splits = data.load_splits(result.config.data)
     model, device = result.model.eval(), torch.device("cpu")
+    reference = resnet18(num_classes=10)
+    reference.load_state_dict(model.state_dict())
     with torch.no_grad():
-        plain = torch.cat([model(_to_input(splits.val_x[i:i + 512], result.config, splits, device)).argmax(1)
+        plain = torch.cat([reference.eval()(_to_input(splits.val_x[i:i + 512], result.config, splits, device)).argmax(1)
                            for i in range(0, len(splits.val_x), 512)]) == splits.val_y
     assert 0.2 < plain.float().mean().item() < 1.0  # a model that learnt something (chance: 0.1)
     assert torch.equal(correctness(model, splits.val_x, splits.val_y, result.config, splits, device), plain)
@@ -276,3 +283,28 @@ def test_validating_only_the_last_epoch_trains_the_same_weights(tiny_npz: Path) 
     assert torch.equal(last.val_correct, every.val_correct)
     for name, want in every.model.state_dict().items():
         assert torch.equal(last.model.state_dict()[name], want), name
+
+
+def test_the_optimiser_is_fused_and_steps_as_plain_sgd_does() -> None:
+    # One kernel per parameter (fused) instead of SGD's per-op loop; the same update to rounding.
+    from kdsweep.core.train import _optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).double()
+    plain_model = copy.deepcopy(model)
+    config = TrainConfig(data=DataConfig(dataset="fashion-mnist"),
+                         optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.01))
+    opt = _optimizer(model, config)
+    assert all(g.get("fused") for g in opt.param_groups)
+    decay = [p for p in plain_model.parameters() if p.ndim > 1]
+    no_decay = [p for p in plain_model.parameters() if p.ndim <= 1]
+    plain = torch.optim.SGD([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0}],
+                            lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        for m, o in ((model, opt), (plain_model, plain)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for got, want in zip(model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

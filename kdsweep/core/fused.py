@@ -322,7 +322,8 @@ class FusedGroup:
         if not math.isfinite(train_loss):
             raise TrainingError(f"the training loss became {train_loss} in epoch {epoch}.")
         seconds = time.perf_counter() - self.epoch_start[k]
-        member.val_correct = correctness(_Slot(self, k), self.splits.val_x, self.splits.val_y,
+        # Slot k as an ordinary ResNet, so scoring folds its BatchNorms as train()'s does.
+        member.val_correct = correctness(self.model_of(k).to(self.device), self.splits.val_x, self.splits.val_y,
                                          self.base, self.splits, self.device)
         val_acc = member.val_correct.sum().item() / max(1, len(member.val_correct))
         c = member.config

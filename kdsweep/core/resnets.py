@@ -19,6 +19,10 @@ keeps the first epochs from blowing up (measured on 500 Fashion-MNIST images at 
 epoch-1 loss 2.4 instead of 4.0, 55% instead of 47% after 3 epochs); pretrained and local
 weights overwrite those scales anyway.
 
+Every convolution is a `shortcuts.LiveTapConv2d`: on small images it skips the kernel taps
+that only ever meet zero padding (layer4's 3x3 convolutions on 1x1 maps at 28 px); the same
+parameters and names, the same function up to float rounding.
+
 `trainable="head"` is the teacher's linear probe: the backbone is frozen, runs without
 autograd and stays in eval mode (BatchNorm statistics never move) even under `.train()`.
 """
@@ -33,6 +37,8 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from kdsweep.core import shortcuts
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,7 @@ def build_resnet(cfg: Any, num_classes: int, in_channels: int = 3) -> nn.Module:
 
     if state is not None:
         _load_into(model, state, cfg)
+    shortcuts.use_live_taps(model)  # small images: layer4's 3x3 convolutions on 1x1 maps
     if isinstance(model, FrozenBackboneResNet):
         model.freeze_backbone()
         if cfg.stem == "cifar":

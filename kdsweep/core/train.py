@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsweep.core import budget, data, models, progress
+from kdsweep.core import budget, data, models, progress, shortcuts
 from kdsweep.core.config import ConfigError, TrainConfig, validate
 from kdsweep.core.devices import autocast, resolve_device, set_threads
 from kdsweep.core.distill import at_least_float32, kd_loss
@@ -152,11 +152,14 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     o = config.optim
+    # fused: one kernel per parameter for the whole update; the default on the CPU is a loop of
+    # separate ops per parameter (~15 ms of a ~130 ms ResNet-18 step at 28 px, batch 25).
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
         lr=o.lr,
         momentum=o.momentum,
         nesterov=o.momentum > 0,
+        fused=bool(params) and all(p.device.type in ("cpu", "cuda") for p in params),
     )
 
 
@@ -184,8 +187,11 @@ def correctness(
 ) -> torch.Tensor:
     """Per image of uint8 `x`, whether top-1 is right: a bool tensor on `device`, in order.
 
-    Inference mode, channels_last input: every image's top-1 as on the default layout."""
+    Inference mode, channels_last input, a ResNet's BatchNorms folded into its convolutions
+    (`shortcuts.for_inference`, a copy: `model` itself is only switched to eval mode): every
+    image's top-1 as on the default layout with the layers unfolded."""
     model.eval()
+    model = shortcuts.for_inference(model)
     out = []
     for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
         idx = idx.to(x.device)
