@@ -37,9 +37,9 @@ points, 0.8 to 2.7; dropout 2.5, 1.0 to 4.0; spatial dropout 4.9, 2.4 to 7.4). R
 regulariser ranking as their cost to an under-fitted network, not as Q1's answer; that needs
 the paper preset.
 
-What it costs: `kdsweep launch q1 --preset smoke --n-trials 50 --workers 2` took 3 min 1 s on a
-quiet 2-core machine (42 complete, 8 pruned; best a width-16 CNN with no regulariser, 0.8534 ±
-0.0050, within validation noise of the next two).
+What it costs: `kdsweep launch q1 --preset smoke --n-trials 50 --workers 2` took 1 min 45 s on a
+quiet 2-core machine (42 complete, 8 pruned; best a width-16 CNN with no regulariser, 0.8504 ±
+0.0050, within validation noise of the next two; the best MLP 0.8324).
 """
 
 from __future__ import annotations
