@@ -230,7 +230,7 @@ def status(study_name: str, storage: str, as_json: bool) -> None:
     else:
         click.echo(sweep.status_text())
         if sweep.best_trial is not None:
-            from kdsweep.service.report import noise_summary
+            from kdsweep.service.verify import noise_summary
 
             for line in noise_summary(sweep):  # noise, selection bias, the alpha=0 reference
                 click.echo(f"  {line}")

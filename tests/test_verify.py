@@ -224,6 +224,8 @@ def test_best_exports_a_runner_up_that_verifies_higher(tmp_path: Path, tiny_npz:
     assert doc["seed"] == doc["config"]["seed"]
     assert "exporting the verified winner, trial 1" in result.stderr
     assert "trial 0 vs trial 2" in result.stderr or "trial 1 vs trial" in result.stderr
+    # Verified and finished: nothing asks for another verification.
+    assert "--verify" not in result.stderr and "the seed verification is what settles it" in result.stderr
 
 
 def test_best_without_verification_exports_the_one_seed_winner_and_suggests_verify(

@@ -102,8 +102,10 @@ def result(sweep: Sweep) -> FrozenTrial | None:
     return done[-1] if done else None
 
 
-def difference_line(winner: FrozenTrial, reference: FrozenTrial | None, study_name: str) -> str:
-    """The winner against the student alone, paired on the validation images, one seed each."""
+def difference_line(winner: FrozenTrial, reference: FrozenTrial | None, study_name: str,
+                    verified: bool = False) -> str:
+    """The winner against the student alone, paired on the validation images, one seed each
+    (`verified`: a seed verification, which races the reference too, exists)."""
     if reference is None or reference.value is None:
         return (f"student alone (alpha=0): not run yet (it runs in {sibling_name(study_name)!r} "
                 "with the sweep's workers).")
@@ -111,8 +113,9 @@ def difference_line(winner: FrozenTrial, reference: FrozenTrial | None, study_na
             f"{reference.value:.4f}: ")
     diff = stats.compare_trials(winner, reference)
     body = diff.text() if diff is not None else f"{winner.value - reference.value:+.4f} (no per-image scores)"
-    return head + body + (f"; one seed each, so seed noise is not in this interval: "
-                          f"`kdsweep best {study_name} --verify` re-trains both on fresh seeds.")
+    then = (stats.VERIFIED if verified else
+            f"`kdsweep best {study_name} --verify` re-trains both on fresh seeds.")
+    return head + body + f"; one seed each, so seed noise is not in this interval: {then}"
 
 
 def add_to_verification(sweep: Sweep, sibling: Sweep, seeds: Sequence[int], rank: int) -> int:

@@ -46,7 +46,7 @@ def note_markdown(sweep: Sweep) -> str:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         lines.append(f"| {i} | {t.number} | {t.value:.4f}{se} | {vs} | {params} |")
     lines += ["", "### How much of the top is noise", ""]
-    lines += [f"- {line}" for line in report.noise_summary(sweep)]
+    lines += [f"- {line}" for line in verify.noise_summary(sweep)]
     checked = verify.summary_text(sweep)
     lines += ["", "### Seed verification", ""]
     if checked:

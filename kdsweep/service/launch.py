@@ -460,7 +460,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
     args = worker_args(spec.source, sweep.name, data, download, artifacts, tensorboard, fuse, track)
     from optuna.trial import TrialState
 
-    from kdsweep.service import baseline, report
+    from kdsweep.service import baseline, verify
 
     reference = baseline.prepare(sweep)  # the alpha=0 run: the first worker takes it first
     early = None
@@ -477,7 +477,7 @@ def launch(url: str, spec, preset: str, overrides: Mapping[str, object], study_n
         run(reference, solo, plan_workers(1, device, url), echo)
     echo(sweep.summary_table())
     if sweep.best_trial is not None:  # else the table has said "no complete trials."
-        for line in report.noise_summary(sweep):  # how much of the top is noise
+        for line in verify.noise_summary(sweep):  # how much of the top is noise
             echo(line)
     if how != "interrupted":  # Ctrl-C returns at once: the note imports optuna-dashboard (pandas,
         # scikit-learn: seconds); the launch that finishes the study writes it

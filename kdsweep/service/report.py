@@ -471,22 +471,6 @@ def top_table(study: optuna.Study, top: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-def noise_summary(sweep: Sweep) -> list[str]:
-    """Lines on the top trials' noise (kdsweep/service/stats.py) and, for KD studies, the winner
-    against the student trained alone (kdsweep/service/baseline.py)."""
-    from kdsweep.service import baseline, stats
-
-    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
-        return []  # a sibling: its runs are a reference or a verification, not a sweep to verify
-    ranked = sweep.top(len(sweep.trials()))
-    if not ranked:
-        return ["no complete trial yet."]
-    lines = stats.noise_lines(ranked, sweep.name)
-    if baseline.find(sweep) is not None:
-        lines.append(baseline.difference_line(ranked[0], baseline.result(sweep), sweep.name))
-    return lines
-
-
 def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping[str, Any],
                      verify_text: str | None = None) -> str:
     study = sweep.study
@@ -502,8 +486,10 @@ def summary_markdown(sweep: Sweep, files: Mapping[str, list[str]], data: Mapping
                   f"{study.direction.name.lower()} {_metric(study)}.", ""]
     lines += [", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items() if c) + ".", ""]
     lines += ["## Top trials", "", top_table(study)]
+    from kdsweep.service import verify
+
     lines += ["## How much of the top is noise", ""]
-    lines += [f"- {line}" for line in noise_summary(sweep)] + [""]
+    lines += [f"- {line}" for line in verify.noise_summary(sweep)] + [""]
     if verify_text:
         lines += ["## Seed verification", "", "```", verify_text.rstrip(), "```", ""]
     if "family" in data:

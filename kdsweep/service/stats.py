@@ -104,9 +104,10 @@ def compare_trials(a: FrozenTrial, b: FrozenTrial) -> PairedDiff | None:
     return paired_difference(ma, mb)
 
 
-def noise_lines(ranked: Sequence[FrozenTrial], study_name: str, k: int = 3) -> list[str]:
+def noise_lines(ranked: Sequence[FrozenTrial], study_name: str, k: int = 3, verified: bool = False) -> list[str]:
     """What the top of a sweep means, as text lines: the winner's binomial error, its paired
-    differences from the next `k - 1` trials, the selection bias, and what to run next.
+    differences from the next `k - 1` trials, the selection bias, and what to run next
+    (`verified`: a seed verification exists, which is then what settles it).
 
     `ranked` holds complete trials, best first (as `kdsweep.service.verify.top_trials` gives).
     """
@@ -132,9 +133,14 @@ def noise_lines(ranked: Sequence[FrozenTrial], study_name: str, k: int = 3) -> l
         if not diff.exceeds_noise:
             within.append(other.number)
     if within:
+        then = (VERIFIED if verified else
+                f"run `kdsweep best {study_name} --verify` (a race on fresh seeds).")
         lines.append(f"the winner is within validation noise of trial(s) {', '.join(map(str, within))}: "
-                     f"which is best is not settled; run `kdsweep best {study_name} --verify` (a race on fresh seeds).")
+                     f"which is best is not settled by one seed; {then}")
     else:
-        lines.append(f"seed noise is not in these intervals; confirm with `kdsweep best {study_name} "
-                     "--verify`.")
+        then = VERIFIED if verified else f"confirm with `kdsweep best {study_name} --verify`."
+        lines.append(f"seed noise is not in these intervals; {then}")
     return lines
+
+
+VERIFIED = "the seed verification is what settles it."

@@ -224,11 +224,27 @@ def verified_winner(sweep: Sweep) -> tuple[int, int] | None:
     return best.trial, len(shared)
 
 
+def noise_summary(sweep: Sweep) -> list[str]:
+    """Lines on the top trials' noise (kdsweep/service/stats.py) and, for KD studies, the winner
+    against the student trained alone (kdsweep/service/baseline.py); once a seed verification
+    exists they point to it rather than ask for one."""
+    from kdsweep.service import baseline, stats
+
+    if keys.BASELINE_OF in sweep.attrs or sweep.verifies is not None:
+        return []  # a sibling: its runs are a reference or a verification, not a sweep to verify
+    ranked = sweep.top(len(sweep.trials()))
+    if not ranked:
+        return ["no complete trial yet."]
+    verified = verified_winner(sweep) is not None
+    lines = stats.noise_lines(ranked, sweep.name, verified=verified)
+    if baseline.find(sweep) is not None:
+        lines.append(baseline.difference_line(ranked[0], baseline.result(sweep), sweep.name, verified))
+    return lines
+
+
 def export(sweep: Sweep) -> tuple[dict[str, Any], Any, list[str]]:
     """What `kdsweep best` exports: the verified winner once a verification exists (else the
     sweep's one-seed winner), its trial, and lines for stderr saying which and why."""
-    from kdsweep.service.report import noise_summary
-
     one_seed = sweep.best_trial
     verified = verified_winner(sweep)
     trial = one_seed
