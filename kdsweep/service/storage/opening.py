@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import logging
@@ -22,6 +23,7 @@ import os
 import socket
 import sqlite3
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,8 +110,28 @@ def open_storage(url: str | StorageLocation | None = None, heartbeat: bool = Tru
         raise errors.storage_error(exc, where) from None
     if where.is_sqlite:
         serialize_sqlite(rdb.engine)
+    _close_at_exit(rdb.engine)
     # get_storage adds Optuna's own cache of finished trials in front of the RDB storage.
     return RetryingStorage(optuna.storages.get_storage(rdb), rdb, where)
+
+
+_OPEN: weakref.WeakSet[sqlalchemy.engine.Engine] = weakref.WeakSet()
+
+
+def _close_at_exit(engine: sqlalchemy.engine.Engine) -> None:
+    """Close `engine`'s connections when the process exits. Commands exit with the garbage
+    collector frozen (kdsweep.cli), so an engine held in a reference cycle is never finalised
+    there; closing it explicitly lets SQLite's last connection checkpoint its write-ahead log
+    and remove the -wal and -shm files, and a server see its clients leave."""
+    _OPEN.add(engine)
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_OPEN):
+        with contextlib.suppress(Exception):  # a connection a thread still holds stays open
+            engine.dispose()
+    _OPEN.clear()
 
 
 def study_names(storage: BaseStorage) -> list[str]:
