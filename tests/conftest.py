@@ -127,3 +127,23 @@ def torch_global_state():
     torch.use_deterministic_algorithms(deterministic)
     torch.set_float32_matmul_precision(precision)
     torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(autouse=True)
+def signal_state():
+    """Fail a test that leaves the main thread's signal mask or handlers changed, and restore them.
+
+    A blocked SIGINT/SIGTERM is inherited by every process a later test starts (launch, workers,
+    the dashboard), which then cannot be stopped: the failure would show far from its cause.
+    """
+    import signal
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    leaked = signal.pthread_sigmask(signal.SIG_SETMASK, mask) != mask
+    changed = [s.name for s, h in handlers.items() if signal.getsignal(s) != h]
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    assert not leaked, "the test left signals blocked in the main thread"
+    assert not changed, f"the test left handlers changed: {changed}"

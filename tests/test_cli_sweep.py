@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 import optuna
@@ -149,10 +150,16 @@ def test_a_second_signal_during_the_first_raises_no_race_oserror(
     from kdsweep.service.worker import run_worker
 
     def both_signals(self: Objective, trial: optuna.Trial) -> float:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGTERM)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # both delivered
+        # Sent to this thread (a signal sent to the process may go to any thread that does not
+        # block it, and its handler would then run before the second is sent), kept pending by
+        # the mask, then delivered together when it is lifted.
+        me = threading.get_ident()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            signal.pthread_kill(me, signal.SIGINT)
+            signal.pthread_kill(me, signal.SIGTERM)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # both delivered
         for _ in range(1000):  # the bytecode where the handlers run
             pass
         return 0.5

@@ -93,8 +93,14 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the dashboard ignored SIGTERM for 20 s")
+        finally:
+            log.close()
 
 
 def test_api_lists_the_study_and_its_trials(dashboard: str) -> None:

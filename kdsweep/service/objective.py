@@ -83,10 +83,18 @@ class _TrialLog:
         self.handler = logging.FileHandler(path)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
         self.handler.setLevel(logging.INFO)
-        logging.getLogger("kdsweep").addHandler(self.handler)
+        logger = logging.getLogger("kdsweep")
+        # Where nothing configured logging (the worker run from Python, not the CLI), the logger
+        # drops INFO records before any handler sees them; the file wants them all the same.
+        self._level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self.handler)
 
     def close(self) -> None:
-        logging.getLogger("kdsweep").removeHandler(self.handler)
+        logger = logging.getLogger("kdsweep")
+        logger.removeHandler(self.handler)
+        logger.setLevel(self._level)
         self.handler.close()
 
 
