@@ -164,10 +164,11 @@ def test_a_second_signal_inside_the_first_handler_never_hangs_the_worker(tmp_pat
         assert (interrupted, requeued, running, waiting) == ("True", k, 0, 1), lines
 
 
-# A worker whose main thread never lets go of its trial once asked to stop (stuck: here it
-# swallows the interrupt and sleeps; in life, a deadlock).
+# A worker whose main thread never lets go of its trial once asked to stop (stuck: here its
+# signal handlers run as usual, then swallow the interrupt they raise, inside the handler, so no
+# bytecode between two sleeps can let it escape; in life, a deadlock).
 STUCK = """
-import sys, time
+import signal, sys, time
 from dataclasses import dataclass
 from kdsweep.service import space as sp, spec as studies
 from kdsweep.service.objective import Objective
@@ -179,12 +180,19 @@ from kdsweep.service.worker import run_worker
 class Stuck(Objective):
     def __call__(self, trial):
         sp.sample(trial, self.study.space_for(self.preset))
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, swallowing(signal.getsignal(s)))
         print("running", flush=True)
         while True:
-            try:
-                time.sleep(0.1)
-            except KeyboardInterrupt:
-                pass
+            time.sleep(0.1)
+
+def swallowing(handler):
+    def swallow(signum, frame):
+        try:
+            handler(signum, frame)
+        except KeyboardInterrupt:
+            pass
+    return swallow
 
 spec = studies.load(sys.argv[2])
 run_worker(Sweep.join(open_storage(sys.argv[1]), "tiny", spec), Stuck(spec, "quick", {"device": "cpu"}, "."))
