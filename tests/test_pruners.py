@@ -175,9 +175,9 @@ def scripted_prior(n: int = 30, seed: int = 0) -> list[dict]:
     return out
 
 
-def forecast_pruner(**kwargs) -> ForecastPruner:
+def forecast_pruner(miss: float | tuple[float, ...] = 0.1, **kwargs) -> ForecastPruner:
     return ForecastPruner(T, prior=scripted_prior(), prior_distributions={"kind": KINDS, "lr": LR},
-                          miss=0.1, param_weight=1.0, neighbours=5, **kwargs)
+                          miss=miss, param_weight=1.0, neighbours=5, **kwargs)
 
 
 def run_with_params(study: optuna.Study, params: dict, curve: list[float]) -> int | None:
@@ -277,7 +277,37 @@ def test_forecast_replay_equals_a_real_ask_tell_study() -> None:
     assert any(v is None for _, v in real) and any(v is not None for _, v in real[1:])  # both happened
 
 
+def test_forecast_a_miss_schedule_applies_per_epoch() -> None:
+    # miss=(0.1, 0.05): epoch 1 decides at 0.1 like miss=0.1 (a clear loser still stops there);
+    # from epoch 2 on the bound is the more cautious 0.05 level, so it is higher.
+    schedule = forecast_pruner(miss=(0.1, 0.05))
+    assert [schedule.miss_at(e) for e in (1, 2, 5, 8)] == [0.1, 0.05, 0.05, 0.05]
+    assert run_with_params(forecast_study(schedule), {"kind": "bad", "lr": 0.1}, SHAPES["bad"]) == 1
+    # A readier first epoch still keeps the slow starter.
+    ready = forecast_pruner(miss=(0.2, 0.1, 0.075, 0.05))
+    assert run_with_params(forecast_study(ready), {"kind": "slow", "lr": 0.1}, SHAPES["slow"]) is None
+
+    def bound_at(pruner: ForecastPruner, values: list[float]) -> tuple[float, float] | None:
+        study = forecast_study(pruner)
+        study.enqueue_trial({"kind": "bad", "lr": 0.1})
+        trial = study.ask()
+        trial.suggest_categorical("kind", list(KINDS.choices))
+        trial.suggest_float("lr", LR.low, LR.high, log=True)
+        for epoch, v in enumerate(values, start=1):
+            trial.report(v, epoch)
+        return pruner.bound(study, study._storage.get_trial(trial._trial_id))
+
+    early, later = SHAPES["bad"][:1], SHAPES["bad"][:3]
+    flat = bound_at(forecast_pruner(miss=0.1), early)
+    assert flat is not None and bound_at(forecast_pruner(miss=(0.1, 0.05)), early) == flat
+    cautious, plain = bound_at(forecast_pruner(miss=(0.1, 0.05)), later), bound_at(forecast_pruner(miss=0.1), later)
+    assert cautious is not None and plain is not None and cautious[0] > plain[0]
+    # The same inputs, the same decision: a schedule of one value is that value.
+    assert bound_at(forecast_pruner(miss=(0.1,)), later) == plain
+
+
 @pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_epochs": 9, "miss": 0.0},
+                                    {"max_epochs": 9, "miss": (0.1, 0.0)}, {"max_epochs": 9, "miss": ()},
                                     {"max_epochs": 9, "margin": -0.1}, {"max_epochs": 9, "min_epoch": 0}])
 def test_forecast_bad_parameters_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):

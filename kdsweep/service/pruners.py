@@ -302,7 +302,10 @@ class ForecastPruner(optuna.pruners.BasePruner):
         margin: 0.005 = 0.5 accuracy points: a trial is kept while it may end within `margin`
             of the incumbent.
         miss: the calibrated chance, per epoch, of stopping a trial that would have ended near
-            the top; 0.05 = 1 in 20. Lower keeps more trials.
+            the top; 0.05 = 1 in 20. Lower keeps more trials. A sequence gives it per epoch
+            (epoch 1, 2, ...; its last value for every later epoch): `(0.1, 0.05)` prunes
+            more readily at epoch 1, where stopping saves the most epochs, and more cautiously
+            after, where a stopped winner costs as much and saves less.
         min_epoch: the earliest epoch (step) at which a trial may be stopped. A longer schedule
             with the same `min_epoch` makes a clear loser pay only its first epochs.
         neighbours: how many references forecast the trial.
@@ -326,21 +329,24 @@ class ForecastPruner(optuna.pruners.BasePruner):
     are no references.
     """
 
-    def __init__(self, max_epochs: int, margin: float = 0.005, miss: float = 0.05, min_epoch: int = 1,
+    def __init__(self, max_epochs: int, margin: float = 0.005, miss: float | Sequence[float] = 0.05,
+                 min_epoch: int = 1,
                  neighbours: int = 10, window: int = 2, param_weight: float = 0.0, spread_floor: float = 0.005,
                  band: float = 0.03, prior: Sequence[dict[str, Any]] | None = None,
                  prior_distributions: dict[str, BaseDistribution] | None = None) -> None:
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
-        if not 0 < miss < 0.5:
-            raise ValueError(f"miss must be in (0, 0.5), got {miss}.")
+        misses = (float(miss),) if isinstance(miss, (int, float)) else tuple(float(m) for m in miss)
+        if not misses or not all(0 < m < 0.5 for m in misses):
+            raise ValueError(f"miss must be in (0, 0.5) (every value of a sequence), got {miss}.")
         if (margin < 0 or spread_floor <= 0 or band < 0 or param_weight < 0 or min_epoch < 1
                 or neighbours < 1 or window < 1):
             raise ValueError("margin, band, param_weight must be >= 0; spread_floor > 0; "
                              "min_epoch, neighbours, window >= 1.")
         self.max_epochs = max_epochs
         self.margin = margin
-        self.miss = miss
+        self.miss = misses[0] if len(misses) == 1 else misses
+        self._misses = misses
         self.min_epoch = min_epoch
         self.neighbours = neighbours
         self.window = window
@@ -358,6 +364,10 @@ class ForecastPruner(optuna.pruners.BasePruner):
                 f"min_epoch={self.min_epoch}, neighbours={self.neighbours}, window={self.window}, "
                 f"param_weight={self.param_weight}, spread_floor={self.spread_floor}, band={self.band}, "
                 f"prior={len(self.prior)} configurations)")
+
+    def miss_at(self, epoch: int) -> float:
+        """The calibrated miss level of a decision at `epoch` (see `miss`)."""
+        return self._misses[min(epoch, len(self._misses)) - 1]
 
     # -- the forecast ------------------------------------------------------------------------
 
@@ -467,7 +477,7 @@ class ForecastPruner(optuna.pruners.BasePruner):
             # Residuals only of references that ended near or above the incumbent.
             scores = cache.scores[:, t - 1]
             scores = np.sort(scores[np.isfinite(scores) & (cache.refs[:, -1] >= cache.best - self.margin - self.band)])
-            rank = math.ceil((len(scores) + 1) * (1 - self.miss))
+            rank = math.ceil((len(scores) + 1) * (1 - self.miss_at(t)))
             if rank > len(scores):
                 return None  # too few residuals for a bound at this level
             code = np.asarray(_encode(trial.params, cache.names, cache.dists), dtype=float)
