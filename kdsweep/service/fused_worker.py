@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +38,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsweep.core.config import replace
 from kdsweep.core.fused import PER_MEMBER, FusedGroup, Member
-from kdsweep.core.teacher import prepare as prepare_teacher
 from kdsweep.service import keys
 from kdsweep.service.loop import StopFlag, heartbeat, idle, signals, stopped, take_slot
 from kdsweep.service.objective import Objective, TrialRun
@@ -189,9 +187,7 @@ def run_fused_worker(sweep: Sweep, objective: Objective, fuse: int) -> WorkerSum
                         # The teacher is prepared first (trained once per host, minutes the first
                         # time); alpha does not enter it, and prepare() skips it for alpha = 0,
                         # which the first member may have while later ones distil.
-                        began = time.perf_counter()
-                        teacher = prepare_teacher(replace(first.config, **{"kd.alpha": 1.0}))
-                        running[first.tag].run.teacher_s = time.perf_counter() - began
+                        teacher = running[first.tag].run.teacher(replace(first.config, **{"kd.alpha": 1.0}))
                         group = FusedGroup(first.config, fuse, data_seed=first.config.seed,
                                            stop=flag, teacher=teacher)
                     seed[0] = group.data_seed

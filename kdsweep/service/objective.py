@@ -120,6 +120,14 @@ class TrialRun:
     def fixed(self) -> bool:
         return self.fixed_seed is not None
 
+    def teacher(self, config: TrainConfig) -> Any:
+        """The config's teacher (trained once per host and cached; minutes the first time); the
+        time it took is recorded apart, since launch's ETA leaves it out."""
+        began = time.perf_counter()
+        teacher = prepare_teacher(config)
+        self.teacher_s = time.perf_counter() - began
+        return teacher
+
     def configure(self) -> TrainConfig:
         """Sample (or take the fixed values), resolve and store the config; TrialPruned when it
         is infeasible. Opens the trial's TensorBoard run and log file."""
@@ -257,10 +265,7 @@ class Objective:
         checkpoint = self._checkpoint(trial)
         error: BaseException | None = None
         try:
-            # The teacher first (trained once per host and cached; minutes the first time).
-            began = time.perf_counter()
-            teacher = prepare_teacher(config)
-            run.teacher_s = time.perf_counter() - began
+            teacher = run.teacher(config)
             result = train(config, report=run.report, checkpoint=checkpoint, stop=self.stop, teacher=teacher)
         except optuna.exceptions.UpdateFinishedTrialError as exc:
             error = exc
