@@ -208,3 +208,17 @@ def test_resnet18_trains_at_28_px_bit_for_bit_as_with_autograd_through_the_slice
     before = build_resnet(config, num_classes=10)
     assert not torch.equal(runs[0]["layer4.1.conv2.weight"][0][:, :, 0, 0],
                            before.state_dict()["layer4.1.conv2.weight"][:, :, 0, 0])  # a dead tap moved
+
+
+def test_autograd_grad_and_hooks_see_the_weight_gradient_as_before(monkeypatch: pytest.MonkeyPatch):
+    torch.manual_seed(0)
+    conv = use_live_taps(nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    x = torch.randn(2, 8, 1, 1)
+    (got,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
+    assert conv.weight.grad is None
+    seen = []
+    conv.weight.register_hook(lambda g: seen.append(g.clone()))
+    conv(x).square().sum().backward()
+    slice_autograd(monkeypatch)
+    (want,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
+    assert torch.equal(got, want) and torch.equal(seen[0], want) and torch.equal(conv.weight.grad, want)
