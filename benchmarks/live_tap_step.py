@@ -5,7 +5,12 @@ the teacher its ResNet-50 (28 px, batch 64), built as kdsweep builds them, with 
 
 A third variant bounds what the full-shape weight costs at all: every sliced convolution given
 its live taps as a parameter of their own (no full-shape gradient, no dead taps for the
-optimiser: not the same training, only a bound).
+optimiser: not the same training, only a bound). Most of the gap to it is the optimiser's work
+on the skipped taps (their weight decay and momentum, which training keeps) and the forward's
+gather of the live taps, which reads every cache line of the full weight. Keeping the full-shape
+gradient tensor from one step to the next (rewriting only its live taps, no fresh zero fill) was
+measured as well: no gain over a fresh one per step (backward 60.6 against 59.6 ms alternating in
+one process, 70-73 against 65-68 ms in separate processes), so it is not done.
 
 `python -m benchmarks.live_tap_step [--steps N]` prints the median process CPU milliseconds of
 the forward (with the loss), backward and optimiser step of each variant, whether the two exact

@@ -10,7 +10,8 @@ Two of them, both exact up to float rounding (the order of a few sums changes):
   and momentum still act on them through the optimiser, as before). In training the live taps
   are gathered into one contiguous tensor once per step, which the backward reuses, and the
   full-shape gradient is written in one place (`_LiveTapConv`): the same numbers as autograd
-  through a slice of the weight, bit for bit, about 9 ms less per ResNet-18 step at 28 px.
+  through a slice of the weight, bit for bit, 7-9 ms less per ResNet-18 step at 28 px
+  (batch 25, one thread; `python -m benchmarks.live_tap_step`).
 - `for_inference`: an evaluation copy of a ResNet with every BatchNorm folded into the
   convolution before it (one multiply-add per pixel less per layer, and one pass over
   memory less).
