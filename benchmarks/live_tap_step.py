@@ -10,7 +10,11 @@ on the skipped taps (their weight decay and momentum, which training keeps) and 
 gather of the live taps, which reads every cache line of the full weight. Keeping the full-shape
 gradient tensor from one step to the next (rewriting only its live taps, no fresh zero fill) was
 measured as well: no gain over a fresh one per step (backward 60.6 against 59.6 ms alternating in
-one process, 70-73 against 65-68 ms in separate processes), so it is not done.
+one process, 70-73 against 65-68 ms in separate processes), so it is not done. Storing the
+sliced convolutions' weights tap-major (memory order kh, kw, out, in: the live taps one contiguous
+block, no gather) was measured too, bit-identical: forward 31.1 -> 25.4 ms, backward 54.4 ->
+50.7 ms, but fused SGD 10.8 -> 20.1 ms (its CPU kernel takes 4.6 ms instead of 1.7 ms on a
+permuted 512x512x3x3 weight), so the step stays at 96 ms; not done either.
 
 `python -m benchmarks.live_tap_step [--steps N]` prints the median process CPU milliseconds of
 the forward (with the loss), backward and optimiser step of each variant, whether the two exact
