@@ -129,3 +129,96 @@ def test_a_resnet_trains_as_torchvision_s_own_at_28_px(arch: str):
     for name, p in model.named_parameters():
         want = grads[name].grad  # float64 rounding, relative to the gradient's scale (~1e-14 seen)
         assert (p.grad - want).abs().max() <= 1e-10 * want.abs().max(), name
+
+
+def slice_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take a live-tap conv's gradient by autograd through a slice of its weight, as it was."""
+    from kdsweep.core import shortcuts
+
+    monkeypatch.setattr(shortcuts, "_plain_autograd", lambda weight: False)
+
+
+@pytest.mark.parametrize(("size", "stride", "bias"), [(1, 1, False), (2, 2, False), (1, 1, True), (2, 2, True)])
+def test_a_live_tap_conv_rounds_as_autograd_through_the_slice_in_float32(monkeypatch: pytest.MonkeyPatch,
+                                                                          size: int, stride: int, bias: bool):
+    torch.manual_seed(0)
+    conv = use_live_taps(nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias))
+    x = torch.randn(5, 16, size, size)
+    target = torch.randn_like(conv(x))
+    results = []
+    for path in ("live tap conv", "slice"):
+        if path == "slice":
+            slice_autograd(monkeypatch)
+        conv.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = conv(xi)
+        F.mse_loss(out, target).backward()
+        results.append([out.detach(), xi.grad, conv.weight.grad] + ([conv.bias.grad] if bias else []))
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    dead = torch.ones(3, 3, dtype=torch.bool)
+    dead[1:, 1:] = False
+    assert torch.count_nonzero(results[0][2][:, :, dead]) == 0  # the skipped taps' gradient is exactly 0
+
+
+def test_the_backward_reads_the_live_taps_gathered_not_scattered_over_the_weight():
+    # Autograd through `weight[:, :, 1:2, 1:2]` handed the convolution's backward the scattered
+    # taps of the full weight (one in nine floats, every cache line of it); they are gathered
+    # once, contiguous, in the forward.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                weights.append(args[2])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    conv = use_live_taps(nn.Conv2d(32, 32, 3, padding=1, bias=False))
+    loss = conv(torch.randn(4, 32, 1, 1)).square().sum()
+    with Record():
+        loss.backward()
+    assert len(weights) == 1
+    assert weights[0].shape == (32, 32, 1, 1) and weights[0].is_contiguous()
+
+
+def test_resnet18_trains_at_28_px_bit_for_bit_as_with_autograd_through_the_slice(monkeypatch: pytest.MonkeyPatch):
+    # Five SGD steps (Nesterov momentum, weight decay on every tap, fused) in float32: every
+    # parameter and gradient equal, the skipped taps' decay included.
+    config = ModelConfig(arch="resnet18", weights="none", stem="imagenet")
+    torch.manual_seed(1)
+    batches = [(torch.randn(6, 3, 28, 28), torch.randint(0, 10, (6,))) for _ in range(5)]
+    runs = []
+    for path in ("live tap conv", "slice"):
+        if path == "slice":
+            slice_autograd(monkeypatch)
+        torch.manual_seed(0)
+        model = build_resnet(config, num_classes=10).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-3, fused=True)
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append({n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()})
+    for name, (weight, grad) in runs[0].items():
+        assert torch.equal(weight, runs[1][name][0]) and torch.equal(grad, runs[1][name][1]), name
+    torch.manual_seed(0)
+    before = build_resnet(config, num_classes=10)
+    assert not torch.equal(runs[0]["layer4.1.conv2.weight"][0][:, :, 0, 0],
+                           before.state_dict()["layer4.1.conv2.weight"][:, :, 0, 0])  # a dead tap moved
+
+
+def test_autograd_grad_and_hooks_see_the_weight_gradient_as_before(monkeypatch: pytest.MonkeyPatch):
+    torch.manual_seed(0)
+    conv = use_live_taps(nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    x = torch.randn(2, 8, 1, 1)
+    (got,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
+    assert conv.weight.grad is None
+    seen = []
+    conv.weight.register_hook(lambda g: seen.append(g.clone()))
+    conv(x).square().sum().backward()
+    slice_autograd(monkeypatch)
+    (want,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
+    assert torch.equal(got, want) and torch.equal(seen[0], want) and torch.equal(conv.weight.grad, want)

@@ -7,7 +7,11 @@ Two of them, both exact up to float rounding (the order of a few sums changes):
   convolution with padding 1 is its centre tap alone (and the stride-2 one on 2x2 maps its
   lower-right 2x2): 8/9 of the work, forward and backward, multiplies zeros. The weight keeps
   its shape and name; the skipped taps get an exact zero gradient, as before (weight decay
-  and momentum still act on them through the optimiser, as before).
+  and momentum still act on them through the optimiser, as before). In training the live taps
+  are gathered into one contiguous tensor once per step, which the backward reuses, and the
+  full-shape gradient is written in one place (`_LiveTapConv`): the same numbers as autograd
+  through a slice of the weight, bit for bit, 7-9 ms less per ResNet-18 step at 28 px
+  (batch 25, one thread; `python -m benchmarks.live_tap_step`).
 - `for_inference`: an evaluation copy of a ResNet with every BatchNorm folded into the
   convolution before it (one multiply-add per pixel less per layer, and one pass over
   memory less).
@@ -21,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import ResNet
 
@@ -43,6 +48,47 @@ def live_taps(kernel: int, stride: int, pad: int, size: int) -> tuple[int, int, 
     return first, last + 1, new_pad
 
 
+class _LiveTapConv(torch.autograd.Function):
+    """`F.conv2d(x, weight[:, :, r0:r1, c0:c1], bias, stride, padding, 1, groups)`, whose weight
+    gradient is the full-shape zero tensor with the live taps' gradient in place, exactly as autograd
+    through the slice gives it. Autograd through the slice read the weight's scattered live taps
+    again in the backward; here they are gathered once, contiguous, in the forward (the same values,
+    so the same convolution and rounding). Not differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, cols, stride, groups):
+        live = weight[:, :, rows[0]:rows[1], cols[0]:cols[1]].contiguous()
+        padding = (rows[2], cols[2])
+        ctx.save_for_backward(x, live)
+        ctx.conv = (stride, padding, groups, None if bias is None else list(bias.shape))
+        ctx.taps, ctx.weight_shape = (rows, cols), weight.shape
+        return F.conv2d(x, live, bias, stride, padding, 1, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, live = ctx.saved_tensors
+        stride, padding, groups, bias_shape = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias_shape is not None]
+        grad_x, grad_live, grad_bias = torch.ops.aten.convolution_backward(
+            grad, x, live, bias_shape, stride, padding, [1, 1], False, [0, 0], groups, mask)
+        grad_weight = None
+        if grad_live is not None:
+            (r0, r1, _), (c0, c1, _) = ctx.taps
+            grad_weight = grad_live.new_zeros(ctx.weight_shape)
+            grad_weight[:, :, r0:r1, c0:c1] = grad_live
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _plain_autograd(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a module's own float parameter being trained in plain eager autograd (no
+    functorch transform such as a fused group's vmap, no compiler tracing, default layout): where
+    `_LiveTapConv` stands in for autograd through a slice."""
+    return (torch.is_grad_enabled() and isinstance(weight, nn.Parameter) and weight.requires_grad
+            and weight.is_contiguous() and not torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling())
+
+
 class LiveTapConv2d(nn.Conv2d):
     """`nn.Conv2d` that leaves out the taps that only ever meet zero padding for this input size
     (zero padding, no dilation, the same number of taps left out on both axes' leading side)."""
@@ -55,6 +101,8 @@ class LiveTapConv2d(nn.Conv2d):
         cols = live_taps(self.kernel_size[1], self.stride[1], self.padding[1], x.shape[-1])
         if rows is None or cols is None:
             return super().forward(x)
+        if _plain_autograd(self.weight):
+            return _LiveTapConv.apply(x, self.weight, self.bias, rows, cols, self.stride, self.groups)
         weight = self.weight[:, :, rows[0]:rows[1], cols[0]:cols[1]]
         return F.conv2d(x, weight, self.bias, self.stride, (rows[2], cols[2]), 1, self.groups)
 
