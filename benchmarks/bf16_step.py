@@ -41,17 +41,12 @@ def measure(steps: int, warmup: int = 3) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.common import q2_smoke_nets
     from kdsweep.core import models
-    from kdsweep.core.config import replace
     from kdsweep.core.train import _optimizer
-    from kdsweep.service import spec as studies
 
     torch.set_num_threads(1)
-    cfg = studies.load("q2").preset("smoke").config
-    nets = {
-        "student": (cfg.model, cfg.batch_size, cfg),
-        "teacher": (cfg.kd.teacher, cfg.kd.teacher_batch_size, replace(cfg, **{"optim.lr": cfg.kd.teacher_lr})),
-    }
+    nets = q2_smoke_nets()
     out: dict = {"threads": 1, **cpu_bf16(), "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     for name, (mcfg, batch, tcfg) in nets.items():
         states = {}

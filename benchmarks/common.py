@@ -161,3 +161,16 @@ def warm_logit_cache(config) -> None:
         chunk = pairs[start:start + config.eval_batch_size]
         idx, view = torch.from_numpy(chunk // views), torch.from_numpy(chunk % views)
         fn(idx, view, None, (idx.numpy(), view.numpy()))
+
+
+def q2_smoke_nets() -> dict[str, tuple[Any, int, Any]]:
+    """The q2 smoke preset's two trained networks: name -> (model config, batch size, training
+    config with that network's learning rate)."""
+    from kdsweep.core.config import replace
+    from kdsweep.service import spec as studies
+
+    cfg = studies.load("q2").preset("smoke").config
+    return {
+        "student": (cfg.model, cfg.batch_size, cfg),
+        "teacher": (cfg.kd.teacher, cfg.kd.teacher_batch_size, replace(cfg, **{"optim.lr": cfg.kd.teacher_lr})),
+    }
