@@ -136,3 +136,17 @@ def test_the_alpha0_verdict_is_always_printed() -> None:
     assert "settled after 3 seeds" in helps
     tied = _state({3: base, race.REFERENCE: [0.81, 0.80, 0.80, 0.80, 0.81, 0.81, 0.80, 0.81]}).text()
     assert "distillation not shown: the student alone (alpha=0) is not separated from the leader after 8 seeds" in tied
+
+
+def test_a_confidence_near_one_never_reads_100_percent() -> None:
+    import dataclasses
+
+    base = [0.80, 0.82, 0.79, 0.81, 0.80, 0.82, 0.81, 0.80]
+    state = _state({3: base, race.REFERENCE: [v - 0.05 for v in base]})
+    comp = state.race.stopped[race.REFERENCE]
+    state.race.stopped[race.REFERENCE] = dataclasses.replace(comp, level=0.00038)  # 99.962% confidence
+    text = state.text()
+    assert "100.0%" not in text and "+0.0500 (99.9% CI" in text, text
+    from kdsweep.service.racing import percent
+
+    assert [percent(c) for c in (0.95, 0.997, 0.9999999)] == ["95.0%", "99.7%", "99.9%"]

@@ -51,6 +51,12 @@ def candidates(ranked: list[FrozenTrial], top: int) -> list[FrozenTrial]:
     return out
 
 
+def percent(confidence: float) -> str:
+    """A confidence level as a percentage with one decimal, rounded down: 0.9997 reads 99.9%,
+    never 100.0%, which no finite sample gives."""
+    return f"{math.floor(confidence * 1000 + 1e-9) / 10:.1f}%"
+
+
 def _label(c: int) -> str:
     return "the alpha=0 reference" if c == REFERENCE else f"trial {c}"
 
@@ -90,7 +96,7 @@ class RaceState:
         r, out = self.race, []
         for c, comp in r.stopped.items():
             low, high = comp.interval
-            out.append(f"{_label(comp.leader)} vs {_label(c)}: {comp.mean:+.4f} ({comp.confidence:.1%} CI "
+            out.append(f"{_label(comp.leader)} vs {_label(c)}: {comp.mean:+.4f} ({percent(comp.confidence)} CI "
                        f"{low:+.4f} .. {high:+.4f}), settled after {comp.n} seeds")
         for comp in r.last:
             verb = "not separated after" if r.finished else "not separated yet after"
@@ -117,7 +123,7 @@ class RaceState:
         if comp is not None and comp.leader != REFERENCE:
             low, high = comp.interval
             return (f"distillation helps: {_label(comp.leader)} beats the student alone (alpha=0) by "
-                    f"{comp.mean:+.4f} ({comp.confidence:.1%} CI {low:+.4f} .. {high:+.4f}), "
+                    f"{comp.mean:+.4f} ({percent(comp.confidence)} CI {low:+.4f} .. {high:+.4f}), "
                     f"settled after {comp.n} seeds")
         if REFERENCE in r.survivors and len(r.survivors) == 1:
             return (f"distillation not shown: the student alone (alpha=0) beat every distilled "
