@@ -12,7 +12,14 @@ from torch import nn
 
 from kdsweep.core.config import ModelConfig
 from kdsweep.core.resnets import build_resnet
-from kdsweep.core.shortcuts import LiveTapConv2d, for_inference, live_taps, use_live_taps
+from kdsweep.core.shortcuts import (
+    LiveTapConv2d,
+    SmallMapConv2d,
+    dense_taps,
+    for_inference,
+    live_taps,
+    use_live_taps,
+)
 
 
 def test_live_taps_are_the_taps_that_meet_a_real_pixel():
@@ -222,3 +229,42 @@ def test_autograd_grad_and_hooks_see_the_weight_gradient_as_before(monkeypatch: 
     slice_autograd(monkeypatch)
     (want,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
     assert torch.equal(got, want) and torch.equal(seen[0], want) and torch.equal(conv.weight.grad, want)
+
+
+def test_dense_taps_name_the_tap_between_every_output_and_input_pixel():
+    assert dense_taps(3, 1, 1, 2) == ((1, 2), (0, 1))  # 2x2 map: output 0 reads inputs 0, 1 through taps 1, 2
+    assert dense_taps(3, 2, 1, 2) == ((1, 2),)  # stride 2: one output, the lower-right taps
+    assert dense_taps(3, 1, 1, 1) == ((1,),)
+    assert dense_taps(1, 1, 0, 2) is None  # a 1x1 convolution: output 0 never reads input 1
+    assert dense_taps(3, 1, 1, 3) is None  # output 0 never reads input 2
+    assert dense_taps(1, 2, 0, 2) is None
+
+
+@pytest.mark.parametrize(("kernel", "pad", "size", "stride", "dense"), [
+    (3, 1, 2, 1, True), (3, 1, 2, 2, True), (3, 1, 1, 1, True), (1, 0, 1, 1, True), (7, 3, 2, 2, True),
+    (1, 0, 2, 1, False), (1, 0, 2, 2, False), (3, 1, 3, 1, False), (3, 1, 4, 2, False), (5, 2, 2, 1, True),
+])
+def test_a_small_map_conv_is_the_plain_conv_in_inference(kernel: int, pad: int, size: int, stride: int, dense: bool):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 5, kernel, stride=stride, padding=pad, bias=True).double()
+    small = copy.deepcopy(plain)
+    small.__class__ = SmallMapConv2d
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 6, size, size, dtype=torch.float64).contiguous(memory_format=layout)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), plain(x), rtol=1e-12, atol=1e-12)
+    assert ((size, size) in small.__dict__.get("_matrices", {})) == dense
+    x.requires_grad_(True)  # with autograd on it stays the convolution
+    torch.testing.assert_close(torch.autograd.grad(small(x).sum(), x)[0],
+                               torch.autograd.grad(plain(x).sum(), x)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_folded_resnet_at_28_px_scores_its_smallest_maps_as_matrix_products(arch: str):
+    model = build_resnet(ModelConfig(arch=arch, weights="none", stem="imagenet"), num_classes=10)
+    folded = for_inference(model)
+    with torch.inference_mode():
+        folded(torch.randn(2, 3, 28, 28).contiguous(memory_format=torch.channels_last))
+    as_matrix = {n for n, m in folded.named_modules() if m.__dict__.get("_matrices")}
+    assert "layer3.1.conv2" in as_matrix and "layer4.1.conv2" in as_matrix  # 3x3 on 2x2, on 1x1
+    assert "layer1.0.conv1" not in as_matrix and "conv1" not in as_matrix  # 7x7 and 14x14 maps: convolutions
