@@ -16,6 +16,9 @@ block, no gather) was measured too, bit-identical: forward 31.1 -> 25.4 ms, back
 50.7 ms, but fused SGD 10.8 -> 20.1 ms (its CPU kernel takes 4.6 ms instead of 1.7 ms on a
 permuted 512x512x3x3 weight), so the step stays at 96 ms; not done either.
 
+It also times scoring (`scoring`): the smallest maps' convolutions as convolutions against
+`SmallMapConv2d`'s matrix products, both networks, 1,024 images per forward.
+
 `python -m benchmarks.live_tap_step [--steps N]` prints the median process CPU milliseconds of
 the forward (with the loss), backward and optimiser step of each variant, whether the two exact
 variants kept bit-identical parameters and gradients after every step, and the 1-minute load
@@ -119,14 +122,55 @@ def measure(steps: int, warmup: int = 3) -> dict:
         out[name] = {"batch": batch, "steps": steps, "median_cpu_ms": med,
                      "step_speedup_live_tap_conv": round(med["slice_autograd"]["step"] / med["live_tap_conv"]["step"], 3),
                      "bit_identical_params_and_grads_every_step": bool(identical)}
+    out["scoring"] = scoring(nets, max(3, steps // 5))
     out["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def scoring(nets: dict, rounds: int) -> dict:
+    """Scoring 1,024 images (inference mode, channels_last, BatchNorms folded) with the smallest
+    maps' convolutions as convolutions (`LiveTapConv2d`) and as matrix products (`SmallMapConv2d`,
+    what `for_inference` gives), alternating; BatchNorm statistics set away from 0/1 first."""
+    import torch
+    from torch import nn
+
+    from kdsweep.core import models, shortcuts
+
+    out = {}
+    for name, (mcfg, _, _) in nets.items():
+        torch.manual_seed(0)
+        model = models.build_model(mcfg, (3, 28, 28), 10)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+        matrix = shortcuts.for_inference(model.eval())
+        conv = shortcuts.for_inference(model.eval())
+        for m in conv.modules():
+            if type(m) is shortcuts.SmallMapConv2d:
+                m.__class__ = shortcuts.LiveTapConv2d
+        x = torch.randn(1024, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+        x = x.contiguous(memory_format=torch.channels_last)
+        times: dict[str, list[float]] = {"convolution": [], "matrix_product": []}
+        with torch.inference_mode():
+            same = bool(torch.equal(conv(x).argmax(1), matrix(x).argmax(1)))
+            for _ in range(rounds):
+                for v, net in (("convolution", conv), ("matrix_product", matrix)):
+                    t0 = time.process_time()
+                    net(x)
+                    times[v].append(time.process_time() - t0)
+        med = {v: round(1000 * statistics.median(ts) / 1024, 4) for v, ts in times.items()}
+        out[name] = {"median_cpu_ms_per_image": med, "speedup": round(med["convolution"] / med["matrix_product"], 3),
+                     "same_top1": same, "rounds": rounds}
     return out
 
 
 @click.command()
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per variant.")
 def main(steps: int) -> None:
-    """Time one q2 smoke training step: layer4's live-tap weight gradient, two ways."""
+    """Time one q2 smoke training step (layer4's live-tap weight gradient, two ways) and scoring."""
     click.echo(json.dumps(measure(steps), indent=1))
 
 
