@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from benchmarks import (
+    bf16_accuracy,
     cli,
     connections,
     core,
@@ -45,6 +46,7 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "storage_overhead_ms": (storage.run, 120),
     "q2_fused": (fused.run, 420),
     "q2_speed": (speed.run, 1500),
+    "bf16_accuracy": (bf16_accuracy.run, 2700),  # 3 teachers and 6 trials, each in fp32 and bf16
     "trial_dead_time": (dead_time.run, 240),
     "cli_startup_s": (cli.run, 30),
     "workers_per_100_connections": (connections.run, 90),

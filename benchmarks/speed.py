@@ -3,14 +3,17 @@ previous one, side by side in one process on one thread.
 
 The previous path is kept here: evaluation under `no_grad` on default-layout input with the
 BatchNorms unfolded (`before_correctness`), torch.optim.SGD's default per-parameter loop
-(`before_optimizer`), plain `nn.Conv2d` everywhere (no `LiveTapConv2d`), and a teacher build
-that scores the validation split after every epoch (`train(..., validate="every")`).
-kdsweep's path: `train.correctness` (inference mode, channels_last input, BatchNorms folded),
-fused SGD, convolutions that skip taps meeting only zero padding, and the teacher scored after
-its last epoch only (`validate="last"`, as `kdsweep.core.teacher` builds it).
+(`before_optimizer`), plain `nn.Conv2d` everywhere (no `LiveTapConv2d`), a teacher build
+that scores the validation split after every epoch (`train(..., validate="every")`), and fp32
+training. kdsweep's path: `train.correctness` (inference mode, channels_last input, BatchNorms
+folded, the smallest maps as matrix products), fused SGD, convolutions that skip taps meeting
+only zero padding, the teacher scored after its last epoch only (`validate="last"`, as
+`kdsweep.core.teacher` builds it), and training in the precision "auto" resolves to
+(`details.precision`: fp32 on the CPU unless $KDSWEEP_PRECISION says otherwise).
 
 The two paths compute the same functions up to float rounding, so the weights differ in the
-last bits and accuracies are compared paired, image by image: `paired` gives, per leg pair,
+last bits and accuracies are compared paired, image by image:
+`paired` gives, per leg pair,
 the images right only before and only after, and whether the accuracy difference lies within
 two standard errors of the paired difference. Evaluation alone is checked exactly: the after
 path's final model scored both ways must classify every validation image the same
@@ -18,8 +21,8 @@ path's final model scored both ways must classify every validation image the sam
 
 Legs alternate (before, after) for the teacher, then for the trial; each is timed in process
 CPU seconds (one thread: robust to other processes on the host) and in wall seconds. The trial
-distils (alpha 0.5, T 4) from the teacher just built (the after leg's), with its logit cache
-filled for every (image, view) first: the steady state a sweep reaches, the same for both legs.
+distils (alpha 0.5, T 4) from the teacher just built (the after leg's, for both legs), with its
+logit cache filled for every (image, view) first: the steady state a sweep reaches.
 
 `python -m benchmarks.speed --divisor N -o FILE` runs it with every image count of the preset
 divided by N (same epochs, batch sizes and proportions of training to scoring), for hosts
@@ -117,6 +120,7 @@ def measure(device: str, divisor: int) -> Entry:
     import torch
 
     from kdsweep.core import data, teacher, train
+    from kdsweep.core.devices import native_bf16, resolve_precision
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
@@ -124,25 +128,31 @@ def measure(device: str, divisor: int) -> Entry:
         config = _config(divisor, str(tmp / "cache"), device)
         splits = data.load_splits(config.data)
         tconfig = teacher.resolve_data(teacher.teacher_config(config), splits)  # as load_teacher does
+        dev = torch.device(device)
+        after = resolve_precision(config.precision, dev)
         legs: dict[str, dict[str, Any]] = {}
         for name, before in (("teacher_before", True), ("teacher_after", False)):
             with _path(before):
-                result, cpu, wall = _timed(lambda b=before: train.train(tconfig, validate="every" if b else "last"))
+                tc = dataclasses.replace(tconfig, precision="fp32" if before else after)
+                result, cpu, wall = _timed(lambda b=before, tc=tc: train.train(tc, validate="every" if b else "last"))
             legs[name] = {"cpu_s": cpu, "wall_s": wall, "val_acc": result.final_val_acc,
                           "val_correct": result.val_correct, "state": result.model.state_dict(),
                           "model": result.model}
         # The trial's teacher: the build above, stored where teacher.prepare finds it.
         folder = train.cache_root(config) / "teachers"
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": legs["teacher_after"]["state"], "val_acc": legs["teacher_after"]["val_acc"],
-                    "seconds": legs["teacher_after"]["wall_s"]},
-                   folder / f"{teacher.teacher_key(tconfig, splits)}.pt")
+        # Stored under the keys of both precisions, so both trial legs distil from this one teacher.
+        for precision in {"fp32", after}:
+            torch.save({"state_dict": legs["teacher_after"]["state"], "val_acc": legs["teacher_after"]["val_acc"],
+                        "seconds": legs["teacher_after"]["wall_s"]},
+                       folder / f"{teacher.teacher_key(dataclasses.replace(tconfig, precision=precision), splits)}.pt")
         teacher._LOADED.clear()
-        warm_logit_cache(config)
-        prepared = teacher.prepare(config)
         for name, before in (("trial_before", True), ("trial_after", False)):
+            cfg = dataclasses.replace(config, precision="fp32") if before else config
+            warm_logit_cache(cfg)
+            prepared = teacher.prepare(cfg)
             with _path(before):
-                result, cpu, wall = _timed(lambda: train.train(config, teacher=prepared))
+                result, cpu, wall = _timed(lambda cfg=cfg, prepared=prepared: train.train(cfg, teacher=prepared))
             legs[name] = {"cpu_s": cpu, "wall_s": wall, "val_acc": result.final_val_acc,
                           "history": [h["val_acc"] for h in result.history],
                           "val_correct": result.val_correct, "model": result.model}
@@ -181,6 +191,7 @@ def measure(device: str, divisor: int) -> Entry:
             "eval_identical": eval_identical,
             "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
             "cores": os.cpu_count(),
+            "precision": {"before": "fp32", "after": after, "cpu_native_bf16": native_bf16(torch.device("cpu"))},
         },
     )
 

@@ -99,7 +99,7 @@ def test_definition_records_space_preset_data_and_version(q2: studies.StudySpec)
     assert d["kdsweep_version"] == kdsweep.__version__
     assert set(d["space"]) == {"kd.alpha", "kd.temperature"}
     assert d["config"]["data"]["dataset"] == "fashion-mnist" and d["config"]["epochs"] == 2
-    for runtime in ("device", "threads", "cache_dir"):
+    for runtime in ("device", "threads", "cache_dir", "precision"):
         assert runtime not in d["config"]
     assert "root" not in d["config"]["data"]
 
@@ -108,6 +108,7 @@ def test_definition_records_space_preset_data_and_version(q2: studies.StudySpec)
     ({"kd.alpha": 0.5}, "is sampled"),
     ({"device": "cpu"}, "per-host"),
     ({"data.root": "/x"}, "per-host"),
+    ({"precision": "bf16"}, "KDSWEEP_PRECISION=fp32 or bf16 where the workers run"),
     ({"nope": 1}, "unknown setting"),
     ({"epochs": 0}, "at least 1"),
 ])

@@ -216,3 +216,22 @@ def test_teacher_preflight_names_the_teacher_key_and_one_normalisation(fmnist_di
     probed = replace(ok, **{"kd.teacher": ModelConfig(arch="resnet50", weights="imagenet")})
     tdata = resolve_data(teacher.teacher_config(probed), splits).data
     assert tdata.normalize == "imagenet" and tdata.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_the_teacher_trains_in_its_students_precision_as_it_resolves(
+        tiny_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str):
+    monkeypatch.delenv("KDSWEEP_PRECISION", raising=False)
+    built = []
+
+    def spy(config, *args, **kwargs):
+        built.append(config.precision)
+        return train(config, *args, **kwargs)
+
+    monkeypatch.setattr(teacher, "train", spy)
+    student = kd_train(kd_config(tiny_npz, tmp_path, precision=precision))
+    want = "fp32" if precision == "auto" else "bf16"
+    assert built == [want] and student.config.precision == want
+    # The resolved config, as a trial stores it, finds the same teacher: nothing trains again.
+    again = kd_train(student.config)
+    assert built == [want] and again.teacher["key"] == student.teacher["key"]

@@ -155,6 +155,9 @@ class TrainConfig:
                                   "default")
     compile: bool = setting(False, doc="torch.compile the model (CUDA only; reused while shapes "
                             "agree)")
+    precision: str = setting("auto", doc="auto | fp32 | bf16: bf16 autocast in training (the "
+                             "teacher's too); auto: bf16 on CUDA, fp32 on the CPU "
+                             "($KDSWEEP_PRECISION overrides auto); scoring on the CPU is fp32")
     evaluate_test: bool = setting(False, doc="also report test accuracy at the end (exported "
                                   "configs and verification runs)")
     cache_dir: str | None = setting(None, unit="path", doc="teacher probes and logit caches; "
@@ -248,6 +251,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError("data.mean and data.std need one value each per channel, std positive.")
     if d.pad is not None and d.pad < 0:
         raise ConfigError(f"data.pad must be 0 or more pixels, got {d.pad}.")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"unknown precision {config.precision!r}; choose auto, fp32 or bf16.")
     if config.model.arch not in ("mlp", "cnn", "resnet18", "resnet50"):
         raise ConfigError(
             f"unknown model.arch {config.model.arch!r}; choose mlp, cnn, resnet18 or resnet50."

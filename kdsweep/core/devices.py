@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -51,17 +52,55 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed); full precision on the CPU.
-
-    On the CPU bf16 buys too little to be worth a second precision, even with AMX: one thread,
-    torch 2.14, a Xeon with amx_bf16 (oneDNN ran its AMX kernels), a q2 smoke training step ran
-    1.09-1.12x faster under bf16 autocast for the ResNet-18 student (batch 25, 28 px) and
-    1.11-1.22x for the ResNet-50 teacher (batch 64; 1.20-1.34x with channels_last, which alone
-    is 0.91-0.99x), in four runs of `python -m benchmarks.bf16_step` on a loaded host. The
-    student's backward, 60% of its step, went only from 66 to 59 ms (forward 33 -> 30 ms,
-    optimiser 11 ms either way); channels_last sped its bf16 forward up (18 ms) but not its
-    backward (68 ms), and doubled the optimiser step (23 ms)."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies in bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX (read from /proc/cpuinfo; elsewhere, no)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_bf16_supported()
+    return _cpu_bf16()
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`precision` as it will run: "fp32" and "bf16" stay; "auto" becomes $KDSWEEP_PRECISION
+    where set (this host's choice), else "bf16" on a CUDA GPU that runs it natively, else
+    "fp32". (Autocast leaves float64 tensors alone: a float64 run, the tests' rounding
+    yardstick, is float64 whatever this says.)
+
+    Why not bf16 on a CPU that runs it natively: on the q2 smoke preset (an AMD EPYC with
+    AVX-512 BF16, one thread; `python -m benchmarks.bf16_accuracy`) the ResNet-50 teacher's
+    build ran 1.39x faster but its accuracy moved by +0.7, -2.7 and +1.2 points over three
+    seeds, and a trial ran only 1.13x faster (its scoring, half the time, stays fp32) with its
+    accuracy 0.69 point lower on average over six seeds (SE 0.37)."""
+    if precision != "auto":
+        return precision
+    chosen = os.environ.get("KDSWEEP_PRECISION", "").strip()
+    if chosen:
+        if chosen not in ("fp32", "bf16"):
+            raise DeviceError(f"KDSWEEP_PRECISION must be fp32 or bf16, got {chosen!r}.")
+        return chosen
+    return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+
+
+def autocast(device: torch.device, precision: str, training: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a resolved `precision` of "bf16" (no loss scaling needed), else full
+    precision; evaluation on the CPU (`training=False`) is always full precision, so a model's
+    scores there depend on its weights alone.
+
+    Measured on the CPU, one thread, torch 2.14, a training step of the q2 smoke networks
+    (`python -m benchmarks.bf16_step`): on an AMD EPYC with AVX-512 BF16, 1.27x faster for the
+    ResNet-18 student (batch 25, 28 px) and 1.45x for the ResNet-50 teacher (batch 64); on a Xeon
+    with AMX, 1.09-1.12x and 1.11-1.22x. Where a CPU lacks both, bf16 is emulated and slower:
+    "auto" leaves it off there (`resolve_precision`)."""
+    if precision == "bf16" and (training or device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -32,6 +32,7 @@ Not fused: configs that differ in anything but `kd.alpha`, `kd.temperature` and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kdsweep.core import data, models
 from kdsweep.core.config import TrainConfig, to_dict
-from kdsweep.core.devices import autocast, resolve_device, set_threads
+from kdsweep.core.devices import autocast, resolve_device, resolve_precision, set_threads
 from kdsweep.core.distill import at_least_float32
 from kdsweep.core.train import (
     Report,
@@ -135,6 +136,7 @@ class FusedGroup:
         self.device = resolve_device(base.device)
         self.splits = data.load_splits(base.data)
         self.base = resolve(base, self.splits)
+        self.base = dataclasses.replace(self.base, precision=resolve_precision(base.precision, self.device))
         self.key = fusion_key(self.base)
         self.k = slots
         self.data_seed = data_seed
@@ -202,6 +204,7 @@ class FusedGroup:
         if not free:
             raise ValueError("the group is full; wait for a member to end.")
         config = resolve(member.config, self.splits)
+        config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
         if fusion_key(config) != self.key:
             raise ValueError("this member's config differs from the group's in more than "
                              f"{', '.join(PER_MEMBER)}; it cannot join.")
@@ -261,7 +264,7 @@ class FusedGroup:
                       inp: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor,
                       alpha: torch.Tensor, temperature: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
         def one(p, b, alpha, temperature, smoothing):
-            with autocast(self.device):
+            with autocast(self.device, self.base.precision):
                 logits = functional_call(self.template, (p, b), (inp,))
             return _member_loss(logits, t_logits, y, alpha, temperature, smoothing)
 

@@ -27,9 +27,9 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
-from kdsweep.core import data, models, progress
+from kdsweep.core import data, models, progress, shortcuts
 from kdsweep.core.config import ConfigError, OptimConfig, TrainConfig, to_dict
-from kdsweep.core.devices import autocast, cpu_cores, resolve_device
+from kdsweep.core.devices import autocast, cpu_cores, resolve_device, resolve_precision
 from kdsweep.core.logit_cache import LogitCache
 from kdsweep.core.train import cache_root, input_shape, resolve_data, train
 
@@ -100,6 +100,7 @@ def teacher_config(config: TrainConfig) -> TrainConfig:
         eval_batch_size=config.eval_batch_size,
         seed=config.data.split_seed,  # one teacher per split, whatever the student's seed
         device=config.device,
+        precision=config.precision,
         threads=config.threads,
         cache_dir=config.cache_dir,
     )
@@ -123,6 +124,8 @@ def load_teacher(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
     tconfig = resolve_data(teacher_config(config), splits)
+    # The precision it trains in is part of what defines it: "auto" keyed as it resolves here.
+    tconfig = dataclasses.replace(tconfig, precision=resolve_precision(tconfig.precision, device))
     key = teacher_key(tconfig, splits)
     if (key, str(device)) in _LOADED:
         return _LOADED[(key, str(device))]
@@ -253,15 +256,17 @@ def logits_source(
     """
     kd = config.kd
     model, info = load_teacher(config, splits, device)
+    model = shortcuts.for_inference(model)  # BatchNorms folded, small maps as matrix products
     tdata = resolve_data(teacher_config(config), splits).data  # the normalisation it trained with
     image_size = tdata.image_size
     dtype = next(model.parameters()).dtype
+    precision = resolve_precision(config.precision, device)
 
     @torch.no_grad()
     def forward(x: torch.Tensor) -> torch.Tensor:
         inp = data.to_input(x, tdata.mean, tdata.std, image_size=image_size, dtype=dtype,
-                            channels=config.data.channels, channels_last=device.type == "cuda")
-        with autocast(device):
+                            channels=config.data.channels, channels_last=True)
+        with autocast(device, precision, training=False):
             return model(inp).float()
 
     if not kd.cache_logits:

@@ -26,7 +26,7 @@ from torch import nn
 
 from kdsweep.core import budget, data, models, progress, shortcuts
 from kdsweep.core.config import ConfigError, TrainConfig, validate
-from kdsweep.core.devices import autocast, resolve_device, set_threads
+from kdsweep.core.devices import autocast, resolve_device, resolve_precision, set_threads
 from kdsweep.core.distill import at_least_float32, kd_loss
 
 log = logging.getLogger("kdsweep.core.train")
@@ -189,14 +189,16 @@ def correctness(
 
     Inference mode, channels_last input, a ResNet's BatchNorms folded into its convolutions
     (`shortcuts.for_inference`, a copy: `model` itself is only switched to eval mode): every
-    image's top-1 as on the default layout with the layers unfolded."""
+    image's top-1 as on the default layout with the layers unfolded. Full precision on the CPU
+    whatever `config.precision` (bf16 on CUDA where it resolves to bf16)."""
     model.eval()
     model = shortcuts.for_inference(model)
+    precision = resolve_precision(config.precision, device)
     out = []
     for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
         idx = idx.to(x.device)
         inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device, channels_last=True)
-        with autocast(device):
+        with autocast(device, precision, training=False):
             logits = model(inp)
         out.append(logits.argmax(1) == y[idx].to(device))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)
@@ -370,6 +372,7 @@ def train(
     device = resolve_device(config.device)
     splits = data.load_splits(config.data)
     config = resolve(config, splits)
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     in_shape = input_shape(config, splits)
 
     torch.manual_seed(config.seed)
@@ -440,7 +443,7 @@ def train(
                 rows = slice(i * config.batch_size, (i + 1) * config.batch_size)
                 idx, views = order_dev[rows], views_dev[rows]
                 x = data.apply_views(train_x[idx], views, d.pad)
-                with autocast(device):
+                with autocast(device, config.precision):
                     logits = step_model(_to_input(x, config, splits, device))
                 if teacher_fn is not None:
                     t_logits = teacher_fn(idx, views, x, (host_order[rows], host_views[rows]))

@@ -298,10 +298,10 @@ def check_device(device: str, needs_gpu: bool, preset: str, force: bool) -> None
         raise StudyError(f"preset {preset!r} is meant for a CUDA GPU and none is visible; "
                          "use --preset smoke, or add --force to run it on the CPU anyway.")
     from kdsweep.core import install
-    from kdsweep.core.devices import resolve_device
+    from kdsweep.core.devices import resolve_device, resolve_precision
 
     install.check()  # torch and torchvision belong together: one sentence, not a traceback later
-    resolve_device(device)
+    resolve_precision("auto", resolve_device(device))  # a bad $KDSWEEP_PRECISION: one sentence, now
 
 
 def gpu_device_files() -> list[str]:
@@ -386,7 +386,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
     run its waiting trials, `fuse` at a time in one fused model when fuse > 1 (Q2-like studies
     only: kdsweep/service/fused_worker.py); returns the worker's summary."""
     from kdsweep.core import install
-    from kdsweep.core.devices import resolve_device
+    from kdsweep.core.devices import resolve_device, resolve_precision
     from kdsweep.service.objective import Objective
     from kdsweep.service.spec import StudyError
     from kdsweep.service.sweep import Sweep, SweepNotFound
@@ -406,7 +406,7 @@ def start_worker(storage, spec, study_name: str, preset: str | None, runtime: Ma
 
         check_fusable(spec, sweep.preset, sweep.overrides)
     install.check()
-    resolve_device(str(runtime["device"]))
+    resolve_precision("auto", resolve_device(str(runtime["device"])))
     preflight(spec, sweep.preset, sweep.overrides, runtime)
     objective = Objective(spec, sweep.preset, dict(runtime), artifacts, tensorboard=tensorboard,
                           track=track, overrides=sweep.overrides)

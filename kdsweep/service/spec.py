@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # imported where used: study files and usage errors load with
 
 # Settings that say where or how fast a run happens, not what it is: they may differ between
 # the hosts of one study and are left out of its recorded definition.
-RUNTIME_KEYS = ("device", "threads", "cache_dir", "compile", "eval_batch_size", "evaluate_test")
+RUNTIME_KEYS = ("device", "threads", "cache_dir", "compile", "eval_batch_size", "evaluate_test", "precision")
 RUNTIME_DATA_KEYS = ("root", "download")
 
 
@@ -106,6 +106,9 @@ class StudySpec:
                     "or low/high)."
                 )
             head, _, rest = key.partition(".")
+            if key == "precision":
+                raise StudyError(f"{key!r} is a per-host setting, not part of the study; set "
+                                 "KDSWEEP_PRECISION=fp32 or bf16 where the workers run.")
             if key in RUNTIME_KEYS or (head == "data" and rest in RUNTIME_DATA_KEYS):
                 raise StudyError(
                     f"{key!r} is a per-host setting, not part of the study; use the command's option."
