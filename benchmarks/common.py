@@ -150,15 +150,16 @@ def warm_logit_cache(config) -> None:
 
     from kdsweep.core import data, teacher
     from kdsweep.core.devices import resolve_device
-    from kdsweep.core.train import resolve
+    from kdsweep.core.train import eval_batch, resolve
 
     config = resolve(config)
     splits = data.load_splits(config.data)
     fn, _ = teacher.prepare(config).logits_source(config, splits, resolve_device(config.device))
     views = data.num_views(config.data.pad, config.data.flip)
     pairs = np.arange(len(splits.train_x) * views)
-    for start in range(0, len(pairs), config.eval_batch_size):
-        chunk = pairs[start:start + config.eval_batch_size]
+    step = eval_batch(config, resolve_device(config.device))
+    for start in range(0, len(pairs), step):
+        chunk = pairs[start:start + step]
         idx, view = torch.from_numpy(chunk // views), torch.from_numpy(chunk % views)
         fn(idx, view, None, (idx.numpy(), view.numpy()))
 

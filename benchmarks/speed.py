@@ -2,14 +2,15 @@
 previous one, side by side in one process on one thread.
 
 The previous path is kept here: evaluation under `no_grad` on default-layout input with the
-BatchNorms unfolded (`before_correctness`), torch.optim.SGD's default per-parameter loop
-(`before_optimizer`), plain `nn.Conv2d` everywhere (no `LiveTapConv2d`), a teacher build
-that scores the validation split after every epoch (`train(..., validate="every")`), and fp32
-training. kdsweep's path: `train.correctness` (inference mode, channels_last input, BatchNorms
-folded, the smallest maps as matrix products), fused SGD, convolutions that skip taps meeting
-only zero padding, the teacher scored after its last epoch only (`validate="last"`, as
-`kdsweep.core.teacher` builds it), and training in the precision "auto" resolves to
-(`details.precision`: fp32 on the CPU unless $KDSWEEP_PRECISION says otherwise).
+BatchNorms unfolded in batches of 1024 (`before_correctness`), torch.optim.SGD's default
+per-parameter loop (`before_optimizer`), plain `nn.Conv2d` everywhere (no `LiveTapConv2d`), a
+teacher build that scores the validation split after every epoch (`train(...,
+validate="every")`), and fp32 training. kdsweep's path: `train.correctness` (inference mode,
+channels_last input, BatchNorms folded, the smallest maps as matrix products, batches of 256),
+fused SGD, convolutions that skip taps meeting only zero padding, the teacher scored after its
+last epoch only (`validate="last"`, as `kdsweep.core.teacher` builds it), and training in the
+precision "auto" resolves to (`details.precision`: fp32 on the CPU unless $KDSWEEP_PRECISION
+says otherwise).
 
 The two paths compute the same functions up to float rounding, so the weights differ in the
 last bits and accuracies are compared paired, image by image:
@@ -45,7 +46,7 @@ from benchmarks.common import Entry, scratch, warm_logit_cache
 
 
 def before_correctness(model, x, y, config, splits, device):
-    """Evaluation as it was: `no_grad`, default memory layout, same batches."""
+    """Evaluation as it was: `no_grad`, default memory layout, batches of 1024 (the default then)."""
     import torch
 
     from kdsweep.core import data
@@ -54,7 +55,7 @@ def before_correctness(model, x, y, config, splits, device):
     model.eval()
     out = []
     with torch.no_grad():
-        for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
+        for idx in data.batch_indices(len(x), config.eval_batch_size or 1024, None, shuffle=False):
             inp = _to_input(x[idx].to(device), config, splits, device, channels_last=False)
             out.append(model(inp).argmax(1) == y[idx].to(device))
     return torch.cat(out)

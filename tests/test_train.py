@@ -308,3 +308,23 @@ def test_the_optimiser_is_fused_and_steps_as_plain_sgd_does() -> None:
             o.step()
     for got, want in zip(model.parameters(), plain_model.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_scoring_runs_in_batches_of_256_on_the_cpu_unless_set(tiny_npz: Path):
+    from torch import nn
+
+    from kdsweep.core import data
+    from kdsweep.core.train import correctness, eval_batch
+
+    assert eval_batch(TrainConfig(), torch.device("cuda")) == 1024
+    config = resolve(tiny(tiny_npz, data=DataConfig(dataset=f"npz:{tiny_npz}", val_size=600, pad=0, flip=False)))
+    splits = data.load_splits(config.data)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    by_default = correctness(model, splits.val_x, splits.val_y, config, splits, torch.device("cpu"))
+    assert sizes == [256, 256, 88]
+    sizes.clear()
+    seven = correctness(model, splits.val_x, splits.val_y, dataclasses.replace(config, eval_batch_size=7), splits,
+                        torch.device("cpu"))
+    assert sizes == [7] * 85 + [5] and torch.equal(seven, by_default)

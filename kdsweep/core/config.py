@@ -148,7 +148,9 @@ class TrainConfig:
     kd: KDConfig | None = setting(None, doc="kd keys; None: no teacher, plain cross-entropy")
     epochs: int = setting(10, unit="epochs", doc="passes over the training images")
     batch_size: int = setting(256, unit="images per step", doc="training batch")
-    eval_batch_size: int = setting(1024, unit="images per forward", doc="evaluation batch")
+    eval_batch_size: int | None = setting(None, unit="images per forward", doc="evaluation batch; "
+                                          "None: 256 on the CPU (its activations stay in cache), "
+                                          "1024 on CUDA")
     seed: int = setting(0, unit="seed", doc="model init, batch order, augmentation")
     device: str = setting("auto", doc="auto | cpu | cuda | cuda:N")
     threads: int | None = setting(None, unit="CPU threads", doc="of this process; None: torch's "

@@ -31,7 +31,7 @@ from kdsweep.core import data, models, progress, shortcuts
 from kdsweep.core.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from kdsweep.core.devices import autocast, cpu_cores, resolve_device, resolve_precision
 from kdsweep.core.logit_cache import LogitCache
-from kdsweep.core.train import cache_root, input_shape, resolve_data, train
+from kdsweep.core.train import cache_root, eval_batch, input_shape, resolve_data, train
 
 log = logging.getLogger("kdsweep.core.teacher")
 
@@ -285,9 +285,10 @@ def logits_source(
 
     def compute(idx: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         out = []
-        for start in range(0, len(idx), config.eval_batch_size):
-            i = idx[start:start + config.eval_batch_size].cpu()
-            v = views[start:start + config.eval_batch_size].to(device)
+        step = eval_batch(config, device)
+        for start in range(0, len(idx), step):
+            i = idx[start:start + step].cpu()
+            v = views[start:start + step].to(device)
             out.append(forward(data.apply_views(train_x[i].to(device), v, d.pad)))
         return torch.cat(out)
 

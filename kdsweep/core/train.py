@@ -176,6 +176,13 @@ def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
     return 1.0
 
 
+def eval_batch(config: TrainConfig, device: torch.device) -> int:
+    """Images per evaluation forward: `config.eval_batch_size`, else 1024 on CUDA and 256 on the
+    CPU, where a batch's activations then stay in cache (one thread, 28 px: q2's ResNet-18
+    scores 1.12x and its ResNet-50 1.09x faster than in batches of 1024)."""
+    return config.eval_batch_size or (1024 if device.type == "cuda" else 256)
+
+
 @torch.inference_mode()
 def correctness(
     model: nn.Module,
@@ -195,7 +202,7 @@ def correctness(
     model = shortcuts.for_inference(model)
     precision = resolve_precision(config.precision, device)
     out = []
-    for idx in data.batch_indices(len(x), config.eval_batch_size, None, shuffle=False):
+    for idx in data.batch_indices(len(x), eval_batch(config, device), None, shuffle=False):
         idx = idx.to(x.device)
         inp = _to_input(x[idx].to(device, non_blocking=True), config, splits, device, channels_last=True)
         with autocast(device, precision, training=False):
