@@ -78,9 +78,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     Why not bf16 on a CPU that runs it natively: on the q2 smoke preset (an AMD EPYC with
     AVX-512 BF16, one thread; `python -m benchmarks.bf16_accuracy`) the ResNet-50 teacher's
-    build ran 1.39x faster but its accuracy moved by +0.7, -2.7 and +1.2 points over three
-    seeds, and a trial ran only 1.13x faster (its scoring, half the time, stays fp32) with its
-    accuracy 0.69 point lower on average over six seeds (SE 0.37)."""
+    build ran 1.39x faster but its accuracy differed from fp32's by +0.7, -2.7 and +1.2 points
+    over three seeds (mean -0.3, SE 1.2: not shown within 0.5 point), and a trial ran only 1.13x
+    faster (its scoring, half the time, stays fp32) with its accuracy 0.69 point lower on average
+    over six seeds (SE 0.37)."""
     if precision != "auto":
         return precision
     chosen = os.environ.get("KDSWEEP_PRECISION", "").strip()
