@@ -23,7 +23,7 @@ from kdsweep.core import data as kdata
 from kdsweep.core import models
 from kdsweep.core import train as ktrain
 from kdsweep.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from kdsweep.core.devices import autocast
+from kdsweep.core.devices import autocast, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def reference_rate(cfg: TrainConfig, root: str) -> float:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with autocast(device):
+            with autocast(device, resolve_precision(resolved.precision, device)):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)

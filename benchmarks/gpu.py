@@ -126,7 +126,7 @@ def resnet50_teacher(device: str, quick: bool) -> Entry:
     _require_cuda(device)
     from kdsweep.core import data, models
     from kdsweep.core.config import ModelConfig
-    from kdsweep.core.devices import autocast
+    from kdsweep.core.devices import autocast, resolve_precision
 
     dev = torch.device(device)
     model = models.build_model(ModelConfig(arch="resnet50", weights="none", stem="imagenet"),
@@ -140,7 +140,7 @@ def resnet50_teacher(device: str, quick: bool) -> Entry:
             if i == 5:
                 clock = Clock(cuda_sync=True)
             inp = data.to_input(x, mean, std, image_size=224, channels_last=True)
-            with autocast(dev):
+            with autocast(dev, resolve_precision("auto", dev), training=False):
                 model(inp)
         seconds = clock()
     rate = steps * batch / seconds
