@@ -235,3 +235,21 @@ def test_the_teacher_trains_in_its_students_precision_as_it_resolves(
     # The resolved config, as a trial stores it, finds the same teacher: nothing trains again.
     again = kd_train(student.config)
     assert built == [want] and again.teacher["key"] == student.teacher["key"]
+
+
+def test_a_resnet_teacher_is_folded_for_its_logits_once_per_process(tiny_npz: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    from kdsweep.core import data, shortcuts
+    from kdsweep.core.resnets import build_resnet
+
+    net = build_resnet(ModelConfig(arch="resnet18", weights="none", stem="imagenet"), num_classes=10).eval()
+    monkeypatch.setattr(teacher, "load_teacher", lambda config, splits, device: (net, {"key": "k"}))
+    calls = []
+    fold = shortcuts.for_inference
+    monkeypatch.setattr(shortcuts, "for_inference", lambda m: calls.append(m) or fold(m))
+    config = replace(kd_config(tiny_npz, tmp_path), **{"data.channels": 3, "kd.cache_logits": False})
+    splits = data.load_splits(config.data)
+    for _ in range(2):  # two trials of one worker
+        fn, _ = teacher.logits_source(config, splits, torch.device("cpu"))
+        assert fn(None, None, splits.train_x[:4]).shape == (4, 10)
+    assert calls == [net]

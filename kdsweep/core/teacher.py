@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ log = logging.getLogger("kdsweep.core.teacher")
 
 # Teachers already loaded in this process, by content key: trials in one worker share them.
 _LOADED: dict[tuple[str, str], tuple[nn.Module, dict[str, Any]]] = {}
+# Evaluation copies (`shortcuts.for_inference`) of the teachers above, made once per teacher.
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 # Logit caches opened in this process, by path: a worker's next trial reuses the device copy.
 _CACHES: dict[tuple[str, tuple[int, int, int]], LogitCache] = {}
 
@@ -256,7 +259,12 @@ def logits_source(
     """
     kd = config.kd
     model, info = load_teacher(config, splits, device)
-    model = shortcuts.for_inference(model)  # BatchNorms folded, small maps as matrix products
+    folded = _FOLDED.get(model)
+    if folded is None:  # BatchNorms folded, small maps as matrix products (a ResNet's copy)
+        folded = shortcuts.for_inference(model)
+        if folded is not model:
+            _FOLDED[model] = folded
+    model = folded
     tdata = resolve_data(teacher_config(config), splits).data  # the normalisation it trained with
     image_size = tdata.image_size
     dtype = next(model.parameters()).dtype
