@@ -24,11 +24,9 @@ def cpu_bf16() -> dict:
     """What this CPU and torch offer for bf16: the CPU's flags and oneDNN's own answer."""
     import torch
 
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    return {"cpu_flags": sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"}),
+    from kdsweep.core.devices import cpu_flags
+
+    return {"cpu_flags": sorted(cpu_flags() & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"}),
             "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "torch": torch.__version__}
 

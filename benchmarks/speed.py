@@ -13,8 +13,7 @@ precision "auto" resolves to (`details.precision`: fp32 on the CPU unless $KDSWE
 says otherwise).
 
 The two paths compute the same functions up to float rounding, so the weights differ in the
-last bits and accuracies are compared paired, image by image:
-`paired` gives, per leg pair,
+last bits and accuracies are compared paired, image by image: `paired` gives, per leg pair,
 the images right only before and only after, and whether the accuracy difference lies within
 two standard errors of the paired difference. Evaluation alone is checked exactly: the after
 path's final model scored both ways must classify every validation image the same

@@ -60,14 +60,18 @@ def native_bf16(device: torch.device) -> bool:
     return _cpu_bf16()
 
 
-@functools.cache
 def _cpu_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (none where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ()))
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return frozenset()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -32,7 +32,6 @@ Not fused: configs that differ in anything but `kd.alpha`, `kd.temperature` and 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kdsweep.core import data, models
 from kdsweep.core.config import TrainConfig, to_dict
-from kdsweep.core.devices import autocast, resolve_device, resolve_precision, set_threads
+from kdsweep.core.devices import autocast, resolve_device, set_threads
 from kdsweep.core.distill import at_least_float32
 from kdsweep.core.train import (
     Report,
@@ -68,6 +67,7 @@ from kdsweep.core.train import (
     lr_factor,
     resolve,
     to_device,
+    with_precision,
 )
 
 log = logging.getLogger("kdsweep.core.fused")
@@ -135,8 +135,7 @@ class FusedGroup:
         set_threads(base.threads)
         self.device = resolve_device(base.device)
         self.splits = data.load_splits(base.data)
-        self.base = resolve(base, self.splits)
-        self.base = dataclasses.replace(self.base, precision=resolve_precision(base.precision, self.device))
+        self.base = with_precision(resolve(base, self.splits), self.device)
         self.key = fusion_key(self.base)
         self.k = slots
         self.data_seed = data_seed
@@ -203,8 +202,7 @@ class FusedGroup:
         free = self.free_slots()
         if not free:
             raise ValueError("the group is full; wait for a member to end.")
-        config = resolve(member.config, self.splits)
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
+        config = with_precision(resolve(member.config, self.splits), self.device)
         if fusion_key(config) != self.key:
             raise ValueError("this member's config differs from the group's in more than "
                              f"{', '.join(PER_MEMBER)}; it cannot join.")

@@ -32,7 +32,14 @@ from kdsweep.core import data, models, progress, shortcuts
 from kdsweep.core.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from kdsweep.core.devices import autocast, cpu_cores, resolve_device, resolve_precision
 from kdsweep.core.logit_cache import LogitCache
-from kdsweep.core.train import cache_root, eval_batch, input_shape, resolve_data, train
+from kdsweep.core.train import (
+    cache_root,
+    eval_batch,
+    input_shape,
+    resolve_data,
+    train,
+    with_precision,
+)
 
 log = logging.getLogger("kdsweep.core.teacher")
 
@@ -128,7 +135,7 @@ def load_teacher(
     """The frozen, eval-mode teacher for `config`, trained now only if no cache holds it."""
     tconfig = resolve_data(teacher_config(config), splits)
     # The precision it trains in is part of what defines it: "auto" keyed as it resolves here.
-    tconfig = dataclasses.replace(tconfig, precision=resolve_precision(tconfig.precision, device))
+    tconfig = with_precision(tconfig, device)
     key = teacher_key(tconfig, splits)
     if (key, str(device)) in _LOADED:
         return _LOADED[(key, str(device))]

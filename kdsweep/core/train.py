@@ -125,6 +125,12 @@ def resolve(config: TrainConfig, splits: data.Splits | None = None) -> TrainConf
     return config
 
 
+def with_precision(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """`config` with `precision` as it runs on `device` (`devices.resolve_precision`): what
+    train() trains in and a trial stores, so an exported config trains alike."""
+    return dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+
+
 def resolve_data(config: TrainConfig, splits: data.Splits) -> TrainConfig:
     """`config` with augmentation and normalisation set (values already given are kept).
 
@@ -379,7 +385,7 @@ def train(
     device = resolve_device(config.device)
     splits = data.load_splits(config.data)
     config = resolve(config, splits)
-    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+    config = with_precision(config, device)
     in_shape = input_shape(config, splits)
 
     torch.manual_seed(config.seed)

@@ -38,9 +38,9 @@ import torch
 import kdsweep
 from kdsweep.core.budget import BudgetError
 from kdsweep.core.config import TrainConfig, replace, to_dict
-from kdsweep.core.devices import resolve_device, resolve_precision
+from kdsweep.core.devices import resolve_device
 from kdsweep.core.teacher import prepare as prepare_teacher
-from kdsweep.core.train import TrainResult, input_shape, resolve, train
+from kdsweep.core.train import TrainResult, input_shape, resolve, train, with_precision
 from kdsweep.service import keys, stats
 from kdsweep.service import space as sp
 from kdsweep.service.spec import StudySpec
@@ -144,7 +144,7 @@ class TrialRun:
             trial.set_user_attr(keys.INFEASIBLE, str(exc))
             raise optuna.TrialPruned(f"infeasible: {exc}") from None
         # Stored as it will run on this host (train() resolves it the same way).
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, resolve_device(config.device)))
+        config = with_precision(config, resolve_device(config.device))
         self.config = config
         trial.set_user_attr(keys.CONFIG, to_dict(config))
         trial.set_user_attr(keys.TRAIN_SEED, config.seed)
