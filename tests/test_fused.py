@@ -113,19 +113,27 @@ def test_one_fused_step_equals_the_solo_step_in_float64(tiny_npz: Path, tmp_path
 def test_members_that_start_together_equal_solo_runs_up_to_float32_rounding(tiny_npz: Path, tmp_path: Path):
     """Three members (strong KD too: T^2 = 100 scales its soft gradients) over 20 steps.
 
-    Rounding grows over 20 steps with BatchNorm on 16-image batches, so a fixed tolerance
-    either passes real differences or fails on rounding. The yardstick is each solo run's own
-    float32-vs-float64 drift: fused and solo, both float32, may differ by at most 3 times it
-    (independent roundings of equal size give about 1.4 times)."""
+    In float64 fused and solo runs agree to ~1e-15 after all 20 steps: the same function, the
+    same data, the same updates. In float32 they round differently (batched and plain kernels)
+    and rounding grows over 20 steps with BatchNorm on 16-image batches, so a fixed tolerance
+    either passes real differences or fails on rounding. The yardstick is how far float32
+    rounding moves each run from its own float64 run: fused and solo, both float32, may differ by
+    at most 3 times the larger of the two drifts (independent roundings of equal size give about
+    1.4 times). Both drifts are needed: how far rounding carries a run depends on where it lands
+    (one member drifted 1.5e-5 solo and 6.9e-3 fused, and 6.9e-3 solo on convolutions that
+    rounded otherwise), and a real difference cannot hide in the larger drift, since the float64
+    runs it is measured from are equal."""
     base = student(tiny_npz, tmp_path)
     configs = [member_config(base, *m) for m in MEMBERS]
     in32 = fused_and_solo(base, configs, torch.float32)
     in64 = fused_and_solo(base, configs, torch.float64)
-    for i, ((fused, solo), (_, exact)) in enumerate(zip(in32, in64, strict=True)):
+    for i, ((fused, solo), (fused64, exact)) in enumerate(zip(in32, in64, strict=True)):
         assert fused.history[0]["epoch"] == solo.history[0]["epoch"] == 1 and len(fused.history) == 1
-        (f, f_ints), (s, s_ints), (e, _) = flat_state(fused), flat_state(solo), flat_state(exact)
+        (f, f_ints), (s, s_ints), (e, _), (f64, _) = (flat_state(fused), flat_state(solo), flat_state(exact),
+                                                      flat_state(fused64))
         assert all(torch.equal(f_ints[n], s_ints[n]) for n in s_ints), i
-        rounding = (s - e).norm().item()
+        assert (f64 - e).abs().max().item() <= 1e-10 * max(1.0, e.abs().max().item()), i
+        rounding = max((s - e).norm().item(), (f - f64).norm().item())
         assert 0 < rounding < 1e-2 * s.norm().item(), i  # float32 rounding, not another run
         assert (f - s).norm().item() <= 3 * rounding, (i, (f - s).norm().item(), rounding)
 

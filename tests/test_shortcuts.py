@@ -1,5 +1,6 @@
 """Exact shortcuts (kdsweep/core/shortcuts.py): convolutions that skip taps meeting only zero
-padding, and BatchNorm folded into convolutions for evaluation; the same functions as before."""
+padding or run as matrix products, BatchNorm over small maps as a matrix, and BatchNorm folded
+into convolutions for evaluation; the same functions as before."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from kdsweep.core.config import ModelConfig
 from kdsweep.core.resnets import build_resnet
 from kdsweep.core.shortcuts import (
     LiveTapConv2d,
+    SmallMapBatchNorm2d,
     SmallMapConv2d,
     dense_taps,
     for_inference,
     live_taps,
-    use_live_taps,
+    use_shortcuts,
 )
 
 
@@ -37,7 +39,7 @@ def test_live_taps_are_the_taps_that_meet_a_real_pixel():
 def test_a_live_tap_conv_is_the_plain_conv_forward_and_backward(kernel: int, pad: int, size: int, stride: int):
     torch.manual_seed(0)
     plain = nn.Conv2d(6, 5, kernel, stride=stride, padding=pad, bias=True).double()
-    live = use_live_taps(copy.deepcopy(plain))
+    live = use_shortcuts(copy.deepcopy(plain))
     assert type(live) is LiveTapConv2d
     x = torch.randn(4, 6, size, size, dtype=torch.float64)
     target = torch.randn_like(plain(x))
@@ -59,6 +61,7 @@ def test_a_resnet_at_28_px_skips_the_dead_taps_and_keeps_its_parameter_names():
     torch.manual_seed(0)
     model = build_resnet(ModelConfig(arch="resnet18", weights="none", stem="imagenet"), num_classes=10)
     assert all(type(m) is LiveTapConv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert all(type(m) is SmallMapBatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     shapes: dict[str, int] = {}
 
     def side(name: str):
@@ -136,6 +139,9 @@ def test_a_resnet_trains_as_torchvision_s_own_at_28_px(arch: str):
     for name, p in model.named_parameters():
         want = grads[name].grad  # float64 rounding, relative to the gradient's scale (~1e-14 seen)
         assert (p.grad - want).abs().max() <= 1e-10 * want.abs().max(), name
+    buffers = dict(plain.named_buffers())  # the BatchNorms' running averages moved alike
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=1e-12, atol=1e-12)
 
 
 def slice_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +155,7 @@ def slice_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_live_tap_conv_rounds_as_autograd_through_the_slice_in_float32(monkeypatch: pytest.MonkeyPatch,
                                                                           size: int, stride: int, bias: bool):
     torch.manual_seed(0)
-    conv = use_live_taps(nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias))
+    conv = use_shortcuts(nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias))
     x = torch.randn(5, 16, size, size)
     target = torch.randn_like(conv(x))
     results = []
@@ -169,9 +175,9 @@ def test_a_live_tap_conv_rounds_as_autograd_through_the_slice_in_float32(monkeyp
 
 
 def test_the_backward_reads_the_live_taps_gathered_not_scattered_over_the_weight():
-    # Autograd through `weight[:, :, 1:2, 1:2]` handed the convolution's backward the scattered
-    # taps of the full weight (one in nine floats, every cache line of it); they are gathered
-    # once, contiguous, in the forward.
+    # Autograd through `weight[:, :, 2:5, 2:5]` handed the convolution's backward the scattered
+    # taps of the full weight (9 of 49 floats, every cache line of it); they are gathered
+    # once, contiguous, in the forward. A 7x7 convolution on a 2x2 map: 2x2 outputs, 3x3 live taps.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     weights = []
@@ -183,12 +189,36 @@ def test_the_backward_reads_the_live_taps_gathered_not_scattered_over_the_weight
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
-    conv = use_live_taps(nn.Conv2d(32, 32, 3, padding=1, bias=False))
-    loss = conv(torch.randn(4, 32, 1, 1)).square().sum()
+    conv = use_shortcuts(nn.Conv2d(32, 32, 7, padding=3, bias=False))
+    loss = conv(torch.randn(4, 32, 2, 2)).square().sum()
     with Record():
         loss.backward()
     assert len(weights) == 1
-    assert weights[0].shape == (32, 32, 1, 1) and weights[0].is_contiguous()
+    assert weights[0].shape == (32, 32, 3, 3) and weights[0].is_contiguous()
+
+
+@pytest.mark.parametrize(("kernel", "pad", "size", "stride"), [(3, 1, 1, 1), (3, 1, 2, 2), (1, 0, 1, 1), (1, 0, 2, 2)])
+def test_a_convolution_with_one_output_pixel_is_a_matrix_product(kernel: int, pad: int, size: int, stride: int):
+    # Layer4 at 28 px: every convolution there outputs one pixel (1x1 maps; the stride-2 ones
+    # read a 2x2 map). Forward and backward run as matrix products, no convolution at all.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    conv = use_shortcuts(nn.Conv2d(16, 24, kernel, stride=stride, padding=pad, bias=True))
+    x = torch.randn(5, 16, size, size, requires_grad=True)
+    with Record():
+        out = conv(x)
+        out.square().sum().backward()
+    assert out.shape == (5, 24, 1, 1)
+    assert not [op for op in ops if "convolution" in op]
+    assert any(op.startswith(("addmm", "mm")) for op in ops)
 
 
 def test_resnet18_trains_at_28_px_bit_for_bit_as_with_autograd_through_the_slice(monkeypatch: pytest.MonkeyPatch):
@@ -219,7 +249,7 @@ def test_resnet18_trains_at_28_px_bit_for_bit_as_with_autograd_through_the_slice
 
 def test_autograd_grad_and_hooks_see_the_weight_gradient_as_before(monkeypatch: pytest.MonkeyPatch):
     torch.manual_seed(0)
-    conv = use_live_taps(nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    conv = use_shortcuts(nn.Conv2d(8, 8, 3, padding=1, bias=False))
     x = torch.randn(2, 8, 1, 1)
     (got,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
     assert conv.weight.grad is None
@@ -268,3 +298,28 @@ def test_a_folded_resnet_at_28_px_scores_its_smallest_maps_as_matrix_products(ar
     as_matrix = {n for n, m in folded.named_modules() if m.__dict__.get("_matrices")}
     assert "layer3.1.conv2" in as_matrix and "layer4.1.conv2" in as_matrix  # 3x3 on 2x2, on 1x1
     assert "layer1.0.conv1" not in as_matrix and "conv1" not in as_matrix  # 7x7 and 14x14 maps: convolutions
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 2), (2, 1), (3, 3), (7, 7)])
+def test_a_small_map_batchnorm_is_batchnorm_and_keeps_the_same_running_averages(size: tuple[int, int]):
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(12).double()
+    with torch.no_grad():
+        plain.weight.normal_(1, 0.3)
+        plain.bias.normal_(0, 0.3)
+    small = use_shortcuts(copy.deepcopy(plain))
+    assert type(small) is SmallMapBatchNorm2d
+    x = torch.randn(6, 12, *size, dtype=torch.float64)
+    target = torch.randn(6, 12, *size, dtype=torch.float64)
+    grads = []
+    for bn in (plain, small):
+        xi = x.clone().requires_grad_(True)
+        outs = [bn.train()(xi) for _ in range(2)]  # two steps: the running averages move twice
+        F.mse_loss(outs[1], target).backward()
+        grads.append([outs[1].detach(), xi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
+        assert bn.num_batches_tracked.item() == 2
+        assert outs[1].is_contiguous()
+    for want, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)

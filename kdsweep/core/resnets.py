@@ -19,9 +19,11 @@ keeps the first epochs from blowing up (measured on 500 Fashion-MNIST images at 
 epoch-1 loss 2.4 instead of 4.0, 55% instead of 47% after 3 epochs); pretrained and local
 weights overwrite those scales anyway.
 
-Every convolution is a `shortcuts.LiveTapConv2d`: on small images it skips the kernel taps
-that only ever meet zero padding (layer4's 3x3 convolutions on 1x1 maps at 28 px); the same
-parameters and names, the same function up to float rounding.
+Every convolution is a `shortcuts.LiveTapConv2d` and every BatchNorm a
+`shortcuts.SmallMapBatchNorm2d`: on small images they skip the kernel taps that only ever meet
+zero padding, run convolutions with a one-pixel output as matrix products (layer4 at 28 px) and
+normalise 2x2 maps as matrices (layer3); the same parameters, buffers and names, the same
+function up to float rounding.
 
 `trainable="head"` is the teacher's linear probe: the backbone is frozen, runs without
 autograd and stays in eval mode (BatchNorm statistics never move) even under `.train()`.
@@ -133,7 +135,7 @@ def build_resnet(cfg: Any, num_classes: int, in_channels: int = 3) -> nn.Module:
 
     if state is not None:
         _load_into(model, state, cfg)
-    shortcuts.use_live_taps(model)  # small images: layer4's 3x3 convolutions on 1x1 maps
+    shortcuts.use_shortcuts(model)  # small images: layer3 and layer4 run on 2x2 and 1x1 maps
     if isinstance(model, FrozenBackboneResNet):
         model.freeze_backbone()
         if cfg.stem == "cifar":

@@ -1,17 +1,24 @@
 """Exact shortcuts for ResNets on small images: the same functions, less arithmetic.
 
-Three of them, all exact up to float rounding (the order of a few sums changes):
+Four of them, all exact up to float rounding (the order of a few sums changes):
 
 - `LiveTapConv2d`: a convolution that skips the kernel taps that can only ever meet its zero
-  padding. At 28 px with the ImageNet stem, ResNet layer4 runs on 1x1 maps, where a 3x3
-  convolution with padding 1 is its centre tap alone (and the stride-2 one on 2x2 maps its
-  lower-right 2x2): 8/9 of the work, forward and backward, multiplies zeros. The weight keeps
-  its shape and name; the skipped taps get an exact zero gradient, as before (weight decay
-  and momentum still act on them through the optimiser, as before). In training the live taps
-  are gathered into one contiguous tensor once per step, which the backward reuses, and the
-  full-shape gradient is written in one place (`_LiveTapConv`): the same numbers as autograd
-  through a slice of the weight, bit for bit, 7-9 ms less per ResNet-18 step at 28 px
-  (batch 25, one thread; `python -m benchmarks.live_tap_step`).
+  padding, and runs as a matrix product where its output is a single pixel. At 28 px with the
+  ImageNet stem, ResNet layer4 runs on 1x1 maps, where a 3x3 convolution with padding 1 is its
+  centre tap alone (and the stride-2 one on 2x2 maps its lower-right 2x2): 8/9 of the work,
+  forward and backward, multiplies zeros. Every convolution there (the 1x1 ones and the
+  stride-2 downsample included) outputs one pixel per channel, so it is `F.linear` of the
+  pixels it reads and the taps that read them: oneDNN's convolution kernels take 2-3x longer
+  on such shapes, forward and backward (a [64, 512, 1, 1] batch into 2048 channels: 19 against
+  6.4 ms on one thread). The weight keeps its shape and name; the skipped taps get an exact
+  zero gradient, as before (weight decay and momentum still act on them through the
+  optimiser, as before). In training the live taps are gathered into one contiguous tensor
+  once per step, which the backward reuses, and the full-shape gradient is written in one
+  place (`_LiveTapConv`, `_LiveTapLinear`): the same numbers as autograd through a slice of
+  the weight, bit for bit.
+- `SmallMapBatchNorm2d`: BatchNorm over a 2x2 map (layer3 at 28 px) normalises the (pixels,
+  channels) matrix of the channels-last map, which PyTorch's CPU kernel runs 4-5x faster than
+  the NCHW map itself.
 - `for_inference`: an evaluation copy of a ResNet with every BatchNorm folded into the
   convolution before it (one multiply-add per pixel less per layer, and one pass over
   memory less), whose convolutions on maps so small that every output pixel reads every input
@@ -19,6 +26,10 @@ Three of them, all exact up to float rounding (the order of a few sums changes):
   map (`SmallMapConv2d`): on a 2x2 map a 3x3 convolution's 36 multiply-adds per channel pair
   become 16, the others having met zero padding. q2's smoke networks at 28 px score 1.2x
   faster with it (`python -m benchmarks.live_tap_step`).
+
+A ResNet-50 training step at 28 px (batch 64, one thread) takes about 1.2x less time with the
+first two than with `LiveTapConv2d`'s convolutions alone; `python -m benchmarks.speed` times
+the q2 teacher's build and a trial against the plain path.
 """
 
 from __future__ import annotations
@@ -50,6 +61,18 @@ def live_taps(kernel: int, stride: int, pad: int, size: int) -> tuple[int, int, 
     if (size + 2 * new_pad - (last + 1 - first)) // stride + 1 != out:
         return None
     return first, last + 1, new_pad
+
+
+@functools.lru_cache(maxsize=4096)
+def one_pixel(kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], size: tuple[int, int]
+              ) -> tuple[int, int] | None:
+    """When the output is a single pixel: how many leading input rows and columns it reads (its
+    tap for input pixel (i, j) is (i + pad, j + pad)); else None."""
+    out = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pad, kernel, stride, strict=True)]
+    if out != [1, 1]:
+        return None
+    read = tuple(min(n, k - p) for n, p, k in zip(size, pad, kernel, strict=True))
+    return read if min(read) >= 1 else None
 
 
 class _LiveTapConv(torch.autograd.Function):
@@ -84,6 +107,34 @@ class _LiveTapConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+class _LiveTapLinear(torch.autograd.Function):
+    """`F.linear(pixels, weight[:, :, r0:r1, c0:c1].reshape(out, -1), bias)` with the weight
+    gradient written as `_LiveTapConv` writes it: the live taps gathered once in the forward, the
+    full-shape gradient in one place. Not differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, pixels, weight, bias, taps):
+        r0, r1, c0, c1 = taps
+        live = weight[:, :, r0:r1, c0:c1].reshape(len(weight), -1)  # a contiguous copy
+        ctx.save_for_backward(pixels, live)
+        ctx.taps, ctx.weight_shape, ctx.has_bias = taps, weight.shape, bias is not None
+        return F.linear(pixels, live, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pixels, live = ctx.saved_tensors
+        grad_pixels = grad.mm(live) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            r0, r1, c0, c1 = ctx.taps
+            grad_weight = grad.new_zeros(ctx.weight_shape)
+            grad_weight[:, :, r0:r1, c0:c1] = grad.t().mm(pixels).view(len(live), -1, r1 - r0, c1 - c0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_pixels, grad_weight, grad_bias, None
+
+
 def _plain_autograd(weight: torch.Tensor) -> bool:
     """Whether `weight` is a module's own float parameter being trained in plain eager autograd (no
     functorch transform such as a fused group's vmap, no compiler tracing, default layout): where
@@ -101,6 +152,18 @@ class LiveTapConv2d(nn.Conv2d):
         if (self.padding_mode != "zeros" or isinstance(self.padding, str) or self.dilation != (1, 1)
                 or x.dim() != 4):
             return super().forward(x)
+        one = one_pixel(self.kernel_size, self.stride, self.padding, x.shape[-2:])
+        if one is not None and self.groups == 1:
+            (h, w), (ph, pw) = one, self.padding
+            pixels = (x if (h, w) == tuple(x.shape[-2:]) else x[:, :, :h, :w]).reshape(len(x), -1)
+            if (h, w) == self.kernel_size:  # every tap meets a pixel (a 1x1 convolution, ...)
+                y = F.linear(pixels, self.weight.view(self.out_channels, -1), self.bias)
+            elif _plain_autograd(self.weight):
+                y = _LiveTapLinear.apply(pixels, self.weight, self.bias, (ph, ph + h, pw, pw + w))
+            else:
+                taps = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1)
+                y = F.linear(pixels, taps, self.bias)
+            return y.view(len(x), self.out_channels, 1, 1)
         rows = live_taps(self.kernel_size[0], self.stride[0], self.padding[0], x.shape[-2])
         cols = live_taps(self.kernel_size[1], self.stride[1], self.padding[1], x.shape[-1])
         if rows is None or cols is None:
@@ -150,12 +213,35 @@ class SmallMapConv2d(LiveTapConv2d):
         return y.view(len(x), len(rows), len(cols), self.out_channels).permute(0, 3, 1, 2)
 
 
-def use_live_taps(model: nn.Module) -> nn.Module:
-    """Make every plain `nn.Conv2d` of `model` a `LiveTapConv2d`, in place (same parameters,
-    names and state_dict; only the forward changes)."""
+class SmallMapBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` that, on the CPU and maps of 2 to 4 pixels, normalises the (pixels,
+    channels) matrix of the channels-last map instead: the same statistics over the same
+    B*H*W values per channel, the same running averages. PyTorch's CPU kernel walks an NCHW map
+    of 2x2 pixels 4-5x slower than that matrix (forward and backward, a [64, 1024, 2, 2] batch
+    on one thread); on 1x1 maps it already takes the matrix's path, on larger maps it is faster."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.device.type != "cpu" or not 2 <= x.shape[-2] * x.shape[-1] <= 4:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, c))
+        y = y.view(b, h, w, c).permute(0, 3, 1, 2)
+        return y.contiguous()
+
+
+def use_shortcuts(model: nn.Module) -> nn.Module:
+    """Make every plain `nn.Conv2d` of `model` a `LiveTapConv2d` and every plain
+    `nn.BatchNorm2d` a `SmallMapBatchNorm2d`, in place (same parameters, buffers, names and
+    state_dict; only the forward changes)."""
     for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = LiveTapConv2d
+        elif type(module) is nn.BatchNorm2d:
+            module.__class__ = SmallMapBatchNorm2d
     return model
 
 
