@@ -1,12 +1,13 @@
-"""Write `kdsweep/service/priors.py`: ForecastPruner's priors, from the TUNING half of each table.
+"""Write `kdsweep/service/priors.py`: ForecastPruner's priors, from the TUNING configurations of each table.
 
     python -m benchmarks.curves_prior
 
-For each recorded table (`benchmarks/curves/q1.json`, `q2.json`) the configurations of the
-tuning half (`benchmarks.pruning.split`, the half that `pruning_epoch_savings` tunes on) that
-ran to the end are written with their parameters and curves, and the distributions of the
-study's space. The held-out half is never written: the benchmark scores the pruner on it, and
-checks that the shipped prior is exactly this half (`prior_is_tuning_half` in its details).
+For each recorded table (`benchmarks/curves/q1.json`, `q2.json`) the tuning configurations
+(`benchmarks.pruning.halves`: all of q1.json, whose held-out configurations were recorded apart
+in q1_holdout.json; the first half of q2.json) that ran to the end are written with their
+parameters and curves, and the distributions they were drawn from. Held-out configurations are
+never written: the benchmarks score the pruner on them, and check that the shipped prior is
+exactly the tuning configurations (`prior_is_tuning_set` in their details).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import optuna
 
 from benchmarks import pruning
-from kdsweep.service import spec as studies
 
 OUT = Path(__file__).resolve().parent.parent / "kdsweep" / "service" / "priors.py"
 HEADER = '''"""Priors of ForecastPruner: configurations of a study's space recorded to the end (parameters and
@@ -33,13 +33,12 @@ from optuna.distributions import json_to_distribution
 
 
 def prior_source(table: Path) -> tuple[list[dict], dict[str, str], str]:
-    meta, configs = pruning.load(table)
-    tune_half, _ = pruning.split(configs)
-    study = studies.load(meta["study"])
-    dists = pruning.distributions(study.space_for(meta["preset"], meta["overrides"]))
-    described = (f"{len(configs)}-configuration table {table.name} ({pruning.STANDS_FOR.get(table.name, '')}); "
-                 f"its tuning half (split seed {pruning.SPLIT_SEED})")
-    return (pruning.prior_of(tune_half, meta["epochs"]),
+    meta, tune, _, _, held_name = pruning.halves(table)
+    dists = pruning.distributions(pruning.recorded_space(meta))
+    which = (f"all of it ({held_name} holds the held-out configurations)" if held_name != table.name
+             else f"its tuning half (split seed {pruning.SPLIT_SEED})")
+    described = f"table {table.name} ({pruning.STANDS_FOR.get(table.name, '')}); {which}"
+    return (pruning.prior_of(tune, meta["epochs"]),
             {k: optuna.distributions.distribution_to_json(d) for k, d in dists.items()}, described)
 
 
