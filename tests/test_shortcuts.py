@@ -323,3 +323,14 @@ def test_a_small_map_batchnorm_is_batchnorm_and_keeps_the_same_running_averages(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), plain.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kernel", "pad", "size", "stride"), [(3, 0, 3, 1), (3, 1, 1, 1), (3, 1, 2, 2), (1, 0, 2, 2)])
+def test_a_one_pixel_convolution_takes_channels_last_weights_and_input(kernel: int, pad: int, size: int,
+                                                                        stride: int):
+    # On CUDA the model and its input are channels_last: a 3x3 weight is then no view of a matrix.
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 5, kernel, stride=stride, padding=pad).double().to(memory_format=torch.channels_last)
+    live = use_shortcuts(copy.deepcopy(plain))
+    x = torch.randn(4, 6, size, size, dtype=torch.float64).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(live(x), plain(x), rtol=1e-12, atol=1e-12)

@@ -157,7 +157,7 @@ class LiveTapConv2d(nn.Conv2d):
             (h, w), (ph, pw) = one, self.padding
             pixels = (x if (h, w) == tuple(x.shape[-2:]) else x[:, :, :h, :w]).reshape(len(x), -1)
             if (h, w) == self.kernel_size:  # every tap meets a pixel (a 1x1 convolution, ...)
-                y = F.linear(pixels, self.weight.view(self.out_channels, -1), self.bias)
+                y = F.linear(pixels, self.weight.reshape(self.out_channels, -1), self.bias)
             elif _plain_autograd(self.weight):
                 y = _LiveTapLinear.apply(pixels, self.weight, self.bias, (ph, ph + h, pw, pw + w))
             else:
