@@ -112,20 +112,19 @@ def narrow(config: TrainConfig) -> dict[str, dict[str, list[int]]]:
 
 
 def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
-    # CurvePruner (kdsweep/service/pruners.py), not Hyperband. Replayed over the held-out half of
-    # benchmarks/curves/q1.json (Q1's space at 4,000 images of 14 px, 9 epochs; 200 sequences of
-    # 16 configurations; benchmark entry pruning_epoch_savings of 2026-12-07 03:49) this pruner
-    # reached within 0.5 pt of each sweep's best 1.13x sooner (95% CI 1.11-1.14) and never lost
-    # the best (CurvePruner as tuned there: 1.15x, 1.5%); Hyperband was slower than no pruning
-    # (0.96x) and lost it in 41.5%: rung pruners cut slow starters (DropBlock's ramp, strong
-    # dropout) that end on top. ForecastPruner (same module, its tuned parameters in that entry)
-    # saves more, 1.41x (a bootstrap over configurations: 1.17-1.51), losing the best in 1.0% of
-    # sequences (0-15% over configurations), but in the entry's live check (TPE, 4 seeds) it
-    # ended lower than TPE alone on average. With per-epoch miss levels chosen on the tuning half
-    # (entry of 2026-12-07 07:02, the held-out half's second scoring) it saved 1.49x but lost the
-    # best in 4.0% of sequences (0-30% over configurations): above the 2% this study accepts.
-    # This pruner may stop a trial from a third of its epochs on; `hyperband` below stays one
-    # line away (pruner=hyperband).
+    # CurvePruner (kdsweep/service/pruners.py), not Hyperband. Tuned on benchmarks/curves/q1.json
+    # (Q1's space at 4,000 images of 14 px, 9 epochs) and replayed over q1_holdout.json, 96
+    # configurations of the same setting on today's preset recorded apart (benchmark entry
+    # pruning_epoch_savings of 2026-12-07 13:38; 200 sequences of 16): this pruner reached within
+    # 0.5 pt of each sweep's best 1.08x sooner than no pruning and lost the best in 3.0% of
+    # sequences. The others on the same sequences: ForecastPruner (decides from epoch 1; prior and
+    # parameters from q1.json) 1.27x with 15% lost, CurvePruner as tuned there 1.03x with 13%,
+    # Wilcoxon 1.13x with 11.5%, Hyperband 1.03x with 36.5%, median 0.86x with 44.5%. On this
+    # draw slow starters end on top more often than on q1.json, where the same ForecastPruner had
+    # saved 1.49x losing 4.0% (its halves scored against each other): forecasts learnt on one
+    # table did not carry to another draw of the same space. Rung pruners cut slow starters
+    # (DropBlock's ramp, strong dropout) that end on top. This pruner may stop a trial from a
+    # third of its epochs on; `hyperband` below stays one line away (pruner=hyperband).
     from kdsweep.service.pruners import CurvePruner
 
     return CurvePruner(config.epochs, margin=0.005, confidence=0.95, min_epoch=max(1, math.ceil(config.epochs / 3)),
