@@ -112,9 +112,9 @@ REPLICATES, BOOT_SEQ, BOOT_SEED = 20, 20, 5  # configuration bootstrap: replicat
 # then 1.491x with 4.0%); once used to choose a design it could no longer say how a choice
 # generalises, so it joined the tuning set and a new draw was recorded to be scored instead.
 HOLDOUT = {"q1.json": TABLE.with_name("q1_holdout.json")}
-# How many times each held-out set has been scored with what tuning chose (by `halves`' "how"):
-# a count above 1 means an earlier scoring was seen before a later design choice.
-HELD_OUT_SCORINGS: dict[str, int] = {}  # by held-out table name; absent: 1
+# By held-out table name: how many designs have been scored on it (absent: 1). A count above 1
+# means an earlier scoring was seen before a later design choice.
+HELD_OUT_SCORINGS: dict[str, int] = {}
 STANDS_FOR = {
     "q1.json": "Q1's whole space at 4,000 training images of 14 px, 9 epochs of batch 128 with pad-2 crops "
                "and flips, 5,000 validation images, lr 0.01-0.4 (not the q1 smoke preset: 3,000 images, "

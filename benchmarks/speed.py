@@ -23,10 +23,10 @@ every validation image the same after the teacher's build and after the trial; `
 
 Legs alternate (before, after) for the teacher, then for the trial; each runs in a freshly
 spawned process (nothing one leg leaves in memory or caches reaches the next) with its data
-loaded before the clock, and is timed in process CPU seconds (one thread: robust to other processes on
-the host) and in wall seconds. The trial
-distils (alpha 0.5, T 4) from the teacher just built (the after leg's, for both legs), with its
-logit cache filled for every (image, view) first: the steady state a sweep reaches.
+loaded before the clock, and is timed in process CPU seconds (one thread: robust to other
+processes on the host) and in wall seconds. The trial distils (alpha 0.5, T 4) from the teacher
+just built (the after leg's, for both legs), with its logit cache filled for every (image, view)
+first: the steady state a sweep reaches.
 
 `python -m benchmarks.speed --divisor N -o FILE` runs it with every image count of the preset
 divided by N (same epochs, batch sizes and proportions of training to scoring), for hosts
