@@ -722,12 +722,12 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
 def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     start = time.perf_counter()
-    q1_out, (meta, configs, test_half, tuned, prior, dists) = assess(table, quick)
+    q1_out, (meta, tune_configs, test_half, tuned, prior, tune_dists) = assess(table, quick)
     tuned_curve = {k: q1_out["tuned_curve"][k] for k in GRID}
     epochs = meta["epochs"]
 
     def make() -> ForecastPruner:
-        return ForecastPruner(epochs, margin=MARGIN, prior=prior, prior_distributions=dists, **tuned)
+        return ForecastPruner(epochs, margin=MARGIN, prior=prior, prior_distributions=tune_dists, **tuned)
 
     # The live check: the study's own sampler over the held-out configurations, equal budgets of epochs.
     q1 = studies.load("q1")
@@ -745,7 +745,7 @@ def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
     live_s = round(time.perf_counter() - t0, 1)
     with scratch("pruner-cost") as tmp:
         cost = per_call_ms({FORECAST: make, "curve (tuned)": lambda: CurvePruner(epochs, margin=MARGIN, **tuned_curve)},
-                           configs, dists, tmp, n_trials=200 if quick else 2000)
+                           tune_configs, tune_dists, tmp, n_trials=200 if quick else 2000)
 
     ours = q1_out["pruners"][FORECAST]
     boot = q1_out["config_bootstrap"][FORECAST]

@@ -222,7 +222,7 @@ class SmallMapBatchNorm2d(nn.BatchNorm2d):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in (2, 4):
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+            raise ValueError(f"expected 2D or 4D input (got {input.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.device.type != "cpu" or not 2 <= x.shape[-2] * x.shape[-1] <= 4:
