@@ -4,6 +4,7 @@ into convolutions for evaluation; the same functions as before."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -219,6 +220,63 @@ def test_a_convolution_with_one_output_pixel_is_a_matrix_product(kernel: int, pa
     assert out.shape == (5, 24, 1, 1)
     assert not [op for op in ops if "convolution" in op]
     assert any(op.startswith(("addmm", "mm")) for op in ops)
+
+
+@pytest.mark.parametrize(("kernel", "pad", "size", "stride"), [(3, 1, 2, 1), (3, 1, 4, 2), (1, 0, 4, 2), (1, 0, 2, 1),
+                                                         (3, 1, 2, 2), (3, 1, 3, 2)])
+def test_a_convolution_with_two_to_four_output_pixels_trains_as_one_unfolded_product(kernel: int, pad: int,
+                                                                                     size: int, stride: int):
+    # Layer3 at 28 px (2x2 maps) and layer4's stride-2 3x3 (4 of its 9 taps live): in training
+    # on the CPU, forward and backward are matrix products of the unfolded input; no
+    # convolution, and the same numbers in float64.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    plain = nn.Conv2d(16, 24, kernel, stride=stride, padding=pad, bias=True).double()
+    conv = use_shortcuts(copy.deepcopy(plain))
+    x = torch.randn(5, 16, size, size, dtype=torch.float64)
+    target = torch.randn_like(plain(x))
+    grads = []
+    for module in (plain, conv):
+        xi = x.clone().requires_grad_(True)
+        with Record() if module is conv else contextlib.nullcontext():
+            out = module(xi)
+            F.mse_loss(out, target).backward()
+        grads.append([out.detach(), xi.grad, module.weight.grad, module.bias.grad])
+    for want, got in zip(*grads, strict=True):
+        assert want.shape == got.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not [op for op in ops if "convolution" in op]
+    assert any(op.startswith(("addmm", "mm")) for op in ops)
+    if (kernel, size, stride) == (3, 2, 2):  # the 5 taps that meet only padding: exactly 0
+        dead = torch.ones(3, 3, dtype=torch.bool)
+        dead[1:, 1:] = False
+        assert torch.count_nonzero(conv.weight.grad[:, :, dead]) == 0
+
+
+def test_in_inference_a_two_by_two_output_stays_a_convolution():
+    # Scoring is checked image by image against the plain path: the unfolded product is for
+    # training only.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    conv = use_shortcuts(nn.Conv2d(8, 8, 1, stride=2))
+    with torch.inference_mode(), Record():
+        conv(torch.randn(3, 8, 4, 4))
+    assert [op for op in ops if op.startswith(("conv", "convolution"))]
 
 
 def test_resnet18_trains_at_28_px_bit_for_bit_as_with_autograd_through_the_slice(monkeypatch: pytest.MonkeyPatch):

@@ -1,6 +1,6 @@
 """Exact shortcuts for ResNets on small images: the same functions, less arithmetic.
 
-Four of them, all exact up to float rounding (the order of a few sums changes):
+All of them are exact up to float rounding (the order of a few sums changes):
 
 - `LiveTapConv2d`: a convolution that skips the kernel taps that can only ever meet its zero
   padding, and runs as a matrix product where its output is a single pixel. At 28 px with the
@@ -16,6 +16,14 @@ Four of them, all exact up to float rounding (the order of a few sums changes):
   once per step, which the backward reuses, and the full-shape gradient is written in one
   place (`_LiveTapConv`, `_LiveTapLinear`): the same numbers as autograd through a slice of
   the weight, bit for bit.
+- Unfolded products in training on the CPU (`unfolded_product`, in `LiveTapConv2d`): a
+  convolution whose output has 2 to 4 pixels (layer3 at 28 px), or one pixel read through a
+  third of its taps or more (layer4's stride-2 3x3 on a 2x2 map: 4 of 9), is one matrix
+  product of its unfolded input (im2col) and the weight's matrix view, forward and backward.
+  oneDNN is 1.3-1.5x slower there at batch 25 on one thread (a [25, 256, 2, 2] 3x3, forward
+  and backward: 8.6 against 6.4 ms), and for the stride-2 one-pixel case gathering the live
+  taps and padding the gradient around them cost twice the whole product (8.1 against 4.2 ms).
+  Scoring keeps its convolutions (`for_inference` below).
 - `SmallMapBatchNorm2d`: BatchNorm over a 2x2 map (layer3 at 28 px) normalises the (pixels,
   channels) matrix of the channels-last map, which PyTorch's CPU kernel runs 4-5x faster than
   the NCHW map itself.
@@ -27,8 +35,9 @@ Four of them, all exact up to float rounding (the order of a few sums changes):
   become 16, the others having met zero padding. q2's smoke networks at 28 px score 1.2x
   faster with it (`python -m benchmarks.live_tap_step`).
 
-A ResNet-50 training step at 28 px (batch 64, one thread) takes about 1.2x less time with the
-first two than with `LiveTapConv2d`'s convolutions alone; `python -m benchmarks.speed` times
+A ResNet-50 training step at 28 px (batch 64, one thread) took about 1.2x less time with
+one-pixel matrix products and `SmallMapBatchNorm2d` than with `LiveTapConv2d`'s convolutions
+alone; `python -m benchmarks.speed` times
 the q2 teacher's build and a trial against the plain path.
 """
 
@@ -75,6 +84,37 @@ def one_pixel(kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, 
     return read if min(read) >= 1 else None
 
 
+@functools.lru_cache(maxsize=4096)
+def out_pixels(kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], size: tuple[int, int]) -> int:
+    """How many pixels a convolution's output map has."""
+    h, w = ((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pad, kernel, stride, strict=True))
+    return max(h, 0) * max(w, 0)
+
+
+def unfolded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, stride, padding)` (no groups or dilation) as one matrix product
+    of the unfolded input (im2col: a row per output pixel, a column per (channel, tap)) and the
+    weight's (out, in*kh*kw) view, forward and backward through autograd. The output is an NCHW
+    tensor in channels-last memory order, as the product leaves it."""
+    b, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    ho, wo = ((n + 2 * p - k) // s + 1 for n, p, k, s in zip((h, w), padding, (kh, kw), stride, strict=True))
+    if (kh, kw) == (1, 1) and padding == (0, 0):
+        rows = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(b * ho * wo, c)
+    else:
+        rows = F.unfold(x, (kh, kw), padding=padding, stride=stride).transpose(1, 2).reshape(b * ho * wo, -1)
+    y = F.linear(rows, weight.reshape(o, -1), bias)
+    return y.view(b, ho, wo, o).permute(0, 3, 1, 2)
+
+
+def _zero_padded(live: torch.Tensor, shape: torch.Size, r0: int, c0: int) -> torch.Tensor:
+    """The full-shape weight gradient: `live` at taps [r0:, c0:], exact zeros elsewhere, written
+    in one pass (`F.pad`; a zero fill then a strided copy into it passes over the tensor twice)."""
+    h, w = live.shape[-2:]
+    return F.pad(live, (c0, shape[-1] - c0 - w, r0, shape[-2] - r0 - h))
+
+
 class _LiveTapConv(torch.autograd.Function):
     """`F.conv2d(x, weight[:, :, r0:r1, c0:c1], bias, stride, padding, 1, groups)`, whose weight
     gradient is the full-shape zero tensor with the live taps' gradient in place, exactly as autograd
@@ -101,9 +141,8 @@ class _LiveTapConv(torch.autograd.Function):
             grad, x, live, bias_shape, stride, padding, [1, 1], False, [0, 0], groups, mask)
         grad_weight = None
         if grad_live is not None:
-            (r0, r1, _), (c0, c1, _) = ctx.taps
-            grad_weight = grad_live.new_zeros(ctx.weight_shape)
-            grad_weight[:, :, r0:r1, c0:c1] = grad_live
+            (r0, _, _), (c0, _, _) = ctx.taps
+            grad_weight = _zero_padded(grad_live, ctx.weight_shape, r0, c0)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -115,7 +154,9 @@ class _LiveTapLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pixels, weight, bias, taps):
         r0, r1, c0, c1 = taps
-        live = weight[:, :, r0:r1, c0:c1].reshape(len(weight), -1)  # a contiguous copy
+        # A contiguous copy (a single live tap's slice reshapes to a strided view, which each
+        # matrix product would copy again).
+        live = weight[:, :, r0:r1, c0:c1].reshape(len(weight), -1).contiguous()
         ctx.save_for_backward(pixels, live)
         ctx.taps, ctx.weight_shape, ctx.has_bias = taps, weight.shape, bias is not None
         return F.linear(pixels, live, bias)
@@ -128,8 +169,8 @@ class _LiveTapLinear(torch.autograd.Function):
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             r0, r1, c0, c1 = ctx.taps
-            grad_weight = grad.new_zeros(ctx.weight_shape)
-            grad_weight[:, :, r0:r1, c0:c1] = grad.t().mm(pixels).view(len(live), -1, r1 - r0, c1 - c0)
+            grad_live = grad.t().mm(pixels).view(len(live), -1, r1 - r0, c1 - c0)
+            grad_weight = _zero_padded(grad_live, ctx.weight_shape, r0, c0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_pixels, grad_weight, grad_bias, None
@@ -156,17 +197,26 @@ class LiveTapConv2d(nn.Conv2d):
         if one is not None and self.groups == 1:
             (h, w), (ph, pw) = one, self.padding
             pixels = (x if (h, w) == tuple(x.shape[-2:]) else x[:, :, :h, :w]).reshape(len(x), -1)
+            if ((h, w) != self.kernel_size and 3 * h * w >= self.kernel_size[0] * self.kernel_size[1]
+                    and x.device.type == "cpu" and torch.is_grad_enabled()):
+                # A third of the taps or more live (a stride-2 3x3 on a 2x2 map: 4 of 9): in
+                # training the whole kernel's product, zeros included, is cheaper than gathering
+                # the live taps and writing the full-shape gradient around them.
+                return unfolded_product(x, self.weight, self.bias, self.stride, self.padding)
             if (h, w) == self.kernel_size:  # every tap meets a pixel (a 1x1 convolution, ...)
                 y = F.linear(pixels, self.weight.reshape(self.out_channels, -1), self.bias)
             elif _plain_autograd(self.weight):
                 y = _LiveTapLinear.apply(pixels, self.weight, self.bias, (ph, ph + h, pw, pw + w))
             else:
-                taps = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1)
+                taps = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1).contiguous()
                 y = F.linear(pixels, taps, self.bias)
             return y.view(len(x), self.out_channels, 1, 1)
         rows = live_taps(self.kernel_size[0], self.stride[0], self.padding[0], x.shape[-2])
         cols = live_taps(self.kernel_size[1], self.stride[1], self.padding[1], x.shape[-1])
         if rows is None or cols is None:
+            if (self.groups == 1 and x.device.type == "cpu" and torch.is_grad_enabled()
+                    and 2 <= out_pixels(self.kernel_size, self.stride, self.padding, x.shape[-2:]) <= 4):
+                return unfolded_product(x, self.weight, self.bias, self.stride, self.padding)
             return super().forward(x)
         if _plain_autograd(self.weight):
             return _LiveTapConv.apply(x, self.weight, self.bias, rows, cols, self.stride, self.groups)
