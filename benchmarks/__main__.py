@@ -61,7 +61,8 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="benchmarks/results.json",
               show_default=True, help="JSON file of the results.")
-@click.option("--only", multiple=True, type=click.Choice(list(ENTRIES)), help="Run only these entries (repeatable).")
+@click.option("--only", multiple=True, type=click.Choice(list(ENTRIES)),
+              help="Run only these entries (repeatable); the output file keeps its other entries.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Device of the training entries; GPU entries are skipped on cpu.")
 @click.option("--quick", is_flag=True, help="Shrink every entry to seconds (plumbing check, not figures).")
@@ -80,6 +81,9 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
     names = list(only) or list(ENTRIES)
+    # --only re-measures some entries: the file keeps the others (every entry carries its own
+    # date and load), with these replaced where they stood.
+    stored = report.read_entries(Path(output)) if only else []
     results = []
     suite_start = time.perf_counter()
     for name in names:
@@ -109,11 +113,12 @@ def main(output: str, only: tuple[str, ...], device: str, quick: bool, markdown:
         click.echo(f"   {wall:.0f} s", err=True)
         meta = {**report.machine(), "suite_s": round(time.perf_counter() - suite_start, 1),
                 "quick": quick, "device": device, "complete": len(results) == len(names)}
-        report.write_json(Path(output), results, meta)  # after every entry: a crash keeps the rest
+        report.write_json(Path(output), report.merged(stored, results), meta)  # after every entry: a crash keeps the rest
         if markdown:
-            _write_markdown(markdown, results, meta, note)
+            _write_markdown(markdown, report.merged(stored, results), meta, note)
     click.echo(report.table(results))
-    click.echo(f"wrote {output} ({meta['suite_s']:.0f} s)")
+    kept = f"; {len(stored)} stored entries kept or replaced" if stored else ""
+    click.echo(f"wrote {output} ({meta['suite_s']:.0f} s{kept})")
     if markdown:
         click.echo(f"wrote {markdown}")
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
+
 GPU_ENTRIES = ("gpu_resnet18_train_32px", "gpu_resnet18_train_224px", "gpu_resnet50_teacher_224px",
                "gpu_compile_reuse", "gpu_trials_per_device")
 
@@ -117,6 +119,23 @@ def table(entries: Sequence[dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in [HEADER] + body) for i in range(len(HEADER))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
                      for r in [HEADER] + body)
+
+
+def read_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries stored in results file `path` ([] where there is none yet)."""
+    if not path.exists():
+        return []
+    try:
+        return list(json.loads(path.read_text())["entries"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"{path} is not a results file ({exc}): move it away or pass another --output.") from None
+
+
+def merged(stored: Sequence[dict[str, Any]], fresh: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`stored` with each entry of `fresh` in place of the stored one of its name (new names last)."""
+    by_name = {e["name"]: e for e in fresh}
+    out = [by_name.pop(e["name"], e) for e in stored]
+    return out + list(by_name.values())
 
 
 def write_json(path: Path, entries: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:

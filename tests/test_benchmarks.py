@@ -51,6 +51,30 @@ def test_quick_core_entry_writes_json_and_markdown(tmp_path: Path, fmnist_dir: P
     assert "core_vs_reference" in result.output  # the printed table
 
 
+def test_only_replaces_its_entries_in_the_results_file_and_keeps_the_others(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.common import Entry
+
+    def fake(name: str, value: float):
+        return lambda device, quick: Entry(name=name, value=value, unit="s", baseline=1.0, ratio=1.0,
+                                           goal="-", device=device)
+
+    a, b = "cli_startup_s", "trial_dead_time"
+    monkeypatch.setitem(ENTRIES, a, (fake(a, 2.0), 1))
+    monkeypatch.setitem(ENTRIES, b, (fake(b, 3.0), 1))
+    out = tmp_path / "r.json"
+    stored = [{"name": b, "value": 1.0}, {"name": "x", "value": 7.0, "details": {"kept": True}}]
+    out.write_text(json.dumps({"machine": {}, "entries": stored}))
+    result = CliRunner().invoke(main, ["--only", a, "--only", b, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(out.read_text())["entries"]
+    assert [(e["name"], e["value"]) for e in entries] == [(b, 3.0), ("x", 7.0), (a, 2.0)]
+    assert entries[1] == stored[1]
+    out.write_text("not json")
+    result = CliRunner().invoke(main, ["--only", a, "--output", str(out)])
+    assert result.exit_code == 1 and "is not a results file" in result.output and out.read_text() == "not json"
+
+
 def test_epochs_to_target_counts_pruned_epochs_and_ignores_pruned_values() -> None:
     trials = [(9, 0.80), (1, None), (3, None), (9, 0.86), (9, 0.90)]
     assert epochs_to(trials, 0.85) == 9 + 1 + 3 + 9
