@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +24,22 @@ from kdsweep.core.shortcuts import (
     live_taps,
     use_shortcuts,
 )
+
+
+@contextlib.contextmanager
+def dispatched_ops() -> Iterator[list[str]]:
+    """The names of the aten ops dispatched inside the block, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        yield ops
 
 
 def test_live_taps_are_the_taps_that_meet_a_real_pixel():
@@ -202,19 +219,10 @@ def test_the_backward_reads_the_live_taps_gathered_not_scattered_over_the_weight
 def test_a_convolution_with_one_output_pixel_is_a_matrix_product(kernel: int, pad: int, size: int, stride: int):
     # Layer4 at 28 px: every convolution there outputs one pixel (1x1 maps; the stride-2 ones
     # read a 2x2 map). Forward and backward run as matrix products, no convolution at all.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    ops = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     conv = use_shortcuts(nn.Conv2d(16, 24, kernel, stride=stride, padding=pad, bias=True))
     x = torch.randn(5, 16, size, size, requires_grad=True)
-    with Record():
+    with dispatched_ops() as ops:
         out = conv(x)
         out.square().sum().backward()
     assert out.shape == (5, 24, 1, 1)
@@ -229,15 +237,6 @@ def test_a_convolution_with_two_to_four_output_pixels_trains_as_one_unfolded_pro
     # Layer3 at 28 px (2x2 maps) and layer4's stride-2 3x3 (4 of its 9 taps live): in training
     # on the CPU, forward and backward are matrix products of the unfolded input; no
     # convolution, and the same numbers in float64.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    ops = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     plain = nn.Conv2d(16, 24, kernel, stride=stride, padding=pad, bias=True).double()
     conv = use_shortcuts(copy.deepcopy(plain))
@@ -246,14 +245,14 @@ def test_a_convolution_with_two_to_four_output_pixels_trains_as_one_unfolded_pro
     grads = []
     for module in (plain, conv):
         xi = x.clone().requires_grad_(True)
-        with Record() if module is conv else contextlib.nullcontext():
+        with dispatched_ops() if module is conv else contextlib.nullcontext([]) as ops:
             out = module(xi)
             F.mse_loss(out, target).backward()
         grads.append([out.detach(), xi.grad, module.weight.grad, module.bias.grad])
     for want, got in zip(*grads, strict=True):
         assert want.shape == got.shape
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert not [op for op in ops if "convolution" in op]
+    assert not [op for op in ops if "convolution" in op]  # ops: what `conv`, run last, dispatched
     assert any(op.startswith(("addmm", "mm")) for op in ops)
     if (kernel, size, stride) == (3, 2, 2):  # the 5 taps that meet only padding: exactly 0
         dead = torch.ones(3, 3, dtype=torch.bool)
@@ -264,17 +263,8 @@ def test_a_convolution_with_two_to_four_output_pixels_trains_as_one_unfolded_pro
 def test_in_inference_a_two_by_two_output_stays_a_convolution():
     # Scoring is checked image by image against the plain path: the unfolded product is for
     # training only.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    ops = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     conv = use_shortcuts(nn.Conv2d(8, 8, 1, stride=2))
-    with torch.inference_mode(), Record():
+    with torch.inference_mode(), dispatched_ops() as ops:
         conv(torch.randn(3, 8, 4, 4))
     assert [op for op in ops if op.startswith(("conv", "convolution"))]
 
