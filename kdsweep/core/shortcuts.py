@@ -37,8 +37,8 @@ All of them are exact up to float rounding (the order of a few sums changes):
 
 A ResNet-50 training step at 28 px (batch 64, one thread) took about 1.2x less time with
 one-pixel matrix products and `SmallMapBatchNorm2d` than with `LiveTapConv2d`'s convolutions
-alone; `python -m benchmarks.speed` times
-the q2 teacher's build and a trial against the plain path.
+alone; `python -m benchmarks.speed` times the q2 teacher's build and a trial against the plain
+path.
 """
 
 from __future__ import annotations
@@ -196,13 +196,13 @@ class LiveTapConv2d(nn.Conv2d):
         one = one_pixel(self.kernel_size, self.stride, self.padding, x.shape[-2:])
         if one is not None and self.groups == 1:
             (h, w), (ph, pw) = one, self.padding
-            pixels = (x if (h, w) == tuple(x.shape[-2:]) else x[:, :, :h, :w]).reshape(len(x), -1)
             if ((h, w) != self.kernel_size and 3 * h * w >= self.kernel_size[0] * self.kernel_size[1]
                     and x.device.type == "cpu" and torch.is_grad_enabled()):
                 # A third of the taps or more live (a stride-2 3x3 on a 2x2 map: 4 of 9): in
                 # training the whole kernel's product, zeros included, is cheaper than gathering
                 # the live taps and writing the full-shape gradient around them.
                 return unfolded_product(x, self.weight, self.bias, self.stride, self.padding)
+            pixels = (x if (h, w) == tuple(x.shape[-2:]) else x[:, :, :h, :w]).reshape(len(x), -1)
             if (h, w) == self.kernel_size:  # every tap meets a pixel (a 1x1 convolution, ...)
                 y = F.linear(pixels, self.weight.reshape(self.out_channels, -1), self.bias)
             elif _plain_autograd(self.weight):
