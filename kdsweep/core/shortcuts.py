@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -73,22 +74,22 @@ def live_taps(kernel: int, stride: int, pad: int, size: int) -> tuple[int, int, 
 
 
 @functools.lru_cache(maxsize=4096)
+def out_size(kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], size: tuple[int, int]
+             ) -> tuple[int, int]:
+    """A convolution's output rows and columns (0 where the kernel does not fit)."""
+    h, w = ((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pad, kernel, stride, strict=True))
+    return max(h, 0), max(w, 0)
+
+
+@functools.lru_cache(maxsize=4096)
 def one_pixel(kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], size: tuple[int, int]
               ) -> tuple[int, int] | None:
     """When the output is a single pixel: how many leading input rows and columns it reads (its
     tap for input pixel (i, j) is (i + pad, j + pad)); else None."""
-    out = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pad, kernel, stride, strict=True)]
-    if out != [1, 1]:
+    if out_size(kernel, stride, pad, size) != (1, 1):
         return None
     read = tuple(min(n, k - p) for n, p, k in zip(size, pad, kernel, strict=True))
     return read if min(read) >= 1 else None
-
-
-@functools.lru_cache(maxsize=4096)
-def out_pixels(kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], size: tuple[int, int]) -> int:
-    """How many pixels a convolution's output map has."""
-    h, w = ((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pad, kernel, stride, strict=True))
-    return max(h, 0) * max(w, 0)
 
 
 def unfolded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -99,7 +100,7 @@ def unfolded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     tensor in channels-last memory order, as the product leaves it."""
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    ho, wo = ((n + 2 * p - k) // s + 1 for n, p, k, s in zip((h, w), padding, (kh, kw), stride, strict=True))
+    ho, wo = out_size((kh, kw), tuple(stride), tuple(padding), (h, w))
     if (kh, kw) == (1, 1) and padding == (0, 0):
         rows = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1).reshape(b * ho * wo, c)
     else:
@@ -193,11 +194,12 @@ class LiveTapConv2d(nn.Conv2d):
         if (self.padding_mode != "zeros" or isinstance(self.padding, str) or self.dilation != (1, 1)
                 or x.dim() != 4):
             return super().forward(x)
+        # Training on the CPU: where the unfolded product is cheaper than oneDNN's convolution.
+        unfold = self.groups == 1 and x.device.type == "cpu" and torch.is_grad_enabled()
         one = one_pixel(self.kernel_size, self.stride, self.padding, x.shape[-2:])
         if one is not None and self.groups == 1:
             (h, w), (ph, pw) = one, self.padding
-            if ((h, w) != self.kernel_size and 3 * h * w >= self.kernel_size[0] * self.kernel_size[1]
-                    and x.device.type == "cpu" and torch.is_grad_enabled()):
+            if unfold and (h, w) != self.kernel_size and 3 * h * w >= self.kernel_size[0] * self.kernel_size[1]:
                 # A third of the taps or more live (a stride-2 3x3 on a 2x2 map: 4 of 9): in
                 # training the whole kernel's product, zeros included, is cheaper than gathering
                 # the live taps and writing the full-shape gradient around them.
@@ -214,8 +216,7 @@ class LiveTapConv2d(nn.Conv2d):
         rows = live_taps(self.kernel_size[0], self.stride[0], self.padding[0], x.shape[-2])
         cols = live_taps(self.kernel_size[1], self.stride[1], self.padding[1], x.shape[-1])
         if rows is None or cols is None:
-            if (self.groups == 1 and x.device.type == "cpu" and torch.is_grad_enabled()
-                    and 2 <= out_pixels(self.kernel_size, self.stride, self.padding, x.shape[-2:]) <= 4):
+            if unfold and 2 <= math.prod(out_size(self.kernel_size, self.stride, self.padding, x.shape[-2:])) <= 4:
                 return unfolded_product(x, self.weight, self.bias, self.stride, self.padding)
             return super().forward(x)
         if _plain_autograd(self.weight):
