@@ -306,9 +306,31 @@ def test_forecast_a_miss_schedule_applies_per_epoch() -> None:
     assert bound_at(forecast_pruner(miss=(0.1,)), later) == plain
 
 
+def test_forecast_a_winner_whose_value_falls_for_one_epoch_is_kept() -> None:
+    # A fast configuration 2 points above the incumbent's whose validation value drops for one
+    # epoch (0.45 at epoch 3) and jumps back: read as its best so far, it is still a winner.
+    winner = [v + 0.03 for v in SHAPES["fast"]]
+    assert run_with_params(forecast_study(), {"kind": "fast", "lr": 0.1}, winner[:2] + [0.45] + winner[3:]) is None
+
+
+def test_forecast_lead_0_forecasts_a_slower_starter_from_its_neighbours_final_values() -> None:
+    # Below every slow curve of the prior at epoch 1 (0.02 against about 0.15), then on their
+    # path: lead 1 adds the neighbours' gains to 0.02 and stops it at epoch 1; lead 0 at epoch 1
+    # forecasts the slow neighbours' final values (on top) and keeps it to the end.
+    slower = [0.02] + SHAPES["slow"][1:]
+    assert run_with_params(forecast_study(forecast_pruner(window=1)), {"kind": "slow", "lr": 0.1}, slower) == 1
+    schedule = forecast_pruner(window=1, lead=(0.0, 0.6, 1.0))
+    assert run_with_params(forecast_study(schedule), {"kind": "slow", "lr": 0.1}, slower) is None
+    # A clear loser is still stopped at epoch 1.
+    assert run_with_params(forecast_study(forecast_pruner(window=1, lead=(0.0, 0.6, 1.0))),
+                           {"kind": "bad", "lr": 0.1}, SHAPES["bad"]) == 1
+
+
 @pytest.mark.parametrize("kwargs", [{"max_epochs": 0}, {"max_epochs": 9, "miss": 0.0},
                                     {"max_epochs": 9, "miss": (0.1, 0.0)}, {"max_epochs": 9, "miss": ()},
-                                    {"max_epochs": 9, "margin": -0.1}, {"max_epochs": 9, "min_epoch": 0}])
+                                    {"max_epochs": 9, "margin": -0.1}, {"max_epochs": 9, "min_epoch": 0},
+                                    {"max_epochs": 9, "lead": -0.1}, {"max_epochs": 9, "lead": (0.0, 1.5)},
+                                    {"max_epochs": 9, "lead": ()}])
 def test_forecast_bad_parameters_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         ForecastPruner(**kwargs)

@@ -274,13 +274,17 @@ class ForecastPruner(optuna.pruners.BasePruner):
     """Stop a trial as soon as a calibrated upper bound of its final value falls below the incumbent.
 
     At epoch t the trial's final value is forecast from its `neighbours` nearest reference
-    curves: nearest by the RMS difference over the trial's last `window` epochs plus
-    `param_weight` times the RMS difference of the sampled parameters (each scaled to [0, 1]
-    by its distribution, log-scaled where sampled so; a categorical or an absent parameter
-    differs by 1). Each neighbour's gain from its window mean to its end is added to the
-    trial's window mean; `center` is their mean, `spread` their standard deviation (floored by
-    `spread_floor`). The references are the `prior` shipped with a study (configurations of its
-    space recorded to the end) and the study's own complete trials.
+    curves. Every curve is read as its best value so far (a validation value that falls for an
+    epoch and jumps back does not move the forecast). Nearest: by the RMS difference over the
+    trial's last `window` epochs plus `param_weight` times the RMS difference of the sampled
+    parameters (each scaled to [0, 1] by its distribution, log-scaled where sampled so; a
+    categorical or an absent parameter differs by 1). Each neighbour forecasts its own final
+    value plus `lead` times the trial's lead over it (the difference of their window means):
+    lead 1 adds the neighbour's gain to the trial's level, lead 0 forecasts the neighbour's
+    final value, so the curve only chooses the neighbours. `center` is the mean of these
+    forecasts, `spread` their standard deviation (floored by `spread_floor`). The references are
+    the `prior` shipped with a study (configurations of its space recorded to the end) and the
+    study's own complete trials.
 
     The bound is split conformal with normalised residuals (Vovk et al. 2005; Lei et al. 2018):
     every reference is forecast at every epoch from the references before it (a prior curve
@@ -309,6 +313,11 @@ class ForecastPruner(optuna.pruners.BasePruner):
         min_epoch: the earliest epoch (step) at which a trial may be stopped. A longer schedule
             with the same `min_epoch` makes a clear loser pay only its first epochs.
         neighbours: how many references forecast the trial.
+        lead: how much of the trial's lead over a neighbour carries to the end, per epoch like
+            `miss` (its last value for every later epoch). At the first epochs a lead is mostly
+            noise (a slow starter that ends on top looks like a loser there): `(0.0, 0.6, 1.0)`
+            forecasts from the neighbours' final values at epoch 1 and trusts the lead more as
+            the curve grows.
         window: how many of the trial's latest epochs choose its neighbours and anchor the forecast.
         param_weight: the weight of the parameters' distance against the curve's (0: curves only).
         spread_floor: the least spread (metric units) of a forecast; 0.005 = 0.5 points.
@@ -330,7 +339,7 @@ class ForecastPruner(optuna.pruners.BasePruner):
     """
 
     def __init__(self, max_epochs: int, margin: float = 0.005, miss: float | Sequence[float] = 0.05,
-                 min_epoch: int = 1,
+                 min_epoch: int = 1, lead: float | Sequence[float] = 1.0,
                  neighbours: int = 10, window: int = 2, param_weight: float = 0.0, spread_floor: float = 0.005,
                  band: float = 0.03, prior: Sequence[dict[str, Any]] | None = None,
                  prior_distributions: dict[str, BaseDistribution] | None = None) -> None:
@@ -339,6 +348,9 @@ class ForecastPruner(optuna.pruners.BasePruner):
         misses = (float(miss),) if isinstance(miss, (int, float)) else tuple(float(m) for m in miss)
         if not misses or not all(0 < m < 0.5 for m in misses):
             raise ValueError(f"miss must be in (0, 0.5) (every value of a sequence), got {miss}.")
+        leads = (float(lead),) if isinstance(lead, (int, float)) else tuple(float(v) for v in lead)
+        if not leads or not all(0 <= v <= 1 for v in leads):
+            raise ValueError(f"lead must be in [0, 1] (every value of a sequence), got {lead}.")
         if (margin < 0 or spread_floor <= 0 or band < 0 or param_weight < 0 or min_epoch < 1
                 or neighbours < 1 or window < 1):
             raise ValueError("margin, band, param_weight must be >= 0; spread_floor > 0; "
@@ -347,6 +359,8 @@ class ForecastPruner(optuna.pruners.BasePruner):
         self.margin = margin
         self.miss = misses[0] if len(misses) == 1 else misses
         self._misses = misses
+        self.lead = leads[0] if len(leads) == 1 else leads
+        self._leads = leads
         self.min_epoch = min_epoch
         self.neighbours = neighbours
         self.window = window
@@ -361,7 +375,7 @@ class ForecastPruner(optuna.pruners.BasePruner):
 
     def __repr__(self) -> str:
         return (f"ForecastPruner(max_epochs={self.max_epochs}, margin={self.margin}, miss={self.miss}, "
-                f"min_epoch={self.min_epoch}, neighbours={self.neighbours}, window={self.window}, "
+                f"min_epoch={self.min_epoch}, lead={self.lead}, neighbours={self.neighbours}, window={self.window}, "
                 f"param_weight={self.param_weight}, spread_floor={self.spread_floor}, band={self.band}, "
                 f"prior={len(self.prior)} configurations)")
 
@@ -376,8 +390,9 @@ class ForecastPruner(optuna.pruners.BasePruner):
         """(center, spread) of the final value of a curve known up to epoch t = len(mine)."""
         t = len(mine)
         lo = max(0, t - self.window)
-        theirs = refs[:, lo:t]
-        diff = theirs - mine[lo:]
+        theirs = np.maximum.accumulate(refs[:, :t], axis=1)[:, lo:]  # best so far, over the window
+        mine = np.maximum.accumulate(mine)[lo:]
+        diff = theirs - mine
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff) / (t - lo))
         if self.param_weight > 0 and codes.shape[1]:
             d = np.abs(codes - code)
@@ -386,10 +401,11 @@ class ForecastPruner(optuna.pruners.BasePruner):
             dist = dist + self.param_weight * np.sqrt((d * d).mean(axis=1))
         k = min(self.neighbours, len(refs))
         near = np.argsort(dist, kind="stable")[:k]  # ties by position: deterministic
-        gains = refs[near, -1] - theirs[near].sum(axis=1) / (t - lo)
-        mean = float(gains.sum()) / k
-        var = float(((gains - mean) ** 2).sum()) / k
-        return mean + float(mine[lo:].sum()) / (t - lo), math.sqrt(var + self.spread_floor**2)
+        lead = self._leads[min(t, len(self._leads)) - 1]
+        ends = refs[near, -1] + lead * (float(mine.sum()) / (t - lo) - theirs[near].sum(axis=1) / (t - lo))
+        mean = float(ends.sum()) / k
+        var = float(((ends - mean) ** 2).sum()) / k
+        return mean, math.sqrt(var + self.spread_floor**2)
 
     def _residuals(self, refs: np.ndarray, codes: np.ndarray, curve: np.ndarray, code: np.ndarray,
                    categorical: np.ndarray) -> np.ndarray:
