@@ -3,8 +3,8 @@
     python -m benchmarks.curves_prior
 
 For each recorded table (`benchmarks/curves/q1.json`, `q2.json`) the tuning configurations
-(`benchmarks.pruning.halves`: all of q1.json, whose held-out configurations were recorded apart
-in q1_holdout.json; the first half of q2.json) that ran to the end are written with their
+(`benchmarks.pruning.halves`: all of q1.json and q1_holdout.json, whose held-out configurations
+were recorded apart in q1_seed2.json; the first half of q2.json) that ran to the end are written with their
 parameters and curves, and the distributions they were drawn from. Held-out configurations are
 never written: the benchmarks score the pruner on them, and check that the shipped prior is
 exactly the tuning configurations (`prior_is_tuning_set` in their details).
@@ -35,7 +35,8 @@ from optuna.distributions import json_to_distribution
 def prior_source(table: Path) -> tuple[list[dict], dict[str, str], str]:
     meta, tune, _, _, held_name = pruning.halves(table)
     dists = pruning.distributions(pruning.recorded_space(meta))
-    which = (f"all of it ({held_name} holds the held-out configurations)" if held_name != table.name
+    also = "".join(f" and all of {t.name}" for t in pruning.ALSO_TUNING.get(table.name, ()))
+    which = (f"all of it{also} ({held_name} holds the held-out configurations)" if held_name != table.name
              else f"its tuning half (split seed {pruning.SPLIT_SEED})")
     described = f"table {table.name} ({pruning.STANDS_FOR.get(table.name, '')}); {which}"
     return (pruning.prior_of(tune, meta["epochs"]),

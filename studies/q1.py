@@ -111,22 +111,34 @@ def narrow(config: TrainConfig) -> dict[str, dict[str, list[int]]]:
     return {"cnn.width": {"choices": [w for w in candidates if w in widths]}}
 
 
-def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
-    # CurvePruner (kdsweep/service/pruners.py), not Hyperband. Tuned on benchmarks/curves/q1.json
-    # (Q1's space at 4,000 images of 14 px, 9 epochs) and replayed over q1_holdout.json, 96
-    # configurations of the same setting on today's preset recorded apart (benchmark entry
-    # pruning_epoch_savings of 2026-12-07 13:38; 200 sequences of 16): this pruner reached within
-    # 0.5 pt of each sweep's best 1.08x sooner than no pruning and lost the best in 3.0% of
-    # sequences. The others on the same sequences: ForecastPruner (decides from epoch 1; prior and
-    # parameters from q1.json) 1.27x with 15% lost, CurvePruner as tuned there 1.03x with 13%,
-    # Wilcoxon 1.13x with 11.5%, Hyperband 1.03x with 36.5%, median 0.86x with 44.5%. On this
-    # draw slow starters end on top more often than on q1.json, where the same ForecastPruner had
-    # saved 1.49x losing 4.0% (its halves scored against each other): forecasts learnt on one
-    # table did not carry to another draw of the same space. Rung pruners cut slow starters
-    # (DropBlock's ramp, strong dropout) that end on top. This pruner may stop a trial from a
-    # third of its epochs on; `hyperband` below stays one line away (pruner=hyperband).
-    from kdsweep.service.pruners import CurvePruner
+# The setting q1's recorded curves were trained on (benchmarks/curves/q1*.json): the smoke preset
+# with these overrides. ForecastPruner's prior (kdsweep/service/priors.py) is those curves.
+PRIOR_SETTING = {"epochs": 9, "data.val_size": 5000, "data.train_subset": 4000, "data.image_size": 14,
+                 "batch_size": 128, "data.pad": 2, "data.flip": True}
 
+
+def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
+    # At the setting the curves were recorded on: ForecastPruner with them as its prior, its
+    # parameters chosen on the 224 tuning configurations of q1.json and q1_holdout.json alone
+    # (cross-fitted; benchmarks/pruning.py) and scored once on q1_seed2.json, 96 configurations
+    # of the same setting recorded apart (benchmark entry pruning_epoch_savings of 2026-12-07
+    # 18:16; 200 sequences of 16). It reached within 0.5 pt of each sweep's best 1.66x sooner
+    # than no pruning (95% interval over configurations 1.37-1.95; 1.87x would be perfect
+    # foresight from epoch 1, 1.65x from epoch 2) and lost the best in 2.0% of sequences (0-15%;
+    # all four a winner whose value fell at epoch 5). On the same sequences CurvePruner (below)
+    # saved 1.10x losing 0.5%, Wilcoxon 1.15x losing 11.5%, Hyperband 0.99x losing 39.5%, median
+    # 0.88x losing 40%. Anywhere else (the smoke and paper presets as they are, any other --set)
+    # the prior's curves would forecast another setting's accuracies, so CurvePruner, which
+    # forecasts from the study's own curves and the trial's slope. Rung pruners cut slow starters
+    # (DropBlock's ramp, strong dropout) that end on top; `hyperband` below stays one line away
+    # (pruner=hyperband).
+    from kdsweep.service import priors
+    from kdsweep.service.pruners import CurvePruner, ForecastPruner
+
+    if config == STUDY.base_config("smoke", PRIOR_SETTING):
+        return ForecastPruner(config.epochs, margin=0.005, miss=0.05, min_epoch=1,
+                              lead=(0.0, 0.6, 0.7, 0.8, 0.85, 0.95, 1.0), neighbours=5, window=2, param_weight=3.0,
+                              band=0.2, prior=priors.Q1, prior_distributions=priors.Q1_DISTRIBUTIONS)
     return CurvePruner(config.epochs, margin=0.005, confidence=0.95, min_epoch=max(1, math.ceil(config.epochs / 3)),
                        slope_weight=0.5)
 

@@ -74,15 +74,25 @@ def test_q2_prunes_only_the_setting_its_table_was_recorded_on() -> None:
         assert isinstance(study.pruner(other), optuna.pruners.NopPruner)
 
 
-def test_q1_pruner_is_the_curve_pruner_over_the_epochs() -> None:
-    from kdsweep.service.pruners import CurvePruner
+def test_q1_forecasts_from_its_prior_only_at_the_setting_its_curves_were_recorded_on() -> None:
+    # studies/q1.py: ForecastPruner with the recorded curves as its prior at their setting;
+    # CurvePruner (the study's own curves) on every preset as it is.
+    from benchmarks.pruning import HOLDOUT, TABLE, load
+    from kdsweep.service import priors
+    from kdsweep.service.pruners import CurvePruner, ForecastPruner
 
     study = studies.load("q1")
+    meta = load(HOLDOUT[TABLE.name])[0]  # the setting of the recorded curves, from the table itself
+    recorded = study.base_config(meta["preset"], meta["overrides"])
+    forecast = study.pruner(recorded)
+    assert isinstance(forecast, ForecastPruner)
+    assert forecast.max_epochs == recorded.epochs == 9 and len(forecast.prior) == len(priors.Q1) > 0
     for preset in study.presets:
         config = study.preset(preset).config
         pruner = study.pruner(config)
         assert isinstance(pruner, CurvePruner)
         assert pruner.max_epochs == config.epochs and 1 <= pruner.min_epoch < config.epochs
+    assert isinstance(study.pruner(study.base_config(meta["preset"], {**meta["overrides"], "epochs": 8})), CurvePruner)
 
 
 def test_sampler_is_seeded_tpe(q2: studies.StudySpec) -> None:
