@@ -41,6 +41,7 @@ ENTRIES: dict[str, tuple[Callable[[str, bool], Entry], float]] = {
     "teacher_setups": (q2.teacher_setups, 120),
     "pruning_epoch_savings": (pruning.run, 1800),  # replay only (no training): tuning, scoring, bootstrap
     "pruning_q2": (pruning.run_q2, 600),  # the same on q2's own table
+    "pruning_q1_smoke": (pruning.run_q1_smoke, 900),  # the same on the q1 smoke preset's own tables
     "racing_verification": (racing.run, 60),  # replay of a recorded seed table: no training
     "worker_scaling": (workers.run, 240),
     "storage_overhead_ms": (storage.run, 120),

@@ -13,15 +13,16 @@ pruned sweep through `kdsweep.service.objective.Objective`.
 Which setting a table stands for: `q1.json`, `q1_holdout.json` and `q1_seed2.json` are Q1's
 space at 4,000 training images of 14 px, 9 epochs, 5,000 validation images (NOT the q1 smoke
 preset: 3,000 images, 4 epochs, no augmentation); `q2.json` is the q2 smoke preset as it is (no
-overrides).
+overrides), and so are `q1_smoke.json` and `q1_smoke_holdout.json` for the q1 smoke preset.
 Each result says so (`stands_for`).
 
 Method (all seeds fixed and recorded in the details; the discipline is `DISCIPLINE` below):
 * Tuning and held-out configurations are kept apart. For Q1, `q1.json` and `q1_holdout.json`
   tune (`ALSO_TUNING`: a table that was held out once and then seen joins the tuning set) and
   `q1_seed2.json`, another random draw recorded before the choices were made and not read until
-  they were, is held out (`HOLDOUT`); for Q2 the table is split in two halves (a seeded
-  permutation of its ids).
+  they were, is held out (`HOLDOUT`); for the q1 smoke preset `q1_smoke.json` tunes and
+  `q1_smoke_holdout.json` is held out (`pruning_q1_smoke`); for Q2 the table is split in two
+  halves (a seeded permutation of its ids).
   Everything that is chosen is chosen on the tuning configurations only: CurvePruner's grid
   (scored on sequences of them), ForecastPruner's grid (cross-fitted: each tuning sequence is
   forecast from a prior of the other tuning configurations), and ForecastPruner's prior (the
@@ -88,6 +89,7 @@ HB = "hyperband(1..T, eta 3)"
 FORECAST = "forecast (tuned, prior)"
 NOP = "nop (no pruning: the reference)"
 Q2_TABLE = TABLE.with_name("q2.json")
+Q1_SMOKE_TABLE = TABLE.with_name("q1_smoke.json")
 # ForecastPruner's grid, cross-fitted on the tuning set: each tuning sequence is forecast from a
 # prior of the tuning set's OTHER configurations (all but the sequence's 16, close to the whole set
 # the held-out configurations are forecast from; two folds made a winner's cut depend on the fold).
@@ -117,7 +119,7 @@ REPLICATES, BOOT_SEQ, BOOT_SEED = 20, 20, 5  # configuration bootstrap: replicat
 # then q1_holdout.json, scored once (1.268x with 15.0%: three slow-starting winners cut). Once
 # seen, a held-out table can no longer say how a choice generalises: each joined the tuning set
 # and a new draw was recorded to be scored instead.
-HOLDOUT = {"q1.json": TABLE.with_name("q1_seed2.json")}
+HOLDOUT = {"q1.json": TABLE.with_name("q1_seed2.json"), "q1_smoke.json": TABLE.with_name("q1_smoke_holdout.json")}
 ALSO_TUNING = {"q1.json": (TABLE.with_name("q1_holdout.json"),)}
 # By held-out table name: how many designs have been scored on it (absent: 1). A count above 1
 # means an earlier scoring was seen before a later design choice.
@@ -135,6 +137,11 @@ STANDS_FOR = {
                      "batch 128 with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.2): another "
                      "random draw (seed 2), recorded before and read only after every choice above was made",
     "q2.json": "the q2 smoke preset (no overrides); see `preset_today` for whether it is today's",
+    "q1_smoke.json": "the q1 smoke preset as it is (3,000 training images at 14 px, 4 epochs of batch 32, no "
+                     "augmentation, 5,000 validation images, lr 0.01-0.2): 128 configurations drawn at random "
+                     "(seed 0)",
+    "q1_smoke_holdout.json": "the q1 smoke preset as it is: 96 more configurations (seed 1), recorded before and "
+                             "read only after every choice was made",
 }
 DISCIPLINE = ("Parameters, grids and priors are chosen on the tuning configurations only (ForecastPruner "
               "cross-fitted on them, each sequence forecast from the other configurations); the held-out "
@@ -732,7 +739,7 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
         "tune_ids": sorted(c["id"] for c in tune_half), "score_ids": sorted(c["id"] for c in test_half),
         "tuned_curve": {**tuned_curve, "margin": MARGIN}, "curve_grid": grid,
         "tuned_forecast": {**tuned_forecast, "margin": MARGIN, "prior": f"{len(prior)} tuning configurations"},
-        "prior_is_tuning_set": shipped == prior,
+        "prior_is_tuning_set": shipped == prior if shipped is not None else "no prior shipped for this table",
         "study_pruner": repr(study.pruner(study.base_config(meta["preset"], meta["overrides"]))),
         "forecast_grid": forecast_grid, "tune_sequences": n_tune,
         "score_sequences": n_score, "sequence_len": sequence_len, "pruners": results,
@@ -800,8 +807,9 @@ def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
     )
 
 
-def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
-    """`pruning_q2`: the same assessment on q2's own table (the q2 smoke preset as it is)."""
+def run_preset(name: str, table: Path, quick: bool, sequence_len: int) -> Entry:
+    """The assessment on a preset's own table, for the pruner its study file names there: it
+    must pay (> 1.0x with <= 2% misses) or be NopPruner where no pruner pays."""
     from benchmarks.common import Skip
 
     logging.getLogger("optuna").setLevel(logging.WARNING)
@@ -809,10 +817,10 @@ def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
     if not table.exists() or len(load(table)[1]) < 8:
         raise Skip(f"{table} holds too few configurations (record it with benchmarks/curves.py).")
     meta, configs = load(table)
-    n = len(configs)
-    out = assess(table, quick, sequence_len=min(Q2_SEQUENCE_LEN, n // 4), replicates=REPLICATES, reference=True)[0]
+    out = assess(table, quick, sequence_len=sequence_len, replicates=REPLICATES, reference=True)[0]
     ours = out["pruners"][FORECAST]
-    study_pruner = out["pruners"]["studies/q2.py's pruner"]
+    key = f"studies/{meta['study']}.py's pruner"
+    study_pruner = out["pruners"][key]
     paying = {k: v for k, v in out["pruners"].items()
               if not k.startswith(("clairvoyant", "oracle")) and v["mean_ratio"] > 1.0 and v["miss_rate"] <= 0.02}
     out["pruners_that_pay"] = sorted(paying)
@@ -820,7 +828,7 @@ def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
     # Per pruner: held-out sequences' mean ratio and miss rate, with the intervals to quote
     # (configuration bootstrap); then the ceilings of the stopping criterion.
     out["headline"] = {
-        "table_configs": f"{n} of the {meta['n']} drawn",
+        "table_configs": f"{len(configs)} of the {meta['n']} drawn",
         "pruners": {k: {"mean_ratio": v["mean_ratio"], "miss_rate": v["miss_rate"],
                         "mean_ratio_config_95ci": boot.get(k, {}).get("mean_ratio_95ci"),
                         "miss_rate_config_95ci": boot.get(k, {}).get("miss_rate_95ci")}
@@ -833,11 +841,22 @@ def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
     out["seconds_total"] = round(time.perf_counter() - start, 1)
     out["load"] = os.getloadavg()
     return Entry(
-        name="pruning_q2", value=study_pruner["mean_ratio"], unit="x fewer epochs to within 0.5 pt (mean)",
+        name=name, value=study_pruner["mean_ratio"], unit="x fewer epochs to within 0.5 pt (mean)",
         baseline=1.0, ratio=study_pruner["mean_ratio"],
-        goal="q2's pruner: > 1.0 with misses <= 2%, or NopPruner (1.0) where no pruner pays",
+        goal=f"{meta['study']}'s pruner: > 1.0 with misses <= 2%, or NopPruner (1.0) where no pruner pays",
         device="cpu",
         met=(study_pruner["miss_rate"] <= 0.02 and (study_pruner["mean_ratio"] > 1.0 or
                                                      (not paying and study_pruner["mean_ratio"] == 1.0))),
         details={**out, "forecast": ours},
     )
+
+
+def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
+    """`pruning_q2`: the assessment on q2's own table (the q2 smoke preset as it is)."""
+    n = len(load(table)[1]) if table.exists() else 0
+    return run_preset("pruning_q2", table, quick, sequence_len=min(Q2_SEQUENCE_LEN, max(n // 4, 1)))
+
+
+def run_q1_smoke(device: str, quick: bool, table: Path = Q1_SMOKE_TABLE) -> Entry:
+    """`pruning_q1_smoke`: the assessment on the q1 smoke preset's own tables."""
+    return run_preset("pruning_q1_smoke", table, quick, sequence_len=SEQUENCE_LEN)

@@ -24,17 +24,20 @@ WHAT = {
     "uncached variant (teacher forward every step) is in the details. Goal <= 1.10.",
     "teacher_setups": "2 workers, 6 Q2 trials through the launcher: teacher trainings (value) and "
     "the most teacher passes any (image, view) got (ratio). Goal: 1 and <= 1.",
-    "pruning_epoch_savings": "replayed over a recorded table of Q1 learning curves "
-    "(benchmarks/curves/q1.json: Q1's space at 4,000 images of 14 px, 9 epochs; not the q1 smoke "
+    "pruning_epoch_savings": "replayed over recorded tables of Q1 learning curves "
+    "(benchmarks/curves/q1*.json: Q1's space at 4,000 images of 14 px, 9 epochs; not the q1 smoke "
     "preset): epochs the unpruned sweep needs to get within 0.5 pt of its final best over the "
     "epochs the pruned sweep needs (a miss is charged its whole budget plus an unpruned rerun), "
-    "mean over >= 200 random 16-configuration sequences of the half of the table nothing was "
+    "mean over >= 200 random 16-configuration sequences of a table recorded apart from those "
     "tuned on, intervals from a bootstrap over configurations, beside CurvePruner, Hyperband, "
     "successive halving, median and WilcoxonPruner and the perfect-foresight ceilings at epochs "
     "1-3; baseline: CurvePruner. Goal >= 1.5 with <= 2% missed, ahead of every other pruner, "
     "< 5 ms per should_prune at 2,000 trials on SQLite.",
     "pruning_q2": "the same replay on q2's own table (benchmarks/curves/q2.json, the q2 smoke "
     "preset): q2's pruner's mean ratio. Goal > 1.0 with <= 2% missed, or NopPruner where none pays.",
+    "pruning_q1_smoke": "the same replay on the q1 smoke preset's own tables (benchmarks/curves/"
+    "q1_smoke.json tunes, q1_smoke_holdout.json is scored): q1's pruner's mean ratio there. Goal "
+    "> 1.0 with <= 2% missed, or NopPruner where none pays.",
     "worker_scaling": "finished trials/hour, 2 single-thread workers over 2 x 1 single-thread "
     "worker (goal >= 0.85); 4 workers vs 2 in the details (goal >= 0.9).",
     "storage_overhead_ms": "Optuna + storage ms per trial (pop, sample, 10 x report + prune check, "

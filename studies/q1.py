@@ -37,9 +37,10 @@ points, 0.8 to 2.7; dropout 2.5, 1.0 to 4.0; spatial dropout 4.9, 2.4 to 7.4). R
 regulariser ranking as their cost to an under-fitted network, not as Q1's answer; that needs
 the paper preset.
 
-What it costs: `kdsweep launch q1 --preset smoke --n-trials 50 --workers 2` took 1 min 45 s on a
-quiet 2-core machine (42 complete, 8 pruned; best a width-16 CNN with no regulariser, 0.8504 ±
-0.0050, within validation noise of the next two; the best MLP 0.8324).
+What it costs: `kdsweep launch q1 --preset smoke --n-trials 50 --workers 2` took 1 min 51 s on a
+quiet 2-core machine (31 complete, 19 pruned, one MLP at lr 0.19 failed when its loss became NaN
+and was replaced; best a width-16 CNN with no regulariser, 0.8552 ± 0.0050, within validation
+noise of the next two; the best MLP 0.8258).
 """
 
 from __future__ import annotations
@@ -118,23 +119,33 @@ PRIOR_SETTING = {"epochs": 9, "data.val_size": 5000, "data.train_subset": 4000, 
 
 
 def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
-    # At the setting the curves were recorded on: ForecastPruner with them as its prior, its
-    # parameters chosen on the 224 tuning configurations of q1.json and q1_holdout.json alone
-    # (cross-fitted; benchmarks/pruning.py) and scored once on q1_seed2.json, 96 configurations
-    # of the same setting recorded apart (benchmark entry pruning_epoch_savings of 2026-12-07
-    # 18:16; 200 sequences of 16). It reached within 0.5 pt of each sweep's best 1.66x sooner
-    # than no pruning (95% interval over configurations 1.37-1.95; 1.87x would be perfect
-    # foresight from epoch 1, 1.65x from epoch 2) and lost the best in 2.0% of sequences (0-15%;
-    # all four a winner whose value fell at epoch 5). On the same sequences CurvePruner (below)
-    # saved 1.10x losing 0.5%, Wilcoxon 1.15x losing 11.5%, Hyperband 0.99x losing 39.5%, median
-    # 0.88x losing 40%. Anywhere else (the smoke and paper presets as they are, any other --set)
-    # the prior's curves would forecast another setting's accuracies, so CurvePruner, which
-    # forecasts from the study's own curves and the trial's slope. Rung pruners cut slow starters
-    # (DropBlock's ramp, strong dropout) that end on top; `hyperband` below stays one line away
-    # (pruner=hyperband).
+    # Each setting's pruner was chosen on recorded curves of that setting and scored once on
+    # more curves recorded apart (benchmarks/pruning.py; "x" is how much sooner a sweep gets
+    # within 0.5 pt of its best than without pruning, "lost" the share of sweeps that miss it).
+    #
+    # * The smoke preset as it is (4 epochs): CurvePruner from epoch 2 at confidence 0.8, chosen
+    #   on benchmarks/curves/q1_smoke.json (128 configurations, seed 0), scored on
+    #   q1_smoke_holdout.json (96, seed 1; entry pruning_q1_smoke of 2026-12-07 19:06): 1.12x
+    #   (1.07-1.17 over configurations), none lost (0-5%); perfect foresight 1.43x from epoch 1,
+    #   1.23x from epoch 2. ForecastPruner lost the best in 6% of the tuning sequences there, so
+    #   it was not chosen (held out: 1.19x, none lost); Hyperband 1.02x, 15.5% lost.
+    # * PRIOR_SETTING (14 px, 9 epochs): ForecastPruner with the 224 curves of q1.json and
+    #   q1_holdout.json as its prior and its parameters chosen on them alone (cross-fitted),
+    #   scored on q1_seed2.json (96, seed 2; entry pruning_epoch_savings of 2026-12-07 18:26):
+    #   1.66x (1.37-1.95), 2.0% lost (0-15%; all four one winner whose value fell at epoch 5);
+    #   perfect foresight 1.87x from epoch 1, 1.65x from epoch 2. On the same sweeps CurvePruner
+    #   1.10x with 0.5% lost, Wilcoxon 1.15x with 11.5%, Hyperband 0.99x with 39.5%, median 0.88x
+    #   with 40%.
+    # * Anywhere else (the paper preset, any other --set) no curves were recorded: CurvePruner
+    #   from a third of the epochs at confidence 0.95, which forecasts from the study's own
+    #   curves and the trial's slope.
+    # Rung pruners cut slow starters (DropBlock's ramp, strong dropout) that end on top;
+    # `hyperband` below stays one line away (pruner=hyperband).
     from kdsweep.service import priors
     from kdsweep.service.pruners import CurvePruner, ForecastPruner
 
+    if config == STUDY.preset("smoke").config:
+        return CurvePruner(config.epochs, margin=0.005, confidence=0.8, min_epoch=2, slope_weight=0.5)
     if config == STUDY.base_config("smoke", PRIOR_SETTING):
         return ForecastPruner(config.epochs, margin=0.005, miss=0.05, min_epoch=1,
                               lead=(0.0, 0.6, 0.7, 0.8, 0.85, 0.95, 1.0), neighbours=5, window=2, param_weight=3.0,

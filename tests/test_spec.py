@@ -76,7 +76,8 @@ def test_q2_prunes_only_the_setting_its_table_was_recorded_on() -> None:
 
 def test_q1_forecasts_from_its_prior_only_at_the_setting_its_curves_were_recorded_on() -> None:
     # studies/q1.py: ForecastPruner with the recorded curves as its prior at their setting;
-    # CurvePruner (the study's own curves) on every preset as it is.
+    # CurvePruner (the study's own curves) on every preset as it is, the smoke preset's chosen on
+    # its own recorded curves.
     from benchmarks.pruning import HOLDOUT, TABLE, load
     from kdsweep.service import priors
     from kdsweep.service.pruners import CurvePruner, ForecastPruner
@@ -92,6 +93,9 @@ def test_q1_forecasts_from_its_prior_only_at_the_setting_its_curves_were_recorde
         pruner = study.pruner(config)
         assert isinstance(pruner, CurvePruner)
         assert pruner.max_epochs == config.epochs and 1 <= pruner.min_epoch < config.epochs
+    # The smoke preset's own, chosen on its recorded curves (benchmarks/curves/q1_smoke.json).
+    smoke = study.pruner(study.preset("smoke").config)
+    assert (smoke.min_epoch, smoke.confidence, smoke.slope_weight) == (2, 0.8, 0.5)
     assert isinstance(study.pruner(study.base_config(meta["preset"], {**meta["overrides"], "epochs": 8})), CurvePruner)
 
 
