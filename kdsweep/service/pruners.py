@@ -387,10 +387,13 @@ class ForecastPruner(optuna.pruners.BasePruner):
 
     def forecast(self, refs: np.ndarray, codes: np.ndarray, mine: np.ndarray, code: np.ndarray,
                  categorical: np.ndarray) -> tuple[float, float]:
-        """(center, spread) of the final value of a curve known up to epoch t = len(mine)."""
+        """(center, spread) of the final value of a curve known up to epoch t = len(mine).
+
+        `refs` are read as `_update` stores them: every epoch but the last as its best value so
+        far, the last as the final value."""
         t = len(mine)
         lo = max(0, t - self.window)
-        theirs = np.maximum.accumulate(refs[:, :t], axis=1)[:, lo:]  # best so far, over the window
+        theirs = refs[:, lo:t]
         mine = np.maximum.accumulate(mine)[lo:]
         diff = theirs - mine
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff) / (t - lo))
@@ -461,6 +464,9 @@ class ForecastPruner(optuna.pruners.BasePruner):
         P = len(self.prior)
         refs = np.asarray([[sign * v for v in p["curve"]] for p in self.prior]
                           + [cache.rows[n] for n in numbers], dtype=float).reshape(P + len(numbers), self.max_epochs)
+        # As every forecast reads them, once: each epoch but the last its best value so far (the
+        # last stays the final value, which is forecast).
+        refs[:, :-1] = np.maximum.accumulate(refs[:, :-1], axis=1)
         codes = np.asarray([_encode(p["params"], names, dists) for p in self.prior]
                            + [_encode(cache.params[n], names, dists) for n in numbers],
                            dtype=float).reshape(len(refs), len(names))
