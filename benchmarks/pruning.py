@@ -671,7 +671,8 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     pruner, the study file's included, gets intervals from the bootstrap over configurations."""
     start = time.perf_counter()
     tune_meta, tune_half, meta, test_half, held_name = halves(table)
-    also = [t.name for t in ALSO_TUNING.get(table.name, ())] if held_name != table.name else []
+    # The tables that tune beside this one (recorded apart from the held-out one), with their commands.
+    also = {t.name: load(t)[0]["command"] for t in ALSO_TUNING.get(table.name, ())} if held_name != table.name else {}
     how = (f"all of {' and '.join([table.name, *also])} tunes (ids in that order); {held_name} is held out"
            if held_name != table.name
            else f"{table.name} split in halves (seed {SPLIT_SEED})")
@@ -723,8 +724,7 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     ceiling1 = results["clairvoyant incumbent rule(min_epoch 1)"]["mean_ratio"]
     out = {
         "table": f"{table.name}: {len(tune_half)} configs tune, recorded by: {tune_meta['command']}",
-        "also_tuning": {t.name: load(t)[0]["command"] for t in ALSO_TUNING.get(table.name, ())
-                        if held_name != table.name},
+        "also_tuning": also,
         "held_out_table": (f"{len(test_half)} configs of {meta['study']} preset '{meta['preset']}' with overrides "
                            f"{meta['overrides']} ({epochs} epochs); recorded by: {meta['command']}"),
         "split": how,
@@ -809,7 +809,8 @@ def run(device: str, quick: bool, table: Path = TABLE) -> Entry:
 
 def run_preset(name: str, table: Path, quick: bool, sequence_len: int) -> Entry:
     """The assessment on a preset's own table, for the pruner its study file names there: it
-    must pay (> 1.0x with <= 2% misses) or be NopPruner where no pruner pays."""
+    must pay (> 1.0x with <= 2% misses) or be NopPruner where no pruner pays. Sequences hold
+    `sequence_len` configurations, at most a quarter of the table's."""
     from benchmarks.common import Skip
 
     logging.getLogger("optuna").setLevel(logging.WARNING)
@@ -817,7 +818,8 @@ def run_preset(name: str, table: Path, quick: bool, sequence_len: int) -> Entry:
     if not table.exists() or len(load(table)[1]) < 8:
         raise Skip(f"{table} holds too few configurations (record it with benchmarks/curves.py).")
     meta, configs = load(table)
-    out = assess(table, quick, sequence_len=sequence_len, replicates=REPLICATES, reference=True)[0]
+    out = assess(table, quick, sequence_len=min(sequence_len, len(configs) // 4), replicates=REPLICATES,
+                 reference=True)[0]
     ours = out["pruners"][FORECAST]
     key = f"studies/{meta['study']}.py's pruner"
     study_pruner = out["pruners"][key]
@@ -853,8 +855,7 @@ def run_preset(name: str, table: Path, quick: bool, sequence_len: int) -> Entry:
 
 def run_q2(device: str, quick: bool, table: Path = Q2_TABLE) -> Entry:
     """`pruning_q2`: the assessment on q2's own table (the q2 smoke preset as it is)."""
-    n = len(load(table)[1]) if table.exists() else 0
-    return run_preset("pruning_q2", table, quick, sequence_len=min(Q2_SEQUENCE_LEN, max(n // 4, 1)))
+    return run_preset("pruning_q2", table, quick, sequence_len=Q2_SEQUENCE_LEN)
 
 
 def run_q1_smoke(device: str, quick: bool, table: Path = Q1_SMOKE_TABLE) -> Entry:
