@@ -147,8 +147,8 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     if config == STUDY.preset("smoke").config:
         return CurvePruner(config.epochs, margin=0.005, confidence=0.8, min_epoch=2, slope_weight=0.5)
     if config == STUDY.base_config("smoke", PRIOR_SETTING):
-        return ForecastPruner(config.epochs, margin=0.005, miss=0.05, min_epoch=1,
-                              lead=(0.0, 0.6, 0.7, 0.8, 0.85, 0.95, 1.0), neighbours=5, window=2, param_weight=3.0,
+        return ForecastPruner(config.epochs, margin=0.005, miss=(0.1, 0.01), min_epoch=1,
+                              lead=(0.0, 0.6, 0.7, 0.8, 0.85, 0.95, 1.0), neighbours=10, window=2, param_weight=3.0,
                               band=0.2, prior=priors.Q1, prior_distributions=priors.Q1_DISTRIBUTIONS)
     return CurvePruner(config.epochs, margin=0.005, confidence=0.95, min_epoch=max(1, math.ceil(config.epochs / 3)),
                        slope_weight=0.5)
