@@ -4,8 +4,8 @@
 
 For each recorded table (`benchmarks/curves/q1.json`, `q2.json`) the tuning configurations
 (`benchmarks.pruning.halves`: all of q1.json, q1_holdout.json and q1_seed2.json, whose held-out
-configurations were recorded apart in q1_seed3.json; the first half of q2.json) that ran to the end are written with their
-parameters and curves, and the distributions they were drawn from. Held-out configurations are
+configurations were recorded apart in q1_seed3.json; the first half of q2.json) that ran to the
+end are written with their parameters and curves, and the distributions they were drawn from. Held-out configurations are
 never written: the benchmarks score the pruner on them, and check that the shipped prior is
 exactly the tuning configurations (`prior_is_tuning_set` in their details).
 """

@@ -125,17 +125,21 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     #
     # * The smoke preset as it is (4 epochs): CurvePruner from epoch 2 at confidence 0.8, chosen
     #   on benchmarks/curves/q1_smoke.json (128 configurations, seed 0), scored on
-    #   q1_smoke_holdout.json (96, seed 1; entry pruning_q1_smoke of 2026-12-07 19:06): 1.12x
+    #   q1_smoke_holdout.json (96, seed 1; entry pruning_q1_smoke of 2026-12-07 20:59): 1.12x
     #   (1.07-1.17 over configurations), none lost (0-5%); perfect foresight 1.43x from epoch 1,
-    #   1.23x from epoch 2. ForecastPruner lost the best in 6% of the tuning sequences there, so
-    #   it was not chosen (held out: 1.19x, none lost); Hyperband 1.02x, 15.5% lost.
-    # * PRIOR_SETTING (14 px, 9 epochs): ForecastPruner with the 224 curves of q1.json and
-    #   q1_holdout.json as its prior and its parameters chosen on them alone (cross-fitted),
-    #   scored on q1_seed2.json (96, seed 2; entry pruning_epoch_savings of 2026-12-07 18:26):
-    #   1.66x (1.37-1.95), 2.0% lost (0-15%; all four one winner whose value fell at epoch 5);
-    #   perfect foresight 1.87x from epoch 1, 1.65x from epoch 2. On the same sweeps CurvePruner
-    #   1.10x with 0.5% lost, Wilcoxon 1.15x with 11.5%, Hyperband 0.99x with 39.5%, median 0.88x
-    #   with 40%.
+    #   1.23x from epoch 2. ForecastPruner lost the best in 4% or more of the tuning sequences
+    #   there at every point of its grid, so it was not chosen (held out: 1.22x, none lost);
+    #   Hyperband 1.02x, 15.5% lost.
+    # * PRIOR_SETTING (14 px, 9 epochs): ForecastPruner with the 320 curves of q1.json,
+    #   q1_holdout.json and q1_seed2.json as its prior and its parameters chosen on them alone
+    #   (cross-fitted): 10 neighbours, ready to stop at epoch 1 (miss 0.1) and cautious after it
+    #   (0.01): on those curves 80-90% of the epochs saved were saved at epoch 1, while most
+    #   winners cut were cut later. Scored on q1_seed3.json (96, seed 3; entry
+    #   pruning_epoch_savings of 2026-12-07 20:58): 1.65x (1.33-2.08), 1.5% lost (0-15%; two
+    #   CNNs with dropout at 41-47% after epoch 1, cut there, that ended on top of sweeps whose
+    #   best was 0.81); perfect foresight 1.84x from epoch 1, 1.63x from epoch 2. On the same
+    #   sweeps CurvePruner 1.12x with none lost, Wilcoxon 1.11x with 12.5%, Hyperband 0.91x with
+    #   44%, median 0.86x with 41.5%.
     # * Anywhere else (the paper preset, any other --set) no curves were recorded: CurvePruner
     #   from a third of the epochs at confidence 0.95, which forecasts from the study's own
     #   curves and the trial's slope.
