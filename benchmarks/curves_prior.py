@@ -4,10 +4,11 @@
 
 For each recorded table (`benchmarks/curves/q1.json`, `q2.json`) the tuning configurations
 (`benchmarks.pruning.halves`: all of q1.json, q1_holdout.json and q1_seed2.json, whose held-out
-configurations were recorded apart in q1_seed3.json; the first half of q2.json) that ran to the
-end are written with their parameters and curves, and the distributions they were drawn from. Held-out configurations are
-never written: the benchmarks score the pruner on them, and check that the shipped prior is
-exactly the tuning configurations (`prior_is_tuning_set` in their details).
+configurations were recorded apart in q1_seed3.json and q1_seed4.json; the first half of
+q2.json) that ran to the end are written with their parameters and curves, and the
+distributions they were drawn from. Held-out configurations are never written: the benchmarks
+score the pruner on them, and check that the shipped prior is exactly the tuning configurations
+(`prior_is_tuning_set` in their details).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def prior_source(table: Path) -> tuple[list[dict], dict[str, str], str]:
     meta, tune, _, _, held_name = pruning.halves(table)
     dists = pruning.distributions(pruning.recorded_space(meta))
     also = "".join(f" and all of {t.name}" for t in pruning.ALSO_TUNING.get(table.name, ()))
-    which = (f"all of it{also} ({held_name} holds the held-out configurations)" if held_name != table.name
+    which = (f"all of it{also} (held out: {held_name})" if held_name != table.name
              else f"its tuning half (split seed {pruning.SPLIT_SEED})")
     described = f"table {table.name} ({pruning.STANDS_FOR.get(table.name, '')}); {which}"
     return (pruning.prior_of(tune, meta["epochs"]),

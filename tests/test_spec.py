@@ -83,7 +83,7 @@ def test_q1_forecasts_from_its_prior_only_at_the_setting_its_curves_were_recorde
     from kdsweep.service.pruners import CurvePruner, ForecastPruner
 
     study = studies.load("q1")
-    meta = load(HOLDOUT[TABLE.name])[0]  # the setting of the recorded curves, from the table itself
+    meta = load(HOLDOUT[TABLE.name][0])[0]  # the setting of the recorded curves, from the table itself
     recorded = study.base_config(meta["preset"], meta["overrides"])
     forecast = study.pruner(recorded)
     assert isinstance(forecast, ForecastPruner)

@@ -7,7 +7,7 @@ import json
 
 from optuna.distributions import json_to_distribution
 
-# table q1.json (Q1's whole space at 4,000 training images of 14 px, 9 epochs of batch 128 with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.4 (not the q1 smoke preset: 3,000 images, 4 epochs of batch 32, no augmentation, lr 0.01-0.2)); all of it and all of q1_holdout.json and all of q1_seed2.json (q1_seed3.json holds the held-out configurations): 320 configurations.
+# table q1.json (Q1's whole space at 4,000 training images of 14 px, 9 epochs of batch 128 with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.4 (not the q1 smoke preset: 3,000 images, 4 epochs of batch 32, no augmentation, lr 0.01-0.2)); all of it and all of q1_holdout.json and all of q1_seed2.json (held out: q1_seed3.json and q1_seed4.json): 320 configurations.
 Q1 = json.loads(r'''[
     {"curve": [0.3254, 0.6102, 0.717, 0.7404, 0.782, 0.8016, 0.8104, 0.8196, 0.822], "params": {"cnn.factorized": true, "cnn.width": 16, "model.family": "cnn", "optim.lr": 0.09239811025724538, "reg.kind": "none"}},
     {"curve": [0.402, 0.643, 0.703, 0.751, 0.7428, 0.7728, 0.7764, 0.7846, 0.7846], "params": {"cnn.factorized": true, "cnn.width": 16, "model.family": "cnn", "optim.lr": 0.012995830153456832, "reg.kind": "none"}},
