@@ -125,7 +125,7 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     #
     # * The smoke preset as it is (4 epochs): CurvePruner from epoch 2 at confidence 0.8, chosen
     #   on benchmarks/curves/q1_smoke.json (128 configurations, seed 0), scored on
-    #   q1_smoke_holdout.json (96, seed 1; entry pruning_q1_smoke of 2026-12-07 20:59): 1.12x
+    #   q1_smoke_holdout.json (96, seed 1; entry pruning_q1_smoke of 2026-12-07 21:37): 1.12x
     #   (1.07-1.17 over configurations), none lost (0-5%); perfect foresight 1.43x from epoch 1,
     #   1.23x from epoch 2. ForecastPruner lost the best in 4% or more of the tuning sequences
     #   there at every point of its grid, so it was not chosen (held out: 1.22x, none lost);
@@ -134,12 +134,13 @@ def pruner(config: TrainConfig) -> optuna.pruners.BasePruner:
     #   q1_holdout.json and q1_seed2.json as its prior and its parameters chosen on them alone
     #   (cross-fitted): 10 neighbours, ready to stop at epoch 1 (miss 0.1) and cautious after it
     #   (0.01): on those curves 80-90% of the epochs saved were saved at epoch 1, while most
-    #   winners cut were cut later. Scored on q1_seed3.json (96, seed 3; entry
-    #   pruning_epoch_savings of 2026-12-07 20:58): 1.65x (1.33-2.08), 1.5% lost (0-15%; two
-    #   CNNs with dropout at 41-47% after epoch 1, cut there, that ended on top of sweeps whose
-    #   best was 0.81); perfect foresight 1.84x from epoch 1, 1.63x from epoch 2. On the same
-    #   sweeps CurvePruner 1.12x with none lost, Wilcoxon 1.11x with 12.5%, Hyperband 0.91x with
-    #   44%, median 0.86x with 41.5%.
+    #   winners cut were cut later. Scored on q1_seed3.json and q1_seed4.json (192, seeds 3 and
+    #   4; entry pruning_epoch_savings of 2026-12-07 21:35): 1.63x (1.35-1.93), 1.5% lost
+    #   (0-10%; one CNN with dropout at 47% after epoch 1, cut there, that ended on top of three
+    #   sweeps whose best was 0.81); perfect foresight 1.84x from epoch 1, 1.62x from epoch 2. On
+    #   the same sweeps CurvePruner 1.12x with 2.5% lost (on q1_seed3.json alone: none, against
+    #   ForecastPruner's 1.5%), Wilcoxon 1.10x with 14.5%, Hyperband 0.95x with 39%, median 0.91x
+    #   with 36.5%.
     # * Anywhere else (the paper preset, any other --set) no curves were recorded: CurvePruner
     #   from a third of the epochs at confidence 0.95, which forecasts from the study's own
     #   curves and the trial's slope.
