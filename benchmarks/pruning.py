@@ -317,14 +317,8 @@ def halves(table: Path) -> tuple[dict[str, Any], list[dict], dict[str, Any], lis
     apart = HOLDOUT.get(table.name, ())
     if apart and all(t.exists() for t in apart):
         configs = _joined(meta, configs, ALSO_TUNING.get(table.name, ()))
-        held_meta, held = load(apart[0])
-        held = _joined(held_meta, held, apart[1:])
-        for t in apart:  # a table still being recorded is not a held-out set yet
-            t_meta, t_configs = load(t)
-            if len(t_configs) < t_meta["n"]:
-                raise ValueError(f"{t.name} holds {len(t_configs)} of its {t_meta['n']} configurations: "
-                                 "finish recording it (the same command resumes).")
-        return meta, configs, held_meta, held, " and ".join(t.name for t in apart)
+        held_meta, held = _complete(apart[0])
+        return meta, configs, held_meta, _joined(held_meta, held, apart[1:]), " and ".join(t.name for t in apart)
     tune_half, test_half = split(configs)
     return meta, tune_half, meta, test_half, table.name
 
@@ -332,12 +326,22 @@ def halves(table: Path) -> tuple[dict[str, Any], list[dict], dict[str, Any], lis
 def _joined(meta: dict[str, Any], configs: list[dict[str, Any]], tables: Sequence[Path]) -> list[dict[str, Any]]:
     """`configs` and those of `tables` (of the same number of epochs), ids renumbered in that order."""
     for extra in tables:
-        extra_meta, more = load(extra)
+        extra_meta, more = _complete(extra)
         if extra_meta["epochs"] != meta["epochs"]:
             raise ValueError(f"{extra.name} differs in epochs from the table it joins.")
         first = max(c["id"] for c in configs) + 1
         configs = configs + [dict(c, id=first + c["id"]) for c in more]
     return configs
+
+
+def _complete(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`load` of a table that holds every configuration it drew: one still being recorded (each
+    configuration is merged into it as it finishes) is not the set its name stands for yet."""
+    meta, configs = load(path)
+    if len(configs) < meta["n"]:
+        raise ValueError(f"{path.name} holds {len(configs)} of its {meta['n']} configurations: "
+                         "finish recording it (the same command resumes).")
+    return meta, configs
 
 
 def sequences(configs: list[dict[str, Any]], n: int, seed: int, length: int = SEQUENCE_LEN) -> list[list[dict]]:
