@@ -137,6 +137,9 @@ ALSO_TUNING = {"q1.json": (TABLE.with_name("q1_holdout.json"), TABLE.with_name("
 # the first scoring). q1_smoke_holdout.json was scored with the grid before this one, then this
 # (the q1 smoke preset's own pruner was chosen on its tuning table before either).
 HELD_OUT_SCORINGS: dict[str, int] = {"q2.json": 3, "q1_smoke_holdout.json": 2}
+# The setting of q1_holdout.json and every later draw of it.
+_Q1_DRAW = ("q1_holdout.json's setting (today's preset: 4,000 training images of 14 px, 9 epochs of batch 128 "
+            "with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.2): another random draw")
 STANDS_FOR = {
     "q1.json": "Q1's whole space at 4,000 training images of 14 px, 9 epochs of batch 128 with pad-2 crops "
                "and flips, 5,000 validation images, lr 0.01-0.4 (not the q1 smoke preset: 3,000 images, "
@@ -144,15 +147,9 @@ STANDS_FOR = {
     "q1_holdout.json": "q1.json's setting on today's preset (4,000 training images of 14 px, 9 epochs of batch "
                        "128 with pad-2 crops and flips, 5,000 validation images), lr 0.01-0.2: another random "
                        "draw (seed 1); held out once, then a tuning table",
-    "q1_seed2.json": "q1_holdout.json's setting (today's preset: 4,000 training images of 14 px, 9 epochs of "
-                     "batch 128 with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.2): another "
-                     "random draw (seed 2); held out once, then a tuning table",
-    "q1_seed3.json": "q1_holdout.json's setting (today's preset: 4,000 training images of 14 px, 9 epochs of "
-                     "batch 128 with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.2): another "
-                     "random draw (seed 3), recorded before and read only after every choice above was made",
-    "q1_seed4.json": "q1_holdout.json's setting (today's preset: 4,000 training images of 14 px, 9 epochs of "
-                     "batch 128 with pad-2 crops and flips, 5,000 validation images, lr 0.01-0.2): another "
-                     "random draw (seed 4), recorded after every choice above was made and read only when scored",
+    "q1_seed2.json": f"{_Q1_DRAW} (seed 2); held out once, then a tuning table",
+    "q1_seed3.json": f"{_Q1_DRAW} (seed 3), recorded before and read only after every choice above was made",
+    "q1_seed4.json": f"{_Q1_DRAW} (seed 4), recorded after every choice above was made and read only when scored",
     "q2.json": "the q2 smoke preset (no overrides); see `preset_today` for whether it is today's",
     "q1_smoke.json": "the q1 smoke preset as it is (3,000 training images at 14 px, 4 epochs of batch 32, no "
                      "augmentation, 5,000 validation images, lr 0.01-0.2): 128 configurations drawn at random "
@@ -704,6 +701,8 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
     pruner, the study file's included, gets intervals from the bootstrap over configurations."""
     start = time.perf_counter()
     tune_meta, tune_half, meta, test_half, held_name = halves(table)
+    held_tables = HOLDOUT[table.name] if held_name != table.name else ()  # () where the table is split
+    held_names = [t.name for t in held_tables] or [table.name]
     # The tables that tune beside this one (recorded apart from the held-out one), with their commands.
     also = {t.name: load(t)[0]["command"] for t in ALSO_TUNING.get(table.name, ())} if held_name != table.name else {}
     how = (f"all of {' and '.join([table.name, *also])} tunes (ids in that order); {held_name} is held out"
@@ -760,17 +759,17 @@ def assess(table: Path, quick: bool, sequence_len: int = SEQUENCE_LEN, replicate
         "also_tuning": also,
         "held_out_table": (f"{len(test_half)} configs of {meta['study']} preset '{meta['preset']}' with overrides "
                            f"{meta['overrides']} ({epochs} epochs)"),
-        "held_out_recorded_by": ({t.name: load(t)[0]["command"] for t in HOLDOUT[table.name]}
-                                 if held_name != table.name else meta["command"]),
+        "held_out_recorded_by": ({t.name: load(t)[0]["command"] for t in held_tables} if held_tables
+                                 else meta["command"]),
         "split": how,
         "stands_for": {"tuning": STANDS_FOR.get(table.name, ""),
-                       "held_out": {name: STANDS_FOR.get(name, "") for name in held_name.split(" and ")}},
+                       "held_out": {name: STANDS_FOR.get(name, "") for name in held_names}},
         "preset_today": ("the held-out table's config is today's preset's (with its overrides)"
                          if meta["definition"]["config"] == study.definition(meta["preset"], meta["overrides"])["config"]
                          else "the held-out table was recorded on an EARLIER version of this preset: its config "
                               "differs from today's"),
         "discipline": DISCIPLINE,
-        "held_out_scorings": {name: HELD_OUT_SCORINGS.get(name, 1) for name in held_name.split(" and ")},
+        "held_out_scorings": {name: HELD_OUT_SCORINGS.get(name, 1) for name in held_names},
         "tune_ids": sorted(c["id"] for c in tune_half), "score_ids": sorted(c["id"] for c in test_half),
         "tuned_curve": {**tuned_curve, "margin": MARGIN}, "curve_grid": grid,
         "tuned_forecast": {**tuned_forecast, "margin": MARGIN, "prior": f"{len(prior)} tuning configurations"},
